@@ -1,0 +1,23 @@
+"""Load a trained model from a checkpoint for inference (eval, export): no optimizer, no process group."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sparse_lm.checkpoint.store import check_topology, find_checkpoint, load_model_weights, read_manifest
+from sparse_lm.config import RunConfig, config_from_dict
+from sparse_lm.model import Llama
+
+
+def load_trained_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Llama, RunConfig, dict[str, Any]]:
+    """(model in eval mode, its run config, manifest + "path") from a step directory or checkpoint root."""
+    step_dir = find_checkpoint(path)
+    manifest = read_manifest(step_dir)
+    check_topology(step_dir, manifest, 1, 1)
+    cfg = config_from_dict(manifest["config"])
+    model = Llama(cfg.model)
+    load_model_weights(step_dir, manifest, model)
+    return model.to(device).eval(), cfg, manifest | {"path": str(step_dir)}

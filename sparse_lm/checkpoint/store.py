@@ -1,0 +1,265 @@
+"""On-disk checkpoints: a directory per step with a manifest, per-rank safetensors shards and a `latest` pointer.
+
+Layout of `<root>/step_00000100/`:
+  manifest.json                      format version, config, topology, step, tokens, data position,
+                                     optimizer step, and size + sha256 of every other file
+  model-tp00-pp00.safetensors        this (tensor, pipeline) rank's parameters
+  optim-tp00-pp00.safetensors        their Adam moments, keyed `<param>.exp_avg` / `<param>.exp_avg_sq`
+  rng-rank00000.safetensors          each rank's RNG state
+  tokenizer.model                    so a checkpoint evaluates and exports on its own
+
+Optimizer moments are stored per parameter (not as DeepSpeed's flat partitions) so that a checkpoint
+does not depend on the data-parallel size or ZeRO stage, and conversion can re-shard them.
+Every write goes to `.tmp-step_…` first and is renamed only when complete; `latest` moves last.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from sparse_lm.atomic import publish_dir, sha256_file, write_json, write_text
+from sparse_lm.errors import UserError
+from sparse_lm.parallel.state import Topology
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+LATEST = "latest"
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def shard_name(kind: str, tp_rank: int, pp_rank: int) -> str:
+    return f"{kind}-tp{tp_rank:02d}-pp{pp_rank:02d}.safetensors"
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# ---------------------------------------------------------------- optimizer state access
+def _optimizer_moment(optimizer: torch.optim.Optimizer, param: torch.nn.Parameter, key: str) -> torch.Tensor:
+    """A parameter's full Adam moment, whether DeepSpeed partitioned it (ZeRO, bf16) or not."""
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    value = safe_get_full_optimizer_state(param, key)
+    if value is None:
+        value = optimizer.state[param][key]
+    return value.detach().float().cpu().contiguous()
+
+
+def _optimizer_step(optimizer: torch.optim.Optimizer) -> int:
+    """Adam's bias-correction step count (all parameters share it: they step together)."""
+    for state in optimizer.state.values():
+        if "step" in state:
+            return int(state["step"])
+    return 0
+
+
+def _restore_optimizer(optimizer: torch.optim.Optimizer, model: torch.nn.Module, tensors: dict, step: int) -> None:
+    """Rebuild Adam's per-parameter state before the first step (torch creates it lazily)."""
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise UserError(
+            f"resuming into {type(optimizer).__name__} (bf16 or ZeRO) is not supported yet; resume with "
+            "train.precision=fp32 and parallel.zero_stage=0"
+        )
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        optimizer.state[param] = {
+            "step": torch.tensor(float(step)),
+            **{key: tensors[f"{name}.{key}"].to(param.device, param.dtype) for key in MOMENTS},
+        }
+
+
+# ---------------------------------------------------------------- save
+def save_checkpoint(
+    root: str | Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    topo: Topology,
+    state: dict[str, Any],
+    config: dict[str, Any],
+    tokenizer_path: str | Path,
+    keep: int,
+) -> Path:
+    """Collectively write step `step`; returns the published directory. All ranks must call it."""
+    root = Path(root)
+    final = root / step_dir_name(step)
+    tmp = root / f".tmp-{final.name}"
+    if topo.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():  # left by a run killed mid-save
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    _barrier()
+
+    if topo.dp_rank == 0:
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp / shard_name("model", topo.tp_rank, topo.pp_rank))
+        moments = {
+            f"{name}.{key}": _optimizer_moment(optimizer, param, key)
+            for name, param in model.named_parameters()
+            if param.requires_grad
+            for key in MOMENTS
+        }
+        save_file(moments, tmp / shard_name("optim", topo.tp_rank, topo.pp_rank))
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    save_file(rng, tmp / f"rng-rank{topo.rank:05d}.safetensors")
+    _barrier()
+
+    if topo.is_main:
+        shutil.copyfile(tokenizer_path, tmp / "tokenizer.model")
+        files = {
+            p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(tmp.iterdir()) if p.is_file()
+        }
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "step": step,
+            "optimizer_step": _optimizer_step(optimizer),
+            "topology": {"tensor": topo.tensor, "pipeline": topo.pipeline, "data": topo.data},
+            "config": config,
+            "state": state,
+            "files": files,
+        }
+        write_json(tmp / MANIFEST, manifest)
+        publish_dir(tmp, final)
+        write_text(root / LATEST, final.name + "\n")
+        prune(root, keep)
+    _barrier()
+    return final
+
+
+def prune(root: Path, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` complete checkpoints; never the one `latest` names."""
+    latest = read_latest(root)
+    steps = sorted(p for p in root.glob("step_*") if (p / MANIFEST).is_file())
+    removed = []
+    for path in steps[:-keep]:
+        if latest is not None and path.resolve() == latest.resolve():
+            continue
+        shutil.rmtree(path)
+        removed.append(path)
+    return removed
+
+
+# ---------------------------------------------------------------- find and verify
+def read_latest(root: Path) -> Path | None:
+    pointer = root / LATEST
+    if not pointer.is_file():
+        return None
+    path = root / pointer.read_text().strip()
+    return path if (path / MANIFEST).is_file() else None
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """Accept a step directory or a checkpoint root (then its `latest`, else the newest step)."""
+    path = Path(path)
+    if (path / MANIFEST).is_file():
+        return path
+    if not path.is_dir():
+        raise UserError(f"checkpoint {path}: not found")
+    latest = read_latest(path)
+    if latest is not None:
+        return latest
+    steps = sorted(p for p in path.glob("step_*") if (p / MANIFEST).is_file())
+    if not steps:
+        raise UserError(f"checkpoint {path}: no {MANIFEST} here and no step_* checkpoint below it")
+    return steps[-1]
+
+
+def read_manifest(step_dir: Path) -> dict[str, Any]:
+    path = step_dir / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"checkpoint {step_dir}: {MANIFEST} is missing (incomplete save?)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"checkpoint file {path}: not valid JSON (corrupt or truncated)") from None
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise UserError(
+            f"checkpoint file {path}: format version {version!r}, this sparse_lm reads version {FORMAT_VERSION}"
+        )
+    return manifest
+
+
+def verify_files(step_dir: Path, manifest: dict[str, Any], names: list[str] | None = None) -> None:
+    """Check size and sha256 of the named files (default: all) against the manifest."""
+    files = manifest["files"]
+    for name in names if names is not None else sorted(files):
+        if name not in files:
+            raise UserError(f"checkpoint {step_dir}: {name} is not listed in {MANIFEST}")
+        path = step_dir / name
+        if not path.is_file():
+            raise UserError(f"checkpoint file {path}: missing (listed in {MANIFEST})")
+        size = path.stat().st_size
+        if size != files[name]["bytes"]:
+            raise UserError(f"checkpoint file {path}: {size} bytes, manifest says {files[name]['bytes']} (truncated?)")
+        if sha256_file(path) != files[name]["sha256"]:
+            raise UserError(f"checkpoint file {path}: sha256 does not match {MANIFEST} (corrupt)")
+
+
+def check_topology(step_dir: Path, manifest: dict[str, Any], tensor: int, pipeline: int) -> None:
+    saved = manifest["topology"]
+    if (saved["tensor"], saved["pipeline"]) != (tensor, pipeline):
+        raise UserError(
+            f"checkpoint {step_dir}: saved with tensor={saved['tensor']} pipeline={saved['pipeline']}, "
+            f"this run uses tensor={tensor} pipeline={pipeline}; re-shard it with `sparse-lm convert`"
+        )
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as exc:
+        raise UserError(f"checkpoint file {path}: unreadable safetensors ({exc})") from None
+
+
+def load_model_weights(
+    step_dir: Path, manifest: dict[str, Any], model: torch.nn.Module, tp_rank: int = 0, pp_rank: int = 0
+) -> None:
+    name = shard_name("model", tp_rank, pp_rank)
+    verify_files(step_dir, manifest, [name])
+    missing, unexpected = model.load_state_dict(_load_tensors(step_dir / name), strict=False)
+    if missing or unexpected:
+        raise UserError(
+            f"checkpoint file {step_dir / name}: does not fit this model "
+            f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
+        )
+
+
+def load_checkpoint(
+    path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, topo: Topology
+) -> dict[str, Any]:
+    """Restore weights, Adam state and RNG for exact resume; returns the manifest."""
+    step_dir = find_checkpoint(path)
+    manifest = read_manifest(step_dir)
+    check_topology(step_dir, manifest, topo.tensor, topo.pipeline)
+    load_model_weights(step_dir, manifest, model, topo.tp_rank, topo.pp_rank)
+    optim_name = shard_name("optim", topo.tp_rank, topo.pp_rank)
+    rng_name = f"rng-rank{topo.rank:05d}.safetensors"
+    verify_files(step_dir, manifest, [optim_name])
+    _restore_optimizer(optimizer, model, _load_tensors(step_dir / optim_name), manifest["optimizer_step"])
+    if rng_name in manifest["files"]:  # absent when resuming on more data-parallel ranks
+        verify_files(step_dir, manifest, [rng_name])
+        rng = _load_tensors(step_dir / rng_name)
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+    return manifest | {"path": str(step_dir)}

@@ -1,0 +1,38 @@
+"""`sparse-lm <command>`: one CLI for every user task.
+
+Each command lives with the code it drives and registers itself through `register_cli(subparsers)`;
+this module only wires them and turns a `UserError` into one clear line and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from sparse_lm.errors import UserError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from sparse_lm.data.prepare import register_cli as register_prepare
+    from sparse_lm.eval.cli import register_cli as register_eval
+    from sparse_lm.train.cli import register_cli as register_pretrain
+
+    parser = argparse.ArgumentParser(prog="sparse-lm", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    register_prepare(sub)
+    register_pretrain(sub)
+    register_eval(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as exc:
+        print(f"sparse-lm {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""sentencepiece BPE tokenizer: training on a corpus sample, loading, encode/decode.
+
+The options make tokenisation lossless for any UTF-8 text (byte fallback, identity normalisation, no
+dummy prefix, whitespace kept), which bits per byte and exact document round trips rely on, and
+keep runs of spaces as pieces so indentation in code costs few tokens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import sentencepiece as spm
+
+from sparse_lm.data.packed import load_meta
+from sparse_lm.errors import UserError
+
+TRAINER_OPTIONS = dict(
+    model_type="bpe",
+    byte_fallback=True,
+    normalization_rule_name="identity",
+    add_dummy_prefix=False,
+    remove_extra_whitespaces=False,
+    split_digits=True,
+    allow_whitespace_only_pieces=True,
+    max_sentence_length=1 << 14,
+    minloglevel=2,
+)
+# sentencepiece silently drops training "sentences" longer than max_sentence_length bytes, so
+# documents are cut at line ends into chunks well below it; long lines are cut by characters.
+CHUNK_BYTES = 1 << 12
+
+
+class Tokenizer:
+    """A sentencepiece model file; ids are plain ints, and EOS separates documents in packed data."""
+
+    def __init__(self, path: str | Path):
+        self._path = Path(path)
+        try:
+            proto = self._path.read_bytes()
+        except OSError:
+            raise UserError(f"tokenizer {self._path}: not found or unreadable; expected a sentencepiece .model file") from None
+        try:
+            self._sp = spm.SentencePieceProcessor(model_proto=proto)
+        except RuntimeError:
+            raise UserError(f"tokenizer {self._path}: not a valid sentencepiece .model file") from None
+        self.sha256 = hashlib.sha256(proto).hexdigest()
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    @property
+    def vocab_size(self) -> int:
+        return self._sp.get_piece_size()
+
+    @property
+    def eos_id(self) -> int:
+        return self._sp.eos_id()
+
+    @property
+    def bos_id(self) -> int:
+        return self._sp.bos_id()
+
+    @property
+    def unk_id(self) -> int:
+        return self._sp.unk_id()
+
+    def encode(self, text: str) -> list[int]:
+        return self._sp.encode(text)
+
+    def encode_batch(self, texts: Iterable[str]) -> list[list[int]]:
+        return self._sp.encode(list(texts))
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Accepts any integer sequence, numpy token slices included."""
+        return self._sp.decode([int(i) for i in ids])
+
+
+def load_tokenizer(data_dir: str | Path) -> Tokenizer:
+    """The tokenizer a prepared dataset was tokenised with, checked against meta.json's sha256."""
+    data_dir = Path(data_dir)
+    meta = load_meta(data_dir)
+    tokenizer = Tokenizer(data_dir / meta["tokenizer"])
+    if tokenizer.sha256 != meta["tokenizer_sha256"]:
+        raise UserError(
+            f"tokenizer {tokenizer.path}: differs from the one meta.json records (sha256 mismatch); "
+            "re-run `sparse-lm prepare-data`"
+        )
+    return tokenizer
+
+
+def train_tokenizer(text_iterable: Iterable[str], out_path: str | Path, vocab_size: int) -> Path:
+    """Train a BPE model on the given documents and write it to `out_path` (atomically)."""
+    out_path = Path(out_path)
+    proto = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=_chunks(text_iterable), model_writer=proto, vocab_size=vocab_size, **TRAINER_OPTIONS
+        )
+    except RuntimeError as exc:
+        detail = str(exc).rsplit("] ", 1)[-1].strip()
+        raise UserError(f"cannot train a tokenizer with vocab size {vocab_size} on this corpus: {detail}") from None
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(proto.getvalue())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, out_path)
+    return out_path
+
+
+def _chunks(texts: Iterable[str]) -> Iterator[str]:
+    """Cut documents into training sentences of at most CHUNK_BYTES, keeping newlines inside them
+    so that pieces like "):\\n" can be learned."""
+    for text in texts:
+        chunk, size = [], 0
+        for line in _short_lines(text):
+            n = len(line.encode("utf-8"))
+            if size + n > CHUNK_BYTES and chunk:
+                yield "".join(chunk)
+                chunk, size = [], 0
+            chunk.append(line)
+            size += n
+        if chunk:
+            yield "".join(chunk)
+
+
+def _short_lines(text: str) -> Iterator[str]:
+    """Lines with their ends; a line longer than CHUNK_BYTES is cut into pieces that fit (a
+    character is at most 4 UTF-8 bytes)."""
+    step = CHUNK_BYTES // 4
+    for line in text.splitlines(keepends=True):
+        if len(line.encode("utf-8")) <= CHUNK_BYTES:
+            yield line
+        else:
+            yield from (line[i : i + step] for i in range(0, len(line), step))

@@ -1,0 +1,170 @@
+"""A plain Llama-style decoder: RMSNorm, rotary embeddings, SwiGLU, optional grouped-query attention.
+
+The model only decides *shapes*; every projection inside a block is built by a `LinearFactory`
+(name, in_features, out_features), so sparse and tensor-parallel linears replace `nn.Linear`
+without touching this file. Names, the rotary convention (rotate-half) and the GQA head order
+follow Hugging Face's `LlamaForCausalLM`, so export is a renaming of keys, not a numerical change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparse_lm.config import BLOCK_LINEAR_NAMES as BLOCK_LINEARS
+from sparse_lm.config import ModelConfig
+from sparse_lm.errors import UserError
+
+LinearFactory = Callable[[str, int, int], nn.Module]
+
+# Output projections get their init scaled by 1/sqrt(2·n_layers) so the residual stream stays O(1).
+RESIDUAL_OUTPUTS = ("o_proj", "down_proj")
+
+
+def dense_linear(name: str, in_features: int, out_features: int) -> nn.Module:
+    return nn.Linear(in_features, out_features, bias=False)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class Rotary(nn.Module):
+    """Rotate-half RoPE with a cached cos/sin table (a buffer that is not saved: it is derived)."""
+
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float):
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        freqs = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.register_buffer("cos", emb.cos(), persistent=False)
+        self.register_buffer("sin", emb.sin(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [batch, heads, seq, head_dim]."""
+        seq = x.shape[-2]
+        cos, sin = self.cos[:seq].to(x.dtype), self.sin[:seq].to(x.dtype)
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, prefix: str, linear: LinearFactory, rotary: Rotary):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        d, kv_dim = cfg.d_model, cfg.kv_heads * cfg.head_dim
+        self.q_proj = linear(f"{prefix}.q_proj", d, d)
+        self.k_proj = linear(f"{prefix}.k_proj", d, kv_dim)
+        self.v_proj = linear(f"{prefix}.v_proj", d, kv_dim)
+        self.o_proj = linear(f"{prefix}.o_proj", d, d)
+        self.rotary = rotary
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        q, k = self.rotary(q), self.rotary(k)
+        if self.n_kv != self.n_heads:
+            rep = self.n_heads // self.n_kv
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, prefix: str, linear: LinearFactory):
+        super().__init__()
+        self.gate_proj = linear(f"{prefix}.gate_proj", cfg.d_model, cfg.ffn_dim)
+        self.up_proj = linear(f"{prefix}.up_proj", cfg.d_model, cfg.ffn_dim)
+        self.down_proj = linear(f"{prefix}.down_proj", cfg.ffn_dim, cfg.d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, index: int, linear: LinearFactory, rotary: Rotary):
+        super().__init__()
+        prefix = f"layers.{index}"
+        self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.self_attn = Attention(cfg, f"{prefix}.self_attn", linear, rotary)
+        self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = MLP(cfg, f"{prefix}.mlp", linear)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Llama(nn.Module):
+    """Decoder-only LM. `forward(ids)` gives logits; `forward(ids, labels)` gives the mean token loss."""
+
+    def __init__(self, cfg: ModelConfig, linear: LinearFactory = dense_linear):
+        super().__init__()
+        if not cfg.vocab_size:
+            raise ValueError("ModelConfig.vocab_size must be resolved (see resolve_vocab) before building")
+        self.cfg = cfg
+        rotary = Rotary(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg, i, linear, rotary) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed_tokens(ids)
+        for layer in self.layers:
+            x = layer(x)
+        x = self.norm(x)
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(x, weight)
+
+    def forward(self, ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        logits = self.logits(ids)
+        if labels is None:
+            return logits
+        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+
+
+def init_weights(model: Llama, seed: int) -> None:
+    """Normal(0, σ) for embeddings and linears, σ/√(2L) for residual outputs, ones for norms.
+
+    Seeded explicitly so that every rank and every run builds the same initial model.
+    """
+    cfg = model.cfg
+    gen = torch.Generator().manual_seed(seed)
+    residual_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("layernorm.weight") or name == "norm.weight":
+                param.fill_(1.0)
+                continue
+            std = residual_std if any(f"{r}." in name for r in RESIDUAL_OUTPUTS) else cfg.init_std
+            param.copy_(torch.randn(param.shape, generator=gen) * std)
+
+
+def resolve_vocab(cfg: ModelConfig, tokenizer_vocab: int) -> ModelConfig:
+    """The model's vocabulary: the tokenizer's, rounded up to `vocab_multiple` (for TP and kernels)."""
+    if cfg.vocab_size:
+        if cfg.vocab_size < tokenizer_vocab:
+            raise UserError(
+                f"config field model.vocab_size: expected at least the tokenizer's {tokenizer_vocab}, got {cfg.vocab_size}"
+            )
+        return cfg
+    size = cfg.vocab_multiple * math.ceil(tokenizer_vocab / cfg.vocab_multiple)
+    return dataclasses.replace(cfg, vocab_size=size)

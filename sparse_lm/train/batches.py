@@ -1,0 +1,60 @@
+"""Deterministic training and held-out batches from packed token files.
+
+A batch is a pure function of (seed, global sample index): sample g lands in epoch g // W
+(W = number of non-overlapping windows of seq_len + 1 tokens) at a seeded permutation position.
+Resume therefore needs only the count of samples consumed — no sampler state, no RNG to restore —
+and every data-parallel layout sees the same global stream of samples.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from sparse_lm.data.packed import PackedSplit
+from sparse_lm.errors import UserError
+
+
+class WindowSampler:
+    def __init__(self, split: PackedSplit, seq_len: int, seed: int):
+        self.split, self.seq_len, self.seed = split, seq_len, seed
+        self.windows = (split.n_tokens - 1) // seq_len
+        self._epoch, self._perm = -1, None
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if epoch != self._epoch:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.windows, generator=gen)
+        return self._perm
+
+    def window(self, index: int) -> np.ndarray:
+        start = index * self.seq_len
+        return np.asarray(self.split.tokens[start : start + self.seq_len + 1], dtype=np.int64)
+
+    def sample(self, g: int) -> np.ndarray:
+        epoch, pos = divmod(g, self.windows)
+        return self.window(int(self._permutation(epoch)[pos]))
+
+    def batch(self, first: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Samples first … first+count-1 as (inputs, next-token targets)."""
+        rows = torch.from_numpy(np.stack([self.sample(g) for g in range(first, first + count)]))
+        return rows[:, :-1], rows[:, 1:]
+
+
+def train_sampler(split: PackedSplit, seq_len: int, seed: int, global_batch: int) -> WindowSampler:
+    sampler = WindowSampler(split, seq_len, seed)
+    if sampler.windows < global_batch:
+        raise UserError(
+            f"training data {split.data_dir} ({split.split} split): {split.n_tokens} tokens make {sampler.windows} windows of "
+            f"train.seq_len+1={seq_len + 1}, fewer than one global batch ({global_batch}); "
+            "use more data or a smaller train.micro_batch / train.seq_len"
+        )
+    return sampler
+
+
+def heldout_batches(split: PackedSplit, seq_len: int, micro_batch: int, max_batches: int) -> list[torch.Tensor]:
+    """The first `max_batches` × `micro_batch` held-out windows, in order: the same every evaluation."""
+    sampler = WindowSampler(split, seq_len, seed=0)
+    n = min(sampler.windows, micro_batch * max_batches)
+    rows = [torch.from_numpy(sampler.window(i)) for i in range(n)]
+    return [torch.stack(rows[i : i + micro_batch]) for i in range(0, n, micro_batch)]

@@ -1,0 +1,37 @@
+"""`sparse-lm pretrain`: the config system in front of `train.loop.pretrain`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from sparse_lm.atomic import write_json
+from sparse_lm.config import load_config
+
+
+def add_run_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="YAML run config, e.g. configs/tiny.yaml")
+    parser.add_argument(
+        "--set", dest="overrides", action="extend", nargs="+", default=[], metavar="SECTION.FIELD=VALUE",
+        help="override config fields, e.g. --set train.steps=200 train.lr=1e-3 (repeatable)",
+    )
+    parser.add_argument("--resume", action="store_true", help="require resuming from checkpoint.dir's latest")
+    # The `deepspeed` launcher appends --local_rank; LOCAL_RANK in the environment carries the same.
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def run(args: argparse.Namespace) -> int:
+    from sparse_lm.train.loop import pretrain
+
+    overrides = list(args.overrides) + (["checkpoint.resume=must"] if args.resume else [])
+    summary = pretrain(load_config(args.config, overrides))
+    if args.summary_json and os.environ.get("RANK", "0") == "0":
+        write_json(args.summary_json, summary)
+    return 0
+
+
+def register_cli(subparsers) -> None:
+    parser = subparsers.add_parser("pretrain", help="train a model (dense or sparse) per a YAML config")
+    add_run_args(parser)
+    parser.add_argument("--summary-json", default=None, help="also write the final summary here")
+    parser.set_defaults(func=run)

@@ -1,0 +1,238 @@
+"""The pretraining loop: DeepSpeed engine, deterministic data, logging, periodic eval and checkpoints.
+
+One function, `pretrain`, drives a run from config to final held-out loss; it is the same code under
+a plain `sparse-lm pretrain`, the `deepspeed` launcher and `torchrun` (see launch/pretrain.py).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from sparse_lm.checkpoint.store import find_checkpoint, load_checkpoint, read_latest, save_checkpoint
+from sparse_lm.config import RunConfig
+from sparse_lm.data.packed import PackedSplit, load_meta
+from sparse_lm.errors import UserError
+from sparse_lm.model import Llama, init_weights, resolve_vocab
+from sparse_lm.parallel.state import Topology, init_distributed, shutdown
+from sparse_lm.train.batches import heldout_batches, train_sampler
+from sparse_lm.train.metrics import MetricsLog, format_eta, peak_rss_bytes
+from sparse_lm.train.schedule import learning_rate
+
+
+def build_model(cfg: RunConfig) -> Llama:
+    """The (dense, for now) model with its deterministic initialisation; `cfg.model.vocab_size` resolved."""
+    if cfg.sparsity.method != "dense":
+        raise UserError(f"config field sparsity.method: {cfg.sparsity.method!r} is not built into this version yet")
+    model = Llama(cfg.model)
+    init_weights(model, cfg.train.seed)
+    return model
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices (linears, embeddings), not norm gains."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_engine(model: torch.nn.Module, cfg: RunConfig, topo: Topology):
+    """deepspeed.initialize with a torch AdamW (no FusedAdam compile on CPU) and explicit clipping.
+
+    DeepSpeed defaults `gradient_clipping` to 1.0 when unset, so it is always written out.
+    """
+    import deepspeed
+
+    t = cfg.train
+    bf16 = t.precision == "bf16" or (t.precision == "auto" and topo.device.type == "cuda")
+    optimizer = torch.optim.AdamW(
+        _param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, foreach=False
+    )
+    ds_config = {
+        "train_micro_batch_size_per_gpu": t.micro_batch,
+        "gradient_accumulation_steps": t.grad_accum,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 2**31 - 1,
+    }
+    engine, optimizer, _, _ = deepspeed.initialize(
+        model=model.to(topo.device), optimizer=optimizer, config=ds_config, dist_init_required=False
+    )
+    return engine, optimizer
+
+
+@dataclass
+class RunState:
+    """What a checkpoint must carry beyond tensors to continue exactly."""
+
+    step: int = 0
+    samples_seen: int = 0
+    tokens_seen: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {"step": self.step, "samples_seen": self.samples_seen, "tokens_seen": self.tokens_seen}
+
+
+def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        from megatron.core import parallel_state
+
+        dist.all_reduce(tensor, group=parallel_state.get_data_parallel_group())
+    return tensor.tolist()
+
+
+def _grad_norm(engine) -> float:
+    """Pre-clipping global gradient norm (DeepSpeed reports it only under ZeRO / mixed precision)."""
+    norm = engine.get_global_grad_norm()
+    if norm is None:
+        grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads) if grads else 0.0
+    return float(norm)
+
+
+@torch.no_grad()
+def heldout_loss(model: torch.nn.Module, batches: list[torch.Tensor], topo: Topology) -> float:
+    """Mean token loss over the fixed held-out batches, split over data-parallel ranks."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0.0
+    for i, rows in enumerate(batches):
+        if i % topo.data != topo.dp_rank:
+            continue
+        rows = rows.to(topo.device)
+        n = rows[:, 1:].numel()
+        total += float(model(rows[:, :-1], rows[:, 1:])) * n
+        count += n
+    model.train(was_training)
+    total, count = _all_reduce_sum([total, count], topo.device)
+    return total / count if count else math.nan
+
+
+def _resume_point(cfg: RunConfig) -> Path | None:
+    root = cfg.checkpoint_dir
+    mode = cfg.checkpoint.resume
+    existing = read_latest(root) if root.is_dir() else None
+    if existing is None and root.is_dir() and any(root.glob("step_*/manifest.json")):
+        existing = find_checkpoint(root)
+    if mode == "must" and existing is None:
+        raise UserError(f"checkpoint.dir {root}: --resume given but no checkpoint is there")
+    if mode == "never" and existing is not None:
+        raise UserError(
+            f"checkpoint.dir {root}: already holds checkpoints and checkpoint.resume=never would overwrite "
+            "them; resume (checkpoint.resume=auto) or choose another checkpoint.dir"
+        )
+    return existing if mode != "never" else None
+
+
+def pretrain(cfg: RunConfig) -> dict[str, Any]:
+    """Train per `cfg`; returns the final summary (rank 0's view)."""
+    topo = init_distributed(cfg.parallel.tensor, cfg.parallel.pipeline)
+    try:
+        return _pretrain(cfg, topo)
+    finally:
+        shutdown()
+
+
+def _pretrain(cfg: RunConfig, topo: Topology) -> dict[str, Any]:
+    t = cfg.train
+    data_dir = Path(cfg.data.path)
+    meta = load_meta(data_dir)
+    train_split, heldout_split = PackedSplit(data_dir, "train"), PackedSplit(data_dir, "heldout")
+    global_batch = t.micro_batch * t.grad_accum * topo.data
+    sampler = train_sampler(train_split, t.seq_len, t.seed, global_batch)
+    eval_batches = heldout_batches(heldout_split, t.seq_len, t.micro_batch, t.eval_batches)
+
+    cfg.model = resolve_vocab(cfg.model, meta["vocab_size"])  # stored resolved in checkpoints
+    model = build_model(cfg)
+    engine, optimizer = make_engine(model, cfg, topo)
+    log = MetricsLog(Path(t.out_dir) / "metrics.jsonl", enabled=topo.is_main)
+    state = RunState()
+    resume_from = _resume_point(cfg)
+    if resume_from is not None:
+        manifest = load_checkpoint(resume_from, engine.module, optimizer, topo)
+        state = RunState(**manifest["state"])
+        log.say(f"resumed from {manifest['path']} at step {state.step}")
+        log.write("resume", step=state.step, path=manifest["path"])
+
+    n_params = sum(p.numel() for p in engine.module.parameters())
+    tokens_per_step = global_batch * t.seq_len
+    log.say(
+        f"model: {n_params / 1e6:.2f}M parameters, vocab {engine.module.cfg.vocab_size}; "
+        f"ranks {topo.world} (tp {topo.tensor} pp {topo.pipeline} dp {topo.data}); "
+        f"{tokens_per_step} tokens/step; {t.steps} steps; train tokens {train_split.n_tokens}"
+    )
+    config_dict = cfg.to_dict()
+    tokenizer_path = data_dir / meta["tokenizer"]
+
+    def checkpoint() -> None:
+        path = save_checkpoint(
+            cfg.checkpoint_dir, state.step, engine.module, optimizer, topo, state.as_dict(), config_dict,
+            tokenizer_path, cfg.checkpoint.keep,
+        )
+        log.write("checkpoint", step=state.step, path=str(path))
+
+    engine.train()
+    started, window_start, window_steps = time.time(), time.time(), 0
+    last_heldout = math.nan
+    while state.step < t.steps:
+        lr = learning_rate(state.step, t.lr, t.warmup_steps, t.steps, t.min_lr_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum, grad_norm = 0.0, math.nan
+        for micro in range(t.grad_accum):
+            first = state.samples_seen + micro * t.micro_batch * topo.data + topo.dp_rank * t.micro_batch
+            inputs, targets = sampler.batch(first, t.micro_batch)
+            loss = engine(inputs.to(topo.device), targets.to(topo.device))
+            engine.backward(loss)
+            loss_sum += loss.item()
+            if engine.is_gradient_accumulation_boundary():
+                grad_norm = _grad_norm(engine) if cfg.parallel.zero_stage == 0 else math.nan
+            engine.step()
+        if math.isnan(grad_norm):
+            grad_norm = float(engine.get_global_grad_norm() or math.nan)
+        (loss_total,) = _all_reduce_sum([loss_sum / t.grad_accum], topo.device)
+        step_loss = loss_total / topo.data
+        state.step += 1
+        state.samples_seen += global_batch
+        state.tokens_seen += tokens_per_step
+        window_steps += 1
+        log.write("step", step=state.step, loss=step_loss, lr=lr, grad_norm=grad_norm, tokens=state.tokens_seen)
+
+        if state.step % t.log_every == 0 or state.step == t.steps:
+            elapsed = time.time() - window_start
+            step_time = elapsed / window_steps
+            log.say(
+                f"step {state.step:>6}/{t.steps} | loss {step_loss:.4f} | lr {lr:.2e} | grad norm {grad_norm:.3f} | "
+                f"{tokens_per_step / step_time:,.0f} tok/s | rss {peak_rss_bytes() / 2**30:.2f} GiB | "
+                f"eta {format_eta(step_time * (t.steps - state.step))}"
+            )
+            log.write("throughput", step=state.step, tokens_per_s=tokens_per_step / step_time, step_time_s=step_time,
+                      peak_rss_bytes=peak_rss_bytes())
+            window_start, window_steps = time.time(), 0
+        if eval_batches and (state.step % t.eval_every == 0 or state.step == t.steps):
+            last_heldout = heldout_loss(engine.module, eval_batches, topo)
+            log.say(f"step {state.step:>6}/{t.steps} | held-out loss {last_heldout:.4f} | ppl {math.exp(last_heldout):.2f}")
+            log.write("heldout", step=state.step, loss=last_heldout, perplexity=math.exp(last_heldout))
+        if state.step % cfg.checkpoint.every == 0 or state.step == t.steps:
+            checkpoint()
+
+    summary = {
+        "steps": state.step,
+        "tokens_seen": state.tokens_seen,
+        "heldout_loss": last_heldout,
+        "heldout_perplexity": math.exp(last_heldout) if not math.isnan(last_heldout) else math.nan,
+        "wall_s": time.time() - started,
+        "checkpoint": str(find_checkpoint(cfg.checkpoint_dir)) if cfg.checkpoint_dir.is_dir() else None,
+    }
+    log.write("summary", **summary)
+    log.say(f"done: {state.step} steps, held-out loss {last_heldout:.4f}, checkpoint {summary['checkpoint']}")
+    log.close()
+    return summary

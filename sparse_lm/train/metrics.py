@@ -1,0 +1,45 @@
+"""Progress lines for people and JSONL metrics for machines, written by rank 0 only."""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def format_eta(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
+class MetricsLog:
+    """Appends one JSON object per event to `<out_dir>/metrics.jsonl` (line-buffered, survives a kill)."""
+
+    def __init__(self, path: str | Path, enabled: bool):
+        self.enabled = enabled
+        self._handle = None
+        if enabled:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self._handle = open(path, "a", buffering=1)
+
+    def write(self, kind: str, **fields: Any) -> None:
+        if self._handle is not None:
+            self._handle.write(json.dumps({"kind": kind, "time": round(time.time(), 3), **fields}) + "\n")
+
+    def say(self, text: str) -> None:
+        if self.enabled:
+            print(text, file=sys.stdout, flush=True)
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None

@@ -1,0 +1,57 @@
+"""Config loading, overrides and validation errors that name the field."""
+
+import pytest
+
+from sparse_lm.config import load_config, parse_overrides
+from sparse_lm.errors import UserError
+
+
+def test_tiny_preset_loads_and_overrides_apply():
+    cfg = load_config("configs/tiny.yaml", ["train.steps=7", "model.tie_embeddings=true", "train.lr=1e-3"])
+    assert cfg.train.steps == 7 and cfg.model.tie_embeddings is True and cfg.train.lr == pytest.approx(1e-3)
+    assert cfg.model.d_model == 256
+
+
+@pytest.mark.parametrize("path", ["configs/tiny.yaml", "configs/llama-125m.yaml", "configs/llama-1b.yaml"])
+def test_presets_are_valid(path):
+    load_config(path)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.steps=0", "config field train.steps: expected an integer >= 1, got 0"),
+        ("train.steps=abc", "config field train.steps: expected an integer, got 'abc'"),
+        ("model.n_heads=3", "config field model.n_heads: expected a divisor of model.d_model=256, got 3"),
+        ("train.seq_len=4096", "config field train.seq_len: expected at most model.max_seq_len=256, got 4096"),
+        ("train.precision=fp8", "config field train.precision: expected one of: auto, fp32, bf16, got 'fp8'"),
+        ("model.tie_embeddings=maybe", "config field model.tie_embeddings: expected true or false, got 'maybe'"),
+        ("data.heldout_fraction=1.5", "config field data.heldout_fraction: expected a number in (0, 1), got 1.5"),
+        ("sparsity.method=magic", "config field sparsity.method: expected one of: dense, static, topkast, got 'magic'"),
+        ("train.stpes=3", "--set: unknown field train.stpes"),
+        ("trian.steps=3", "--set: unknown section 'trian'"),
+        ("steps=3", "expected section.field=value"),
+    ],
+)
+def test_bad_values_name_the_field(override, message):
+    with pytest.raises(UserError) as err:
+        load_config("configs/tiny.yaml", [override])
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(UserError, match="config file .*missing.yaml: not found"):
+        load_config(tmp_path / "missing.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model:\n  d_model: [1,\n")
+    with pytest.raises(UserError, match="invalid YAML at line"):
+        load_config(broken)
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("model: 3\n")
+    with pytest.raises(UserError, match="section 'model' must be a mapping"):
+        load_config(scalar)
+
+
+def test_override_values_are_yaml_typed():
+    assert parse_overrides(["a.b=1", "a.c=0.5", "a.d=true", "a.e=x"]) == {"a": {"b": 1, "c": 0.5, "d": True, "e": "x"}}
