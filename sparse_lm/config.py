@@ -191,10 +191,10 @@ def _validate(cfg: RunConfig) -> None:
         for dim, what in ((m.d_model, "model.d_model"), (m.kv_heads * m.head_dim, "the k/v width"), (ffn, "the FFN width")):
             _require(dim % s.block_size == 0, "sparsity.block_size", f"a divisor of {what}={dim}", s.block_size)
 
-    # Tensor/pipeline-parallel sparse layers and ZeRO-1 resume are not in this version yet.
+    # Tensor/pipeline-parallel sparse layers are not in this version yet.
     for name in ("tensor", "pipeline"):
         _require(getattr(p, name) == 1, f"parallel.{name}", "1 (model parallelism is not implemented yet)", getattr(p, name))
-    _require(p.zero_stage == 0, "parallel.zero_stage", "0 (ZeRO is not supported yet)", p.zero_stage)
+    _require(p.zero_stage in (0, 1), "parallel.zero_stage", "0 or 1 (ZeRO-1 partitions Adam state over data-parallel ranks)", p.zero_stage)
 
     _require(bool(d.path), "data.path", "a prepared data directory", d.path)
     _require(260 <= d.vocab_size <= 2**31 - 1, "data.vocab_size", "an integer in [260, 2^31) (256 byte pieces + unk, bos, eos + merges)", d.vocab_size)

@@ -73,14 +73,34 @@ def records(run_dir: Path, kind: str) -> list[dict]:
     return [r for r in map(json.loads, lines) if r["kind"] == kind]
 
 
+VARIANTS = {
+    "dense": {},
+    "topkast": {"sparsity": {"method": "topkast", "density": 0.2, "exploration": 0.2, "reselect_every": 4}},
+    "topkast-offload-block": {"sparsity": {"method": "topkast", "density": 0.2, "exploration": 0.2, "reselect_every": 4,
+                                           "complement": "offload", "granularity": "block", "block_size": 16}},
+}
+
+
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, data_dir) -> Path:
-    """One reference run of STEPS steps with checkpoints at 6 and 12; returns its run directory."""
-    tmp = tmp_path_factory.mktemp("trained")
-    config = write_config(tmp, data_dir, "ref")
-    proc = run_cli("pretrain", "--config", str(config), "--summary-json", str(tmp / "ref" / "summary.json"))
-    assert "held-out loss" in proc.stdout
-    return tmp / "ref"
+def runs(tmp_path_factory, data_dir):
+    """Reference runs of STEPS steps (checkpoints at 6 and 12), trained on first use, by variant."""
+    done: dict[str, Path] = {}
+
+    def get(variant: str) -> Path:
+        if variant not in done:
+            tmp = tmp_path_factory.mktemp(variant)
+            config = write_config(tmp, data_dir, "ref", **VARIANTS[variant])
+            proc = run_cli("pretrain", "--config", str(config), "--summary-json", str(tmp / "ref" / "summary.json"))
+            assert "held-out loss" in proc.stdout
+            done[variant] = tmp / "ref"
+        return done[variant]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def trained(runs) -> Path:
+    return runs("dense")
 
 
 def test_training_lowers_loss_and_logs_every_step(trained):
@@ -112,15 +132,19 @@ def _resume_dir(trained: Path, tmp: Path, name: str) -> Path:
     return ckpt / "step_00000006"
 
 
-def test_resume_reproduces_the_uninterrupted_run_exactly(trained, data_dir, tmp_path):
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_resume_reproduces_the_uninterrupted_run_exactly(runs, variant, data_dir, tmp_path):
+    """Weights (sparse values, indices, masks, offload store), Adam moments, data order and LR
+    schedule all come back: the resumed steps have the reference's losses."""
+    trained = runs(variant)
     _resume_dir(trained, tmp_path, "resumed")
-    config = write_config(tmp_path, data_dir, "resumed")
+    config = write_config(tmp_path, data_dir, "resumed", **VARIANTS[variant])
     proc = run_cli("pretrain", "--config", str(config), "--resume")
     assert "resumed from" in proc.stdout
     ref = {r["step"]: r for r in records(trained, "step")}
     got = records(tmp_path / "resumed", "step")
     assert [r["step"] for r in got] == list(range(7, STEPS + 1))
-    for r in got:  # same weights, Adam moments, data order and LR schedule: same numbers
+    for r in got:
         assert r["loss"] == pytest.approx(ref[r["step"]]["loss"], rel=1e-6, abs=1e-6), r["step"]
         assert r["lr"] == ref[r["step"]]["lr"]
     final = records(tmp_path / "resumed", "heldout")[-1]["loss"]
@@ -157,8 +181,10 @@ def test_resume_never_refuses_to_overwrite(trained, data_dir, tmp_path):
     assert (tmp_path / "keep" / "checkpoints" / "step_00000006" / "manifest.json").is_file()
 
 
-def test_eval_matches_a_direct_computation(trained, tmp_path):
+@pytest.mark.parametrize("variant", ["dense", "topkast"])
+def test_eval_matches_a_direct_computation(runs, variant, tmp_path):
     """`sparse-lm eval` with stride = context scores disjoint windows: recompute that by hand."""
+    trained = runs(variant)
     from sparse_lm.checkpoint.model_io import load_trained_model
     from sparse_lm.data.packed import PackedSplit
 
@@ -208,3 +234,49 @@ def test_deepspeed_launcher_data_parallel_matches_one_process(trained, data_dir,
         assert r["loss"] == pytest.approx(ref[r["step"]], rel=1e-4), r["step"]
     manifest = json.loads((tmp_path / "dp2" / "checkpoints" / "step_00000012" / "manifest.json").read_text())
     assert manifest["topology"]["data"] == 2
+
+
+def test_topkast_run_reselects_and_stays_sparse(runs):
+    run = runs("topkast")
+    reselections = records(run, "reselect")
+    assert [r["step"] for r in reselections] == [4, 8]
+    assert all(0 < r["changed_b"] <= 1 and 0 <= r["changed_a"] <= 1 for r in reselections)
+    steps = records(run, "step")
+    assert np.mean([r["loss"] for r in steps[-3:]]) < steps[0]["loss"] - 0.3
+    from safetensors import safe_open
+
+    with safe_open(run / "checkpoints" / "step_00000012" / "model-tp00-pp00.safetensors", "pt") as f:
+        shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+    q = "layers.0.self_attn.q_proj"
+    assert f"{q}.weight" not in shapes and shapes[f"{q}.values"][0] == shapes[f"{q}.index"][0]
+    assert shapes[f"{q}.values"][0] == math.ceil(0.4 * 64 * 64)  # |B| = (D + M) · N of the 64×64 q_proj
+
+
+def test_topkast_under_zero1_data_parallel_matches_one_process(runs, data_dir, tmp_path):
+    """Top-KAST with ZeRO-1 on 2 data-parallel ranks (`deepspeed` launcher): Adam state is
+    partitioned, reselection rewrites slots through DeepSpeed's master weights and zeroes moments
+    through its partitions, yet every step's loss equals the single-process run's. Then a resume
+    from the ZeRO-1 run's step-6 checkpoint reproduces its steps 7-12."""
+    sections = json.loads(json.dumps(VARIANTS["topkast"]))
+    sections["train"] = {"micro_batch": 2}
+    sections["parallel"] = {"zero_stage": 1}
+    config = write_config(tmp_path, data_dir, "zero1", **sections)
+    launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", _free_port()]
+    run_cli(str(REPO / "launch" / "pretrain.py"), "--config", str(config), launcher=launcher)
+    ref = {r["step"]: r["loss"] for r in records(runs("topkast"), "step")}
+    zero1 = tmp_path / "zero1"
+    got = records(zero1, "step")
+    assert [r["step"] for r in got] == list(range(1, STEPS + 1))
+    for r in got:
+        assert r["loss"] == pytest.approx(ref[r["step"]], rel=1e-4), r["step"]
+    assert [r["step"] for r in records(zero1, "reselect")] == [4, 8]
+
+    _resume_dir(zero1, tmp_path, "zero1-resumed")
+    config = write_config(tmp_path, data_dir, "zero1-resumed", **sections)
+    run_cli(str(REPO / "launch" / "pretrain.py"), "--config", str(config),
+            launcher=launcher[:-1] + [_free_port()])
+    full = {r["step"]: r["loss"] for r in got}
+    resumed = records(tmp_path / "zero1-resumed", "step")
+    assert [r["step"] for r in resumed] == list(range(7, STEPS + 1))
+    for r in resumed:
+        assert r["loss"] == pytest.approx(full[r["step"]], rel=1e-6, abs=1e-6), r["step"]

@@ -10,6 +10,7 @@ import torch
 from sparse_lm.checkpoint.store import check_topology, find_checkpoint, load_model_weights, read_manifest
 from sparse_lm.config import RunConfig, config_from_dict
 from sparse_lm.model import Llama
+from sparse_lm.model.build import build_model
 
 
 def load_trained_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Llama, RunConfig, dict[str, Any]]:
@@ -18,6 +19,6 @@ def load_trained_model(path: str | Path, device: str | torch.device = "cpu") -> 
     manifest = read_manifest(step_dir)
     check_topology(step_dir, manifest, 1, 1)
     cfg = config_from_dict(manifest["config"])
-    model = Llama(cfg.model)
+    model = build_model(cfg)
     load_model_weights(step_dir, manifest, model)
     return model.to(device).eval(), cfg, manifest | {"path": str(step_dir)}

@@ -28,12 +28,12 @@ from safetensors.torch import load_file, save_file
 
 from sparse_lm.atomic import publish_dir, sha256_file, write_json, write_text
 from sparse_lm.errors import UserError
+from sparse_lm.optim_state import MOMENTS, ensure_state, get_moment, set_moment, sync_masters
 from sparse_lm.parallel.state import Topology
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 LATEST = "latest"
-MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
 def step_dir_name(step: int) -> str:
@@ -49,18 +49,8 @@ def _barrier() -> None:
         dist.barrier()
 
 
-# ---------------------------------------------------------------- optimizer state access
-def _optimizer_moment(optimizer: torch.optim.Optimizer, param: torch.nn.Parameter, key: str) -> torch.Tensor:
-    """A parameter's full Adam moment, whether DeepSpeed partitioned it (ZeRO, bf16) or not."""
-    from deepspeed.utils import safe_get_full_optimizer_state
-
-    value = safe_get_full_optimizer_state(param, key)
-    if value is None:
-        value = optimizer.state[param][key]
-    return value.detach().float().cpu().contiguous()
-
-
-def _optimizer_step(optimizer: torch.optim.Optimizer) -> int:
+# ---------------------------------------------------------------- optimizer state
+def _optimizer_step(optimizer) -> int:
     """Adam's bias-correction step count (all parameters share it: they step together)."""
     for state in optimizer.state.values():
         if "step" in state:
@@ -68,20 +58,15 @@ def _optimizer_step(optimizer: torch.optim.Optimizer) -> int:
     return 0
 
 
-def _restore_optimizer(optimizer: torch.optim.Optimizer, model: torch.nn.Module, tensors: dict, step: int) -> None:
-    """Rebuild Adam's per-parameter state before the first step (torch creates it lazily)."""
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise UserError(
-            f"resuming into {type(optimizer).__name__} (bf16 or ZeRO) is not supported yet; resume with "
-            "train.precision=fp32 and parallel.zero_stage=0"
-        )
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        optimizer.state[param] = {
-            "step": torch.tensor(float(step)),
-            **{key: tensors[f"{name}.{key}"].to(param.device, param.dtype) for key in MOMENTS},
-        }
+def _restore_optimizer(optimizer, model: torch.nn.Module, tensors: dict, step: int) -> None:
+    """Rebuild Adam's per-parameter state before the first step (torch and DeepSpeed create it
+    lazily), after pointing DeepSpeed's master weights at the loaded ones."""
+    sync_masters(model)
+    params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    ensure_state(optimizer, [p for _, p in params], step)
+    for name, param in params:
+        for key in MOMENTS:
+            set_moment(optimizer, param, key, tensors[f"{name}.{key}"])
 
 
 # ---------------------------------------------------------------- save
@@ -107,14 +92,14 @@ def save_checkpoint(
         tmp.mkdir()
     _barrier()
 
+    moments = {  # every rank takes part: under ZeRO the moments are gathered collectively
+        f"{name}.{key}": get_moment(optimizer, param, key)
+        for name, param in model.named_parameters()
+        if param.requires_grad
+        for key in MOMENTS
+    }
     if topo.dp_rank == 0:
         save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp / shard_name("model", topo.tp_rank, topo.pp_rank))
-        moments = {
-            f"{name}.{key}": _optimizer_moment(optimizer, param, key)
-            for name, param in model.named_parameters()
-            if param.requires_grad
-            for key in MOMENTS
-        }
         save_file(moments, tmp / shard_name("optim", topo.tp_rank, topo.pp_rank))
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():

@@ -141,21 +141,36 @@ class Llama(nn.Module):
         return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
 
 
-def init_weights(model: Llama, seed: int) -> None:
+def init_weights(model: Llama, seed: int, sparse_init: Callable | None = None) -> None:
     """Normal(0, σ) for embeddings and linears, σ/√(2L) for residual outputs, ones for norms.
 
-    Seeded explicitly so that every rank and every run builds the same initial model.
+    Values come from the counter-based initialiser (`sparsity.init`): element g of parameter p is
+    a function of (seed, p's name, g) only, so every rank, every parallel layout and a dense or
+    sparse run of the same seed build the same θ₀. A sparse linear (any module with `initialize`)
+    picks its sets from that θ₀ itself — `sparse_init(module, seed, stream, std)` if given.
     """
+    from sparse_lm.sparsity.init import counter_normal, stream_id
+
     cfg = model.cfg
-    gen = torch.Generator().manual_seed(seed)
     residual_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+
+    def std_of(name: str) -> float:
+        return residual_std if any(f"{r}." in f"{name}." for r in RESIDUAL_OUTPUTS) else cfg.init_std
+
+    sparse_prefixes = []
     with torch.no_grad():
+        for name, module in model.named_modules():
+            if hasattr(module, "initialize"):
+                (sparse_init or type(module).initialize)(module, seed, stream_id(f"{name}.weight"), std_of(name))
+                sparse_prefixes.append(f"{name}.")
         for name, param in model.named_parameters():
+            if any(name.startswith(prefix) for prefix in sparse_prefixes):
+                continue
             if name.endswith("layernorm.weight") or name == "norm.weight":
                 param.fill_(1.0)
                 continue
-            std = residual_std if any(f"{r}." in name for r in RESIDUAL_OUTPUTS) else cfg.init_std
-            param.copy_(torch.randn(param.shape, generator=gen) * std)
+            values = counter_normal(seed, stream_id(name), 0, param.numel(), std_of(name), param.device)
+            param.copy_(values.view(param.shape))
 
 
 def resolve_vocab(cfg: ModelConfig, tokenizer_vocab: int) -> ModelConfig:

@@ -19,20 +19,15 @@ from sparse_lm.checkpoint.store import find_checkpoint, load_checkpoint, read_la
 from sparse_lm.config import RunConfig
 from sparse_lm.data.packed import PackedSplit, load_meta
 from sparse_lm.errors import UserError
-from sparse_lm.model import Llama, init_weights, resolve_vocab
+from sparse_lm.model import resolve_vocab
+from sparse_lm.optim_state import link_partitions
+from sparse_lm.model.build import build_model
 from sparse_lm.parallel.state import Topology, init_distributed, shutdown
+from sparse_lm.sparsity.topkast import TopKAST, sparse_layers
 from sparse_lm.train.batches import heldout_batches, train_sampler
+from sparse_lm.train.memory import dense_equivalent_bytes, model_state_bytes
 from sparse_lm.train.metrics import MetricsLog, format_eta, peak_rss_bytes
 from sparse_lm.train.schedule import learning_rate
-
-
-def build_model(cfg: RunConfig) -> Llama:
-    """The (dense, for now) model with its deterministic initialisation; `cfg.model.vocab_size` resolved."""
-    if cfg.sparsity.method != "dense":
-        raise UserError(f"config field sparsity.method: {cfg.sparsity.method!r} is not built into this version yet")
-    model = Llama(cfg.model)
-    init_weights(model, cfg.train.seed)
-    return model
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -163,9 +158,16 @@ def _pretrain(cfg: RunConfig, topo: Topology) -> dict[str, Any]:
         log.write("resume", step=state.step, path=manifest["path"])
 
     n_params = sum(p.numel() for p in engine.module.parameters())
+    layers = sparse_layers(engine.module)
+    dense_equivalent = n_params + sum(layer.out_features * layer.in_features - layer.values.numel() for layer in layers)
     tokens_per_step = global_batch * t.seq_len
+    sparse_note = ""
+    if layers:
+        forward = sum(layer.k_forward * layer.block**2 for layer in layers) / sum(l.n_blocks * l.block**2 for l in layers)
+        sparse_note = (f" ({dense_equivalent / 1e6:.2f}M dense-equivalent; {len(layers)} {cfg.sparsity.method} linears, "
+                       f"forward density {forward:.3f})")
     log.say(
-        f"model: {n_params / 1e6:.2f}M parameters, vocab {engine.module.cfg.vocab_size}; "
+        f"model: {n_params / 1e6:.2f}M stored parameters{sparse_note}, vocab {engine.module.cfg.vocab_size}; "
         f"ranks {topo.world} (tp {topo.tensor} pp {topo.pipeline} dp {topo.data}); "
         f"{tokens_per_step} tokens/step; {t.steps} steps; train tokens {train_split.n_tokens}"
     )
@@ -179,9 +181,12 @@ def _pretrain(cfg: RunConfig, topo: Topology) -> dict[str, Any]:
         )
         log.write("checkpoint", step=state.step, path=str(path))
 
+    schedule = TopKAST(engine.module, cfg.sparsity, t.steps)
     engine.train()
     started, window_start, window_steps = time.time(), time.time(), 0
     last_heldout = math.nan
+    memory: dict[str, int] | None = None
+    dense_bytes = dense_equivalent_bytes(engine.module)
     while state.step < t.steps:
         lr = learning_rate(state.step, t.lr, t.warmup_steps, t.steps, t.min_lr_ratio)
         for group in optimizer.param_groups:
@@ -195,7 +200,11 @@ def _pretrain(cfg: RunConfig, topo: Topology) -> dict[str, Any]:
             loss_sum += loss.item()
             if engine.is_gradient_accumulation_boundary():
                 grad_norm = _grad_norm(engine) if cfg.parallel.zero_stage == 0 else math.nan
+                if memory is None and (state.step >= 1 or t.steps == 1):  # gradients and Adam state both live
+                    memory = model_state_bytes(engine.module, optimizer)
             engine.step()
+            if state.step == 0 and micro == t.grad_accum - 1 and cfg.parallel.zero_stage:
+                link_partitions(optimizer)
         if math.isnan(grad_norm):
             grad_norm = float(engine.get_global_grad_norm() or math.nan)
         (loss_total,) = _all_reduce_sum([loss_sum / t.grad_accum], topo.device)
@@ -205,6 +214,12 @@ def _pretrain(cfg: RunConfig, topo: Topology) -> dict[str, Any]:
         state.tokens_seen += tokens_per_step
         window_steps += 1
         log.write("step", step=state.step, loss=step_loss, lr=lr, grad_norm=grad_norm, tokens=state.tokens_seen)
+        if schedule.due(state.step):
+            change = schedule.reselect_all(optimizer)
+            log.write("reselect", step=state.step, **change)
+            if state.step % t.log_every == 0:
+                log.say(f"step {state.step:>6}/{t.steps} | reselected: {change['changed_b']:.1%} of B and "
+                        f"{change['changed_a']:.1%} of A changed in {change['seconds']:.2f} s")
 
         if state.step % t.log_every == 0 or state.step == t.steps:
             elapsed = time.time() - window_start
@@ -231,8 +246,19 @@ def _pretrain(cfg: RunConfig, topo: Topology) -> dict[str, Any]:
         "heldout_perplexity": math.exp(last_heldout) if not math.isnan(last_heldout) else math.nan,
         "wall_s": time.time() - started,
         "checkpoint": str(find_checkpoint(cfg.checkpoint_dir)) if cfg.checkpoint_dir.is_dir() else None,
+        "sparsity": cfg.sparsity.method,
+        "model_state_bytes": memory["total"] if memory else None,
+        "model_state_parts": memory,
+        "dense_model_state_bytes": dense_bytes,
+        "memory_ratio": memory["total"] / dense_bytes if memory else None,
+        "peak_rss_bytes": peak_rss_bytes(),
     }
     log.write("summary", **summary)
-    log.say(f"done: {state.step} steps, held-out loss {last_heldout:.4f}, checkpoint {summary['checkpoint']}")
+    memory_note = ""
+    if memory:
+        memory_note = (f" | model state per rank {memory['total'] / 2**20:.2f} MiB vs {dense_bytes / 2**20:.2f} MiB dense "
+                       f"(ratio {summary['memory_ratio']:.3f})")
+    log.say(f"done: {state.step} steps | held-out loss {last_heldout:.4f} | perplexity {summary['heldout_perplexity']:.2f}"
+            f"{memory_note} | checkpoint {summary['checkpoint']}")
     log.close()
     return summary

@@ -1,0 +1,21 @@
+"""The one place a run's model is built from its config: training, eval and export all use it, so
+a checkpoint always loads into the same structure it was saved from."""
+
+from __future__ import annotations
+
+from sparse_lm.config import RunConfig
+from sparse_lm.model.llama import Llama, init_weights
+from sparse_lm.sparsity.topkast import initialize_static, linear_factory
+
+
+def build_model(cfg: RunConfig) -> Llama:
+    """The model (sparse linears per `cfg.sparsity`) with its deterministic initialisation.
+
+    `cfg.model.vocab_size` must be resolved. Sparse layers are always initialised, even before a
+    checkpoint overwrites them: with `complement: regenerate` the seed and stream that regenerate
+    the entries outside B are part of the layer.
+    """
+    sparse_init = initialize_static if cfg.sparsity.method == "static" else None
+    model = Llama(cfg.model, linear_factory(cfg.sparsity))
+    init_weights(model, cfg.train.seed, sparse_init)
+    return model

@@ -1,0 +1,65 @@
+"""A counter-based normal initialiser: the value of weight element g is a pure function of
+(seed, stream, g).
+
+Why not `torch.randn`: an always-sparse layer never holds its dense weight, yet Top-KAST must know
+the value of every entry outside B (`complement: regenerate`) — at initialisation to pick B from
+|θ|, and at every reselection to score the complement. A stateful generator would have to replay
+the whole tensor in order; this one computes any range of elements on its own, in chunks, on any
+device, and gives the same numbers whatever the tensor-parallel layout (a shard asks for its own
+global indices). Dense layers use it too, so a dense and a sparse run from the same seed start from
+the same weights.
+
+The hash is Wellons' `lowbias32` (two xor-shift-multiply rounds, good avalanche) applied to the
+counter words in turn; two independent 24-bit uniforms per element go through Box–Muller.
+Arithmetic is on int64 tensors holding 32-bit words, masked after every multiply, so it is exact
+on CPU and CUDA alike.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import torch
+
+_MASK32 = 0xFFFFFFFF
+
+
+def stream_id(name: str) -> int:
+    """A stable 32-bit stream for a parameter name (e.g. `layers.3.mlp.up_proj.weight`)."""
+    return zlib.crc32(name.encode())
+
+
+def _mix(x):
+    """lowbias32 on a Python int or an int64 tensor of 32-bit words."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _MASK32
+    return x ^ (x >> 16)
+
+
+def counter_normal(seed: int, stream: int, start: int, count: int, std: float,
+                   device: torch.device | str = "cpu") -> torch.Tensor:
+    """float32 N(0, std²) values of elements start .. start+count-1 of stream `stream`."""
+    return counter_normal_at(seed, stream, torch.arange(start, start + count, dtype=torch.int64, device=device), std)
+
+
+def counter_normal_at(seed: int, stream: int, positions: torch.Tensor, std: float) -> torch.Tensor:
+    """float32 N(0, std²) values of the elements at `positions` (any int tensor) of stream `stream`.
+
+    Per element: h1 = mix(key(seed, stream, high word) ^ low word), h2 = mix(h1 ^ c); the high
+    word is folded into the key in Python when a call stays below 2^32 (the common case), so the
+    tensor work is two mixes and one Box–Muller.
+    """
+    positions = positions.long()
+    key = _mix(_mix((seed & _MASK32) ^ 0x9E3779B9) ^ (stream & _MASK32))
+    if positions.numel() and int(positions.max()) <= _MASK32 and int(positions.min()) >= 0:
+        h1 = _mix(positions ^ _mix(key))
+    else:
+        h1 = _mix((positions & _MASK32) ^ _mix(key ^ (positions >> 32)))
+    h2 = _mix(h1 ^ 0x85EBCA6B)
+    scale = 1.0 / (1 << 24)
+    u1 = ((h1 >> 8).float() + 0.5) * scale  # in (0, 1): the log is finite
+    u2 = (h2 >> 8).float() * scale
+    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2) * std
