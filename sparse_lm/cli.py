@@ -13,6 +13,8 @@ from sparse_lm.errors import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from sparse_lm.checkpoint.cli import register_cli as register_checkpoint
+    from sparse_lm.checkpoint.convert_cli import register_cli as register_convert
     from sparse_lm.data.prepare import register_cli as register_prepare
     from sparse_lm.eval.cli import register_cli as register_eval
     from sparse_lm.train.cli import register_cli as register_pretrain
@@ -22,6 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     register_prepare(sub)
     register_pretrain(sub)
     register_eval(sub)
+    register_convert(sub)
+    register_checkpoint(sub)
     return parser
 
 

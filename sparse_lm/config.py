@@ -111,6 +111,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 1234
     precision: str = "auto"
+    max_bad_steps: int = 5  # consecutive non-finite steps (skipped) before the run stops
     log_every: int = 10
     eval_every: int = 50
     eval_batches: int = 8
@@ -213,6 +214,7 @@ def _validate(cfg: RunConfig) -> None:
         _require(0 <= getattr(t, name) < 1, f"train.{name}", "a number in [0, 1)", getattr(t, name))
     _require(t.eps > 0, "train.eps", "a positive number", t.eps)
     _require(t.grad_clip >= 0, "train.grad_clip", "a number >= 0 (0 disables clipping)", t.grad_clip)
+    _require(t.max_bad_steps >= 1, "train.max_bad_steps", "an integer >= 1", t.max_bad_steps)
     _require(t.precision in ("auto", "fp32", "bf16"), "train.precision", "one of: auto, fp32, bf16", t.precision)
     _require(bool(t.out_dir), "train.out_dir", "a directory path", t.out_dir)
 

@@ -28,6 +28,14 @@ def test_presets_are_valid(path):
         ("model.tie_embeddings=maybe", "config field model.tie_embeddings: expected true or false, got 'maybe'"),
         ("data.heldout_fraction=1.5", "config field data.heldout_fraction: expected a number in (0, 1), got 1.5"),
         ("sparsity.method=magic", "config field sparsity.method: expected one of: dense, static, topkast, got 'magic'"),
+        ("sparsity.density=0", "config field sparsity.density: expected a number in (0, 1], got 0.0"),
+        ("sparsity.exploration=0.95", "config field sparsity.exploration: expected at most 1 - sparsity.density = 0.9"),
+        ("sparsity.granularity=block sparsity.block_size=48", "config field sparsity.block_size: expected a divisor of model.d_model=256, got 48"),
+        ("sparsity.targets=q_proj,lm_head", "config field sparsity.targets: expected a non-empty list drawn from"),
+        ("sparsity.complement=disk", "config field sparsity.complement: expected one of: regenerate, offload, got 'disk'"),
+        ("parallel.zero_stage=3", "config field parallel.zero_stage: expected 0 or 1"),
+        ("parallel.tensor=2", "config field parallel.tensor: expected 1 (model parallelism is not implemented yet)"),
+        ("train.max_bad_steps=0", "config field train.max_bad_steps: expected an integer >= 1, got 0"),
         ("train.stpes=3", "--set: unknown field train.stpes"),
         ("trian.steps=3", "--set: unknown section 'trian'"),
         ("steps=3", "expected section.field=value"),
@@ -35,7 +43,7 @@ def test_presets_are_valid(path):
 )
 def test_bad_values_name_the_field(override, message):
     with pytest.raises(UserError) as err:
-        load_config("configs/tiny.yaml", [override])
+        load_config("configs/tiny.yaml", override.split())
     assert message in str(err.value)
     assert "\n" not in str(err.value)
 

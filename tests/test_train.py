@@ -8,70 +8,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import yaml
 
-from sparse_lm.data.prepare import prepare_data
-
-REPO = Path(__file__).resolve().parent.parent
-STEPS = 12
-TINY = {
-    "model": {"d_model": 64, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1, "max_seq_len": 32},
-    "train": {
-        "steps": STEPS, "seq_len": 32, "micro_batch": 4, "lr": 1.0e-2, "warmup_steps": 2,
-        "log_every": 4, "eval_every": 6, "eval_batches": 2,
-    },
-    "checkpoint": {"every": 6, "keep": 3},
-}
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("data") / "stdlib"
-    prepare_data(["stdlib"], out, vocab_size=512, heldout_fraction=0.05, max_bytes=400_000)
-    return out
-
-
-def write_config(tmp: Path, data_dir: Path, name: str, **sections) -> Path:
-    cfg = json.loads(json.dumps(TINY))
-    cfg["data"] = {"path": str(data_dir)}
-    cfg["train"]["out_dir"] = str(tmp / name)
-    for section, fields in sections.items():
-        cfg.setdefault(section, {}).update(fields)
-    path = tmp / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-def _free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
-def run_cli(*args: str, check: bool = True, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(OMP_NUM_THREADS="1", MASTER_PORT=_free_port(), PYTHONUNBUFFERED="1")
-    cmd = launcher + list(args) if launcher else [sys.executable, "-m", "sparse_lm", *args]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{cmd} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
-
-
-def records(run_dir: Path, kind: str) -> list[dict]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["kind"] == kind]
-
+from tests.cli_runs import REPO, STEPS, free_port, records, run_cli, write_config
 
 VARIANTS = {
     "dense": {},
@@ -225,7 +170,7 @@ def test_deepspeed_launcher_data_parallel_matches_one_process(trained, data_dir,
     """2 data-parallel ranks with micro_batch 2 see the same samples as 1 rank with micro_batch 4
     (rank r takes the r-th half), and DeepSpeed averages their gradients: same losses."""
     config = write_config(tmp_path, data_dir, "dp2", train={"micro_batch": 2})
-    launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", _free_port()]
+    launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", free_port()]
     run_cli(str(REPO / "launch" / "pretrain.py"), "--config", str(config), launcher=launcher)
     ref = {r["step"]: r["loss"] for r in records(trained, "step")}
     got = records(tmp_path / "dp2", "step")
@@ -261,7 +206,7 @@ def test_topkast_under_zero1_data_parallel_matches_one_process(runs, data_dir, t
     sections["train"] = {"micro_batch": 2}
     sections["parallel"] = {"zero_stage": 1}
     config = write_config(tmp_path, data_dir, "zero1", **sections)
-    launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", _free_port()]
+    launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", free_port()]
     run_cli(str(REPO / "launch" / "pretrain.py"), "--config", str(config), launcher=launcher)
     ref = {r["step"]: r["loss"] for r in records(runs("topkast"), "step")}
     zero1 = tmp_path / "zero1"
@@ -274,9 +219,16 @@ def test_topkast_under_zero1_data_parallel_matches_one_process(runs, data_dir, t
     _resume_dir(zero1, tmp_path, "zero1-resumed")
     config = write_config(tmp_path, data_dir, "zero1-resumed", **sections)
     run_cli(str(REPO / "launch" / "pretrain.py"), "--config", str(config),
-            launcher=launcher[:-1] + [_free_port()])
+            launcher=launcher[:-1] + [free_port()])
     full = {r["step"]: r["loss"] for r in got}
     resumed = records(tmp_path / "zero1-resumed", "step")
     assert [r["step"] for r in resumed] == list(range(7, STEPS + 1))
     for r in resumed:
         assert r["loss"] == pytest.approx(full[r["step"]], rel=1e-6, abs=1e-6), r["step"]
+
+
+def test_corpus_smaller_than_one_batch_is_refused(data_dir, tmp_path):
+    config = write_config(tmp_path, data_dir, "big", train={"micro_batch": 1_000_000})
+    proc = run_cli("pretrain", "--config", str(config), check=False)
+    assert proc.returncode == 2 and "fewer than one global batch" in proc.stderr
+    assert not (tmp_path / "big" / "checkpoints").exists()

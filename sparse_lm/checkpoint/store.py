@@ -30,6 +30,7 @@ from sparse_lm.atomic import publish_dir, sha256_file, write_json, write_text
 from sparse_lm.errors import UserError
 from sparse_lm.optim_state import MOMENTS, ensure_state, get_moment, set_moment, sync_masters
 from sparse_lm.parallel.state import Topology
+from sparse_lm.train import faults
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -70,6 +71,17 @@ def _restore_optimizer(optimizer, model: torch.nn.Module, tensors: dict, step: i
 
 
 # ---------------------------------------------------------------- save
+def _refuse_non_finite(model: torch.nn.Module, step: int) -> None:
+    """Never save NaN/inf weights over good checkpoints; decided on all ranks alike (all-reduce),
+    so no rank is left waiting in the save's barriers."""
+    bad = sum(int((~torch.isfinite(t)).sum()) for t in model.state_dict().values() if t.is_floating_point())
+    flag = torch.tensor([float(bad)])
+    if dist.is_initialized():
+        dist.all_reduce(flag)
+    if flag.item():
+        raise UserError(f"step {step}: the model holds {int(flag.item())} non-finite values; not saving a checkpoint")
+
+
 def save_checkpoint(
     root: str | Path,
     step: int,
@@ -82,6 +94,7 @@ def save_checkpoint(
     keep: int,
 ) -> Path:
     """Collectively write step `step`; returns the published directory. All ranks must call it."""
+    _refuse_non_finite(model, step)
     root = Path(root)
     final = root / step_dir_name(step)
     tmp = root / f".tmp-{final.name}"
@@ -105,6 +118,7 @@ def save_checkpoint(
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
     save_file(rng, tmp / f"rng-rank{topo.rank:05d}.safetensors")
+    faults.maybe_kill_in_save(step)
     _barrier()
 
     if topo.is_main:

@@ -36,24 +36,33 @@ def corpus_tokens(corpus: list[str], data_dir: Path, tokenizer) -> tuple[torch.T
 
 def evaluate(checkpoint: str, corpus: list[str], context: int | None, stride: int | None,
              batch_size: int, data_dir: str | None, progress: bool = True) -> dict:
+    from sparse_lm.checkpoint.hf import is_hf_dir, load_hf_for_eval
     from sparse_lm.checkpoint.model_io import load_trained_model
     from sparse_lm.data.tokenizer import Tokenizer
 
-    model, cfg, manifest = load_trained_model(checkpoint)
-    step_dir = Path(manifest["path"])
-    tokenizer = Tokenizer(step_dir / "tokenizer.model")
-    context = context or cfg.train.seq_len
-    if context > cfg.model.max_seq_len:
-        raise UserError(f"--context {context}: longer than the model's context (model.max_seq_len={cfg.model.max_seq_len})")
+    if is_hf_dir(checkpoint):  # a Hugging Face Llama directory, e.g. from `sparse-lm convert`
+        hf = load_hf_for_eval(checkpoint)
+        model, tokenizer, where, step = hf["logits_fn"], hf["tokenizer"], checkpoint, hf["step"]
+        seq_len, max_seq_len, data_path = hf["seq_len"], hf["max_seq_len"], hf["data_path"]
+        if data_dir is None and data_path is None and corpus == ["heldout"]:
+            raise UserError(f"--data: needed for `--corpus heldout` with {checkpoint} (it records no data path)")
+    else:
+        model, cfg, manifest = load_trained_model(checkpoint)
+        where, step = manifest["path"], manifest["step"]
+        tokenizer = Tokenizer(Path(where) / "tokenizer.model")
+        seq_len, max_seq_len, data_path = cfg.train.seq_len, cfg.model.max_seq_len, cfg.data.path
+    context = context or seq_len
+    if context > max_seq_len:
+        raise UserError(f"--context {context}: longer than the model's context (model.max_seq_len={max_seq_len})")
     stride = stride or max(1, context // 2)
     if not 0 < stride <= context:
         raise UserError(f"--stride {stride}: expected 1..{context} (the context)")
-    ids, n_bytes, description = corpus_tokens(corpus, Path(data_dir or cfg.data.path), tokenizer)
+    ids, n_bytes, description = corpus_tokens(corpus, Path(data_dir or data_path or "."), tokenizer)
     if len(ids) < 2:
         raise UserError(f"--corpus {description}: fewer than 2 tokens, nothing to score")
     nats, count = sliding_window_nll(model, ids, context, stride, batch_size=batch_size, progress=progress)
     result: PerplexityResult = summarize(nats, count, n_bytes, context, stride)
-    return result.as_dict() | {"checkpoint": str(step_dir), "step": manifest["step"], "corpus": description}
+    return result.as_dict() | {"checkpoint": str(where), "step": step, "corpus": description}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -70,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
 
 def register_cli(subparsers) -> None:
     parser = subparsers.add_parser("eval", help="perplexity and bits per byte of a checkpoint on held-out text")
-    parser.add_argument("--checkpoint", required=True, help="checkpoint directory (a step_* dir or the root with `latest`)")
+    parser.add_argument("--checkpoint", required=True, help="checkpoint directory (a step_* dir or the root with `latest`), or a Hugging Face Llama directory")
     parser.add_argument("--corpus", nargs="+", default=["heldout"],
                         help="`heldout` (the prepared data's held-out split) or .txt/.jsonl/.parquet files/directories")
     parser.add_argument("--data", default=None, help="prepared data directory for `heldout` (default: the run's data.path)")

@@ -8,14 +8,17 @@ from sparse_lm.model.llama import Llama, init_weights
 from sparse_lm.sparsity.topkast import initialize_static, linear_factory
 
 
-def build_model(cfg: RunConfig) -> Llama:
+def build_model(cfg: RunConfig, initialize: bool = True) -> Llama:
     """The model (sparse linears per `cfg.sparsity`) with its deterministic initialisation.
 
     `cfg.model.vocab_size` must be resolved. Sparse layers are always initialised, even before a
     checkpoint overwrites them: with `complement: regenerate` the seed and stream that regenerate
-    the entries outside B are part of the layer.
+    the entries outside B are part of the layer. `initialize=False` skips that (minutes for a
+    100M-parameter model on a CPU) for `convert`, which overwrites every saved tensor and reads
+    only the forward set A; such a model must not be trained or reselected.
     """
     sparse_init = initialize_static if cfg.sparsity.method == "static" else None
     model = Llama(cfg.model, linear_factory(cfg.sparsity))
-    init_weights(model, cfg.train.seed, sparse_init)
+    if initialize:
+        init_weights(model, cfg.train.seed, sparse_init)
     return model

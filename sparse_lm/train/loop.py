@@ -6,6 +6,7 @@ a plain `sparse-lm pretrain`, the `deepspeed` launcher and `torchrun` (see launc
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from sparse_lm.optim_state import link_partitions
 from sparse_lm.model.build import build_model
 from sparse_lm.parallel.state import Topology, init_distributed, shutdown
 from sparse_lm.sparsity.topkast import TopKAST, sparse_layers
+from sparse_lm.train import faults
 from sparse_lm.train.batches import heldout_batches, train_sampler
 from sparse_lm.train.memory import dense_equivalent_bytes, model_state_bytes
 from sparse_lm.train.metrics import MetricsLog, format_eta, peak_rss_bytes
@@ -91,6 +93,21 @@ def _grad_norm(engine) -> float:
         grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads) if grads else 0.0
     return float(norm)
+
+
+@contextlib.contextmanager
+def _skipped_update(engine, optimizer):
+    """Run `engine.step()` without an update: gradients zeroed (so DeepSpeed's clipping sees a
+    finite norm) and our torch optimizer's `step` a no-op for this one call (no moment, step-count
+    or weight-decay change), while the engine's own counters advance as usual."""
+    for param in engine.module.parameters():
+        if param.grad is not None:
+            param.grad.zero_()
+    optimizer.step = lambda *args, **kwargs: None  # an instance attribute shadows the method ...
+    try:
+        yield
+    finally:
+        del optimizer.step  # ... and deleting it restores the class's
 
 
 @torch.no_grad()
@@ -186,34 +203,55 @@ def _pretrain(cfg: RunConfig, topo: Topology) -> dict[str, Any]:
     started, window_start, window_steps = time.time(), time.time(), 0
     last_heldout = math.nan
     memory: dict[str, int] | None = None
+    bad_streak = 0
     dense_bytes = dense_equivalent_bytes(engine.module)
     while state.step < t.steps:
         lr = learning_rate(state.step, t.lr, t.warmup_steps, t.steps, t.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss_sum, grad_norm = 0.0, math.nan
+        loss_sum, grad_norm, skipped = 0.0, math.nan, False
         for micro in range(t.grad_accum):
             first = state.samples_seen + micro * t.micro_batch * topo.data + topo.dp_rank * t.micro_batch
             inputs, targets = sampler.batch(first, t.micro_batch)
             loss = engine(inputs.to(topo.device), targets.to(topo.device))
+            if faults.nan_loss(state.step + 1):
+                loss = loss * math.nan
             engine.backward(loss)
             loss_sum += loss.item()
             if engine.is_gradient_accumulation_boundary():
                 grad_norm = _grad_norm(engine) if cfg.parallel.zero_stage == 0 else math.nan
                 if memory is None and (state.step >= 1 or t.steps == 1):  # gradients and Adam state both live
                     memory = model_state_bytes(engine.module, optimizer)
-            engine.step()
+                skipped = cfg.parallel.zero_stage == 0 and not math.isfinite(grad_norm)
+            if skipped and micro == t.grad_accum - 1:
+                with _skipped_update(engine, optimizer):
+                    engine.step()
+            else:
+                engine.step()
             if state.step == 0 and micro == t.grad_accum - 1 and cfg.parallel.zero_stage:
                 link_partitions(optimizer)
         if math.isnan(grad_norm):
             grad_norm = float(engine.get_global_grad_norm() or math.nan)
+            skipped = not math.isfinite(grad_norm)  # ZeRO skips such a step itself
         (loss_total,) = _all_reduce_sum([loss_sum / t.grad_accum], topo.device)
         step_loss = loss_total / topo.data
         state.step += 1
         state.samples_seen += global_batch
         state.tokens_seen += tokens_per_step
         window_steps += 1
-        log.write("step", step=state.step, loss=step_loss, lr=lr, grad_norm=grad_norm, tokens=state.tokens_seen)
+        log.write("step", step=state.step, loss=step_loss, lr=lr, grad_norm=grad_norm, tokens=state.tokens_seen,
+                  skipped=skipped)
+        bad_streak = bad_streak + 1 if skipped or not math.isfinite(step_loss) else 0
+        if skipped:
+            log.say(f"step {state.step:>6}/{t.steps} | non-finite loss or gradients: update skipped "
+                    f"({bad_streak} in a row, limit train.max_bad_steps={t.max_bad_steps})")
+        if bad_streak >= t.max_bad_steps:
+            last = read_latest(cfg.checkpoint_dir) if cfg.checkpoint_dir.is_dir() else None
+            raise UserError(
+                f"step {state.step}: {bad_streak} consecutive steps with non-finite loss or gradients "
+                f"(train.max_bad_steps={t.max_bad_steps}); stopping. Last good checkpoint: {last or 'none'}; "
+                "lower train.lr or check the data, then resume"
+            )
         if schedule.due(state.step):
             change = schedule.reselect_all(optimizer)
             log.write("reselect", step=state.step, **change)

@@ -1,0 +1,114 @@
+"""Crash safety and bad-step handling of real training processes: SIGKILL at a step and in the
+middle of a save, then `--resume`; injected non-finite losses; standalone checkpoint verification.
+
+Faults are caused through `SPARSE_LM_FAULTS` (sparse_lm/train/faults.py) or a real SIGKILL from
+the test; every run is a subprocess of the CLI on the tiny model of tests/cli_runs.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.cli_runs import REPO, STEPS, free_port, records, run_cli, write_config
+
+SPARSE = {"sparsity": {"method": "topkast", "density": 0.2, "exploration": 0.2, "reselect_every": 4}}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, data_dir):
+    """Uninterrupted runs, dense and Top-KAST: the loss sequences a resumed run must reproduce."""
+    out = {}
+    for name, sections in (("dense", {}), ("topkast", SPARSE)):
+        tmp = tmp_path_factory.mktemp(name)
+        run_cli("pretrain", "--config", str(write_config(tmp, data_dir, "ref", **sections)))
+        out[name] = {r["step"]: r["loss"] for r in records(tmp / "ref", "step")}
+    return out
+
+
+def _losses_after_resume(run_dir):
+    """Each step's loss from the last attempt that logged it (a resumed run re-logs steps)."""
+    return {r["step"]: r["loss"] for r in records(run_dir, "step")}
+
+
+@pytest.mark.parametrize("variant", ["dense", "topkast"])
+def test_killed_mid_save_resumes_exactly(reference, data_dir, tmp_path, variant):
+    """SIGKILL while step 12 is being written: step 6 stays the loadable latest checkpoint and the
+    resumed run's steps 7-12 equal the uninterrupted run's."""
+    config = write_config(tmp_path, data_dir, "run", **({} if variant == "dense" else SPARSE))
+    env = {"SPARSE_LM_FAULTS": f"kill_in_save@{STEPS}"}
+    proc = run_cli("pretrain", "--config", str(config), check=False, env=env)
+    assert proc.returncode != 0
+    ckpt = tmp_path / "run" / "checkpoints"
+    assert (ckpt / "latest").read_text().strip() == "step_00000006"
+    assert not (ckpt / f"step_{STEPS:08d}").exists()
+    run_cli("checkpoint", "verify", str(ckpt))
+    proc = run_cli("pretrain", "--config", str(config), "--resume")
+    assert "resumed from" in proc.stdout
+    losses = _losses_after_resume(tmp_path / "run")
+    for step in range(7, STEPS + 1):
+        assert losses[step] == pytest.approx(reference[variant][step], rel=1e-6, abs=1e-6), step
+    assert not list(ckpt.glob(".tmp-*"))  # the half-written save was cleaned up by the next one
+
+
+def test_sigkill_at_a_random_step_resumes_exactly(reference, data_dir, tmp_path):
+    """A real SIGKILL from outside, once step 8 is logged (after the step-6 checkpoint)."""
+    config = write_config(tmp_path, data_dir, "run", **SPARSE)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS="1", MASTER_PORT=free_port())
+    proc = subprocess.Popen([sys.executable, "-m", "sparse_lm", "pretrain", "--config", str(config)],
+                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.is_file() and any(r["step"] >= 8 for r in records(tmp_path / "run", "step")):
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    run_cli("pretrain", "--config", str(config), "--resume")
+    losses = _losses_after_resume(tmp_path / "run")
+    for step in range(1, STEPS + 1):
+        assert losses[step] == pytest.approx(reference["topkast"][step], rel=1e-6, abs=1e-6), step
+
+
+def test_non_finite_steps_are_skipped(data_dir, tmp_path):
+    """NaN losses at steps 3-4: both updates are skipped (weights, Adam state untouched), the run
+    finishes with finite losses."""
+    config = write_config(tmp_path, data_dir, "run", **SPARSE)
+    run_cli("pretrain", "--config", str(config), env={"SPARSE_LM_FAULTS": "nan_loss@3-4"})
+    steps = {r["step"]: r for r in records(tmp_path / "run", "step")}
+    assert [s for s, r in steps.items() if r["skipped"]] == [3, 4]
+    assert all(r["loss"] == r["loss"] for s, r in steps.items() if s not in (3, 4))  # not NaN
+    # a skipped update does not count as an Adam step: 6 steps, 4 updates by the step-6 checkpoint
+    manifest = json.loads((tmp_path / "run" / "checkpoints" / "step_00000006" / "manifest.json").read_text())
+    assert manifest["optimizer_step"] == 4
+    run_cli("checkpoint", "verify", str(tmp_path / "run" / "checkpoints"))
+
+
+def test_too_many_bad_steps_stop_the_run_keeping_the_last_good_checkpoint(data_dir, tmp_path):
+    config = write_config(tmp_path, data_dir, "run", train={"max_bad_steps": 3})
+    proc = run_cli("pretrain", "--config", str(config), check=False, env={"SPARSE_LM_FAULTS": "nan_loss@7-12"})
+    assert proc.returncode == 2
+    error = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(error) == 1 and "3 consecutive steps with non-finite" in error[0] and "step_00000006" in error[0]
+    assert [r["step"] for r in records(tmp_path / "run", "step")][-1] == 9
+    run_cli("checkpoint", "verify", str(tmp_path / "run" / "checkpoints"))
+
+
+def test_checkpoint_verify_names_the_bad_file(reference, data_dir, tmp_path):
+    config = write_config(tmp_path, data_dir, "run", train={"steps": 6})
+    run_cli("pretrain", "--config", str(config))
+    step = tmp_path / "run" / "checkpoints" / "step_00000006"
+    ok = run_cli("checkpoint", "verify", str(step))
+    assert ok.stdout.startswith("ok:") and "step 6" in ok.stdout
+    optim = step / "optim-tp00-pp00.safetensors"
+    optim.write_bytes(optim.read_bytes()[:-8])
+    bad = run_cli("checkpoint", "verify", str(step), check=False)
+    assert bad.returncode == 2 and str(optim) in bad.stderr and "truncated" in bad.stderr
