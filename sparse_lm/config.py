@@ -84,6 +84,7 @@ class ParallelConfig:
     tensor: int = 1
     pipeline: int = 1
     zero_stage: int = 0
+    timeout_s: int = 600  # bound on every collective: a dead or stuck rank becomes an error, not a hang
 
 
 @dataclass
@@ -195,6 +196,7 @@ def _validate(cfg: RunConfig) -> None:
     # Tensor/pipeline-parallel sparse layers are not in this version yet.
     for name in ("tensor", "pipeline"):
         _require(getattr(p, name) == 1, f"parallel.{name}", "1 (model parallelism is not implemented yet)", getattr(p, name))
+    _require(p.timeout_s >= 1, "parallel.timeout_s", "an integer >= 1 (seconds)", p.timeout_s)
     _require(p.zero_stage in (0, 1), "parallel.zero_stage", "0 or 1 (ZeRO-1 partitions Adam state over data-parallel ranks)", p.zero_stage)
 
     _require(bool(d.path), "data.path", "a prepared data directory", d.path)

@@ -112,3 +112,28 @@ def test_checkpoint_verify_names_the_bad_file(reference, data_dir, tmp_path):
     optim.write_bytes(optim.read_bytes()[:-8])
     bad = run_cli("checkpoint", "verify", str(step), check=False)
     assert bad.returncode == 2 and str(optim) in bad.stderr and "truncated" in bad.stderr
+
+
+def test_a_dead_rank_stops_the_others_with_one_line(data_dir, tmp_path):
+    """Two ranks started by hand (no launcher to clean up after them): when rank 1 dies, rank 0
+    exits with one clear line instead of hanging."""
+    fault = "kill_rank1@3"
+    config = write_config(tmp_path, data_dir, "run", parallel={"timeout_s": 15}, train={"micro_batch": 2})
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=free_port(), WORLD_SIZE="2",
+               SPARSE_LM_FAULTS=fault)
+    cmd = [sys.executable, "-m", "sparse_lm", "pretrain", "--config", str(config)]
+    ranks = [subprocess.Popen(cmd, cwd=REPO, env=env | {"RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    try:
+        started = time.time()
+        _, stderr = ranks[0].communicate(timeout=240)
+        elapsed = time.time() - started
+    finally:
+        for proc in ranks:
+            proc.kill()
+            proc.wait()
+    assert ranks[0].returncode == 2, stderr[-3000:]
+    error = [line for line in stderr.splitlines() if "error:" in line]
+    assert len(error) == 1 and "a collective failed" in error[0] and "--resume" in error[0]
+    assert elapsed < 200

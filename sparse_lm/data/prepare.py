@@ -29,6 +29,7 @@ import sentencepiece
 from tqdm import tqdm
 
 import sparse_lm
+from sparse_lm.atomic import publish_dir
 from sparse_lm.config import load_config
 from sparse_lm.data.packed import FORMAT_VERSION, META_FILE, SPLITS, PackedSplit, load_meta
 from sparse_lm.data.sources import CorpusStats, Source, iter_documents, parse_corpus
@@ -100,7 +101,7 @@ def prepare_data(
             versions={"sparse_lm": sparse_lm.__version__, "sentencepiece": sentencepiece.__version__},
         )
         _write_json(stage / META_FILE, meta)
-        _publish(stage, out)
+        publish_dir(stage, out)
     return meta
 
 
@@ -302,28 +303,6 @@ def _staging_dir(out: Path) -> Iterator[Path]:
         yield stage
     finally:
         shutil.rmtree(stage, ignore_errors=True)
-
-
-def _publish(stage: Path, out: Path) -> None:
-    """fsync every file, then rename the staging directory to `out`, moving an old one aside first
-    (between the two renames `out` is briefly absent, never half-written)."""
-    for path in stage.iterdir():
-        _fsync(path)
-    _fsync(stage)
-    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:12]}"
-    if out.exists():
-        os.replace(out, old)
-    os.replace(stage, out)
-    _fsync(out.parent)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

@@ -7,6 +7,7 @@ the sharded threshold and the DeepSpeed engine all agree on who is a replica of 
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 from dataclasses import dataclass
@@ -77,8 +78,9 @@ def init_distributed(tensor: int = 1, pipeline: int = 1, timeout_s: int = 600) -
             f"parallel.tensor × parallel.pipeline = {tensor * pipeline} must divide the number of ranks ({world})"
         )
     if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=tensor, pipeline_model_parallel_size=pipeline
+        parallel_state.initialize_model_parallel(  # its groups get their own timeout (whole minutes)
+            tensor_model_parallel_size=tensor, pipeline_model_parallel_size=pipeline,
+            distributed_timeout_minutes=max(1, math.ceil(timeout_s / 60)),
         )
     return Topology(
         rank=dist.get_rank(),

@@ -1,4 +1,4 @@
-"""Fault injection for recovery tests: `SPARSE_LM_FAULTS="nan_loss@5-7,kill_in_save@12"`.
+"""Fault injection for recovery tests: `SPARSE_LM_FAULTS="nan_loss@5-7,kill_in_save@12,kill_rank1@3"`.
 
 The guarantees that matter most for week-long runs — a non-finite step is skipped, a run killed
 mid-save resumes exactly — can only be shown by causing those faults in a real training process.
@@ -7,6 +7,7 @@ This variable is the one way to do that; unset (always, outside tests) every che
 * `nan_loss@A-B` — the training loss of steps A..B (1-based, inclusive) becomes NaN on every rank.
 * `kill_in_save@S` — the process SIGKILLs itself while saving step S, after writing its shards
   into the temporary directory and before the checkpoint is published.
+* `kill_rankR@S` — rank R SIGKILLs itself as step S starts (the others must not hang).
 """
 
 from __future__ import annotations
@@ -22,12 +23,16 @@ ENV = "SPARSE_LM_FAULTS"
 
 @functools.lru_cache(maxsize=1)
 def _faults() -> dict[str, set[int]]:
-    faults: dict[str, set[int]] = {"nan_loss": set(), "kill_in_save": set()}
+    faults: dict[str, set[int]] = {"nan_loss": set(), "kill_in_save": set(), "kill_rank": set()}
     for item in filter(None, (s.strip() for s in os.environ.get(ENV, "").split(","))):
         name, _, steps = item.partition("@")
         first, _, last = steps.partition("-")
+        if name.startswith("kill_rank") and name[len("kill_rank"):].isdigit():
+            if name[len("kill_rank"):] != os.environ.get("RANK", "0"):
+                continue  # another rank's fault
+            name = "kill_rank"
         if name not in faults or not first.isdigit() or (last and not last.isdigit()):
-            raise UserError(f"{ENV}: expected items like nan_loss@5-7 or kill_in_save@12, got {item!r}")
+            raise UserError(f"{ENV}: expected items like nan_loss@5-7, kill_in_save@12 or kill_rank1@3, got {item!r}")
         faults[name].update(range(int(first), int(last or first) + 1))
     return faults
 
@@ -38,4 +43,9 @@ def nan_loss(step: int) -> bool:
 
 def maybe_kill_in_save(step: int) -> None:
     if step in _faults()["kill_in_save"]:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def maybe_kill_rank(step: int) -> None:
+    if step in _faults()["kill_rank"]:
         os.kill(os.getpid(), signal.SIGKILL)

@@ -146,11 +146,27 @@ def _resume_point(cfg: RunConfig) -> Path | None:
 
 def pretrain(cfg: RunConfig) -> dict[str, Any]:
     """Train per `cfg`; returns the final summary (rank 0's view)."""
-    topo = init_distributed(cfg.parallel.tensor, cfg.parallel.pipeline)
+    topo = init_distributed(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.timeout_s)
     try:
         return _pretrain(cfg, topo)
+    except RuntimeError as exc:  # a peer died or a collective timed out: say so in one line
+        if not _collective_failure(exc):
+            raise
+        first_line = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise UserError(
+            f"rank {topo.rank}: a collective failed ({first_line}); another rank probably died or stalled "
+            f"(parallel.timeout_s={cfg.parallel.timeout_s}). Resume from the last checkpoint with --resume"
+        ) from None
     finally:
         shutdown()
+
+
+# Text of the errors gloo / NCCL raise (as plain RuntimeError on CPU) when a peer is gone or stuck.
+_COLLECTIVE_FAILURES = ("gloo", "NCCL", "Connection closed", "Connection reset", "timed out", "Timed out")
+
+
+def _collective_failure(exc: RuntimeError) -> bool:
+    return isinstance(exc, dist.DistError) or any(marker in str(exc) for marker in _COLLECTIVE_FAILURES)
 
 
 def _pretrain(cfg: RunConfig, topo: Topology) -> dict[str, Any]:
@@ -209,6 +225,7 @@ def _pretrain(cfg: RunConfig, topo: Topology) -> dict[str, Any]:
         lr = learning_rate(state.step, t.lr, t.warmup_steps, t.steps, t.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
+        faults.maybe_kill_rank(state.step + 1)
         loss_sum, grad_norm, skipped = 0.0, math.nan, False
         for micro in range(t.grad_accum):
             first = state.samples_seen + micro * t.micro_batch * topo.data + topo.dp_rank * t.micro_batch
