@@ -22,6 +22,18 @@ import torch
 MAX_TILE_ELEMENTS = 1 << 24
 
 
+def to_blocks(rows: torch.Tensor, block: int) -> torch.Tensor:
+    """Dense [R·b, C·b] rows → [R·C, b, b] blocks in row-major grid order."""
+    block_rows, block_cols = rows.shape[0] // block, rows.shape[1] // block
+    return rows.view(block_rows, block, block_cols, block).transpose(1, 2).reshape(-1, block, block)
+
+
+def from_blocks(blocks: torch.Tensor, block_rows: int, block_cols: int) -> torch.Tensor:
+    """[R·C, b, b] blocks in row-major grid order → dense [R·b, C·b] rows (inverse of `to_blocks`)."""
+    block = blocks.shape[-1]
+    return blocks.view(block_rows, block_cols, block, block).transpose(1, 2).reshape(block_rows * block, block_cols * block)
+
+
 def slots_in_rows(index: torch.Tensor, r0: int, r1: int, block_rows: int, block_cols: int):
     """(slots, grid positions relative to block-row r0) of B's blocks in block-rows r0..r1-1.
 
@@ -49,15 +61,14 @@ def _scatter_tile(values, index, r0, r1, shape, block) -> torch.Tensor:
     slots, local = slots_in_rows(index, r0, r1, rows, cols)
     tile = values.new_zeros((r1 - r0) * cols, block, block)
     tile[local] = values if slots is None else values[slots]
-    return tile.view(r1 - r0, cols, block, block).transpose(1, 2).reshape((r1 - r0) * block, shape[1])
+    return from_blocks(tile, r1 - r0, cols)
 
 
 def _gather_tile(grad_tile, index, r0, r1, shape, block):
     """(slots or None for all, their b×b gradients) of B's blocks inside a dense [rows, in] tile."""
     rows, cols = shape[0] // block, shape[1] // block
     slots, local = slots_in_rows(index, r0, r1, rows, cols)
-    blocks = grad_tile.view(r1 - r0, block, cols, block).transpose(1, 2).reshape(-1, block, block)
-    return slots, blocks[local]
+    return slots, to_blocks(grad_tile, block)[local]
 
 
 class SparseMatmul(torch.autograd.Function):

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from sparse_lm.sparsity.init import counter_normal
-from sparse_lm.sparsity.kernels import SparseMatmul, slots_in_rows
+from sparse_lm.sparsity.kernels import SparseMatmul, from_blocks, slots_in_rows, to_blocks
 from sparse_lm.sparsity.threshold import ChunkedScores, select_topk_positions
 
 # Block-rows scored per chunk at (re)selection: bounds the transient dense rows it regenerates.
@@ -99,11 +99,10 @@ class SparseLinear(nn.Module):
         """The weight's current values in block-rows r0..r1-1: the complement with B laid over it."""
         rows = self.complement_rows(r0, r1)
         slots, local = slots_in_rows(self.index.long(), r0, r1, self.block_rows, self.block_cols)
-        blocks = rows.view(r1 - r0, self.block, self.block_cols, self.block).transpose(1, 2)
-        flat = blocks.reshape(-1, self.block, self.block)
+        blocks = to_blocks(rows, self.block)
         values = self.values.detach()
-        flat[local] = (values if slots is None else values[slots]).to(flat.dtype)
-        return flat.view(r1 - r0, self.block_cols, self.block, self.block).transpose(1, 2).reshape(-1, self.in_features)
+        blocks[local] = (values if slots is None else values[slots]).to(blocks.dtype)
+        return from_blocks(blocks, r1 - r0, self.block_cols)
 
     def row_chunks(self):
         """(first, last) block-rows per scoring chunk, about SCORE_CHUNK_ELEMENTS each."""
@@ -127,10 +126,9 @@ class SparseLinear(nn.Module):
         For export and tests — training never builds it."""
         if not forward_only:
             return torch.cat([self.current_rows(r0, r1) for r0, r1 in self.row_chunks()])
-        b = self.block
-        blocks = self.values.new_zeros(self.n_blocks, b, b, requires_grad=False)
+        blocks = self.values.new_zeros(self.n_blocks, self.block, self.block, requires_grad=False)
         blocks[self.index.long()] = self.values.detach() * self.forward_mask.view(-1, 1, 1)
-        return blocks.view(self.block_rows, self.block_cols, b, b).transpose(1, 2).reshape(self.shape)
+        return from_blocks(blocks, self.block_rows, self.block_cols)
 
     # ------------------------------------------------------------------ selection
     def initialize(self, seed: int, stream: int, std: float) -> None:
@@ -139,10 +137,10 @@ class SparseLinear(nn.Module):
         with torch.no_grad():
             positions = select_topk_positions(self.block_scores(self.initial_rows), self.k_backward)
             self.index.copy_(positions.to(self.index.dtype))
-            self.values.copy_(self.gather_blocks(positions, self.initial_rows))
-            if self.complement_policy == "offload":
+            if self.complement_policy == "offload":  # fill the store first, then read B from it
                 for r0, r1 in self.row_chunks():
                     self.complement[r0 * self.block : r1 * self.block] = self.initial_rows(r0, r1).cpu()
+            self.values.copy_(self.gather_blocks(positions, self.complement_rows))
             self.forward_mask.copy_(self.select_forward())
 
     def gather_blocks(self, positions: torch.Tensor, rows_fn) -> torch.Tensor:
@@ -153,9 +151,7 @@ class SparseLinear(nn.Module):
         for (r0, r1), lo, hi in zip(self.row_chunks(), cuts, cuts[1:]):
             if lo == hi:
                 continue
-            rows = rows_fn(r0, r1)
-            blocks = rows.view(r1 - r0, self.block, self.block_cols, self.block).transpose(1, 2).reshape(-1, self.block, self.block)
-            out[lo:hi] = blocks[positions[lo:hi] - r0 * self.block_cols]
+            out[lo:hi] = to_blocks(rows_fn(r0, r1), self.block)[positions[lo:hi] - r0 * self.block_cols]
         return out
 
     def select_forward(self) -> torch.Tensor:
