@@ -85,6 +85,9 @@ class ParallelConfig:
     pipeline: int = 1
     zero_stage: int = 0
     timeout_s: int = 600  # bound on every collective: a dead or stuck rank becomes an error, not a hang
+    # Spare B slots per tensor-parallel shard beyond its fair share k_B/T (sparsity/storage.py): a
+    # layer's exact top-k may put more of B on one shard than another.
+    shard_headroom: float = 0.25
 
 
 @dataclass
@@ -193,9 +196,25 @@ def _validate(cfg: RunConfig) -> None:
         for dim, what in ((m.d_model, "model.d_model"), (m.kv_heads * m.head_dim, "the k/v width"), (ffn, "the FFN width")):
             _require(dim % s.block_size == 0, "sparsity.block_size", f"a divisor of {what}={dim}", s.block_size)
 
-    # Tensor/pipeline-parallel sparse layers are not in this version yet.
-    for name in ("tensor", "pipeline"):
-        _require(getattr(p, name) == 1, f"parallel.{name}", "1 (model parallelism is not implemented yet)", getattr(p, name))
+    _require(p.tensor >= 1, "parallel.tensor", "an integer >= 1", p.tensor)
+    _require(1 <= p.pipeline <= m.n_layers, "parallel.pipeline", f"an integer in [1, model.n_layers={m.n_layers}]", p.pipeline)
+    if p.pipeline > 1:
+        _require(not m.tie_embeddings, "model.tie_embeddings",
+                 "false with parallel.pipeline > 1 (the embedding and the LM head live on different stages)",
+                 m.tie_embeddings)
+        _require(p.zero_stage == 0, "parallel.zero_stage",
+                 "0 with parallel.pipeline > 1 (ZeRO-1 under the pipeline engine is not verified yet)", p.zero_stage)
+    _require(p.shard_headroom >= 0, "parallel.shard_headroom", "a number >= 0 (fraction of spare slots)", p.shard_headroom)
+    if p.tensor > 1:
+        tp = p.tensor
+        for value, what in ((m.n_heads, "model.n_heads"), (m.kv_heads, "the number of k/v heads"),
+                            (m.ffn_dim, "the FFN width"), (m.vocab_size or m.vocab_multiple, "model.vocab_size" if m.vocab_size else "model.vocab_multiple")):
+            _require(value % tp == 0, "parallel.tensor", f"a divisor of {what}={value}", tp)
+        if s.method != "dense" and s.granularity == "block":
+            for dim, what in ((m.d_model, "model.d_model"), (m.kv_heads * m.head_dim, "the k/v width"), (m.ffn_dim, "the FFN width")):
+                _require(dim // tp % s.block_size == 0, "sparsity.block_size",
+                         f"a divisor of each tensor-parallel shard's {what} ({dim}/{tp} = {dim // tp}; a block never straddles two ranks)",
+                         s.block_size)
     _require(p.timeout_s >= 1, "parallel.timeout_s", "an integer >= 1 (seconds)", p.timeout_s)
     _require(p.zero_stage in (0, 1), "parallel.zero_stage", "0 or 1 (ZeRO-1 partitions Adam state over data-parallel ranks)", p.zero_stage)
 

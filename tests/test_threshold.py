@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sparse_lm.sparsity import threshold as threshold_module
-from sparse_lm.sparsity.threshold import Threshold, bytes_exchanged, select_topk, topk_threshold
+from sparse_lm.sparsity.threshold import Threshold, bytes_exchanged, select_topk, select_topk_capped, topk_threshold
 from tests.distributed import run_distributed
 
 KINDS = ("uniform", "normal_abs", "ties", "all_equal", "zeros", "denormal", "large")
@@ -255,3 +255,36 @@ def test_rank_error_reaches_the_parent():
     with pytest.raises(ValueError, match="non-negative and not NaN") as info:
         run_distributed(_raise_on_negative, 2, timeout=60)
     assert "topk_threshold" in str(info.value.__cause__)
+
+
+def _capped_body(rank, world, x, k, capacity):
+    shard = x.view(world, -1)[rank]
+    positions, capped = select_topk_capped(shard, k, capacity, torch.distributed.group.WORLD,
+                                           global_offset=rank * shard.numel(), global_numel=x.numel())
+    return positions + rank * shard.numel(), capped
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_capped_select_is_exact_until_a_shard_is_full(world):
+    """A tensor-parallel shard has a fixed number of slots: within it the selection is the exact
+    top-k; a shard whose exact share exceeds it keeps its own top-`capacity` and the rest of the
+    budget goes to the best remaining entries elsewhere, still exactly k in total."""
+    n, k = 4000, 600
+    x = make_scores("uniform", n, seed=5)
+    roomy = run_distributed(_capped_body, world, x, k, k, timeout=60)
+    assert all(capped == 0 for _, capped in roomy)
+    assert torch.equal(torch.sort(torch.cat([p for p, _ in roomy])).values, torch.nonzero(reference(x, k)[0]).view(-1))
+
+    skewed = x.clone()
+    skewed[: n // world] += 10.0  # rank 0's entries are all larger than everyone else's
+    capacity = k // world + 20
+    results = run_distributed(_capped_body, world, skewed, k, capacity, timeout=60)
+    chosen = [p for p, _ in results]
+    assert {capped for _, capped in results} == {1}
+    assert sum(len(p) for p in chosen) == k and all(len(p) <= capacity for p in chosen)
+    shard0 = skewed[: n // world]
+    assert torch.equal(chosen[0], torch.topk(shard0, capacity).indices.sort().values)  # its own top
+    rest = skewed.clone()
+    rest[: n // world] = -1.0  # the remaining budget: the exact top over the other ranks
+    expected_rest = torch.topk(rest, k - capacity).indices.sort().values
+    assert torch.equal(torch.cat(chosen[1:]).sort().values, expected_rest)

@@ -45,7 +45,7 @@ def _two_layer_run(complement: str, block: int, steps: int = 60, every: int = 5)
         reselected = []
         if step % every == 0:
             for layer, d in zip(sparse, dense):
-                reselected.append(reselect(layer, opt).changed_b)
+                reselected.append(reselect(layer, opt).entered_b / layer.k_backward)
                 d.select()
         yield step, loss_s.item(), loss_d.item(), sparse, dense, reselected
 
@@ -84,7 +84,7 @@ def test_reselection_moves_blocks_and_zeros_their_moments():
     change = reselect(layer, opt)
     state = opt.state[layer.values]
     moved = layer.index != before
-    assert moved.any() and change.changed_b == pytest.approx(float(moved.float().mean()))
+    assert moved.any() and change.entered_b / layer.k_backward == pytest.approx(float(moved.float().mean()))
     assert not moved[0] and layer.forward_mask[0]
     assert torch.all(state["exp_avg"][moved] == 0) and torch.all(state["exp_avg_sq"][moved] == 0)
     assert torch.all(state["exp_avg_sq"][~moved] > 0)

@@ -39,7 +39,6 @@ from sparse_lm.errors import UserError
 from sparse_lm.model import Llama
 from sparse_lm.optim_state import MOMENTS
 from sparse_lm.sparsity.storage import SparseLinear
-from sparse_lm.sparsity.threshold import select_topk_positions
 
 ARCHITECTURE = "LlamaForCausalLM"
 EXPORT_MARKER = "sparse_lm_export.json"  # marks a directory `convert --format hf` may replace
@@ -177,11 +176,9 @@ def select_from_dense(layer: SparseLinear, weight: torch.Tensor) -> None:
     in place of θ₀. With `complement: offload` the whole weight becomes the complement store."""
     b = layer.block
     rows: Callable[[int, int], torch.Tensor] = lambda r0, r1: weight[r0 * b : r1 * b]  # noqa: E731
-    positions = select_topk_positions(layer.block_scores(rows), layer.k_backward)
-    layer.index.copy_(positions.to(layer.index.dtype))
-    layer.values.copy_(layer.gather_blocks(positions, rows))
     if layer.complement_policy == "offload":
         layer.complement.copy_(weight)
+    layer.place(layer.choose(rows), rows)
     layer.forward_mask.copy_(layer.select_forward())
 
 

@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from sparse_lm.atomic import publish_dir, sha256_file, write_json, write_text
 from sparse_lm.errors import UserError
+from sparse_lm.parallel.layout import canonical_name
 from sparse_lm.optim_state import MOMENTS, ensure_state, get_moment, set_moment, sync_masters
 from sparse_lm.parallel.state import Topology
 from sparse_lm.train import faults
@@ -67,7 +68,7 @@ def _restore_optimizer(optimizer, model: torch.nn.Module, tensors: dict, step: i
     ensure_state(optimizer, [p for _, p in params], step)
     for name, param in params:
         for key in MOMENTS:
-            set_moment(optimizer, param, key, tensors[f"{name}.{key}"])
+            set_moment(optimizer, param, key, tensors[f"{canonical_name(name)}.{key}"])
 
 
 # ---------------------------------------------------------------- save
@@ -106,13 +107,14 @@ def save_checkpoint(
     _barrier()
 
     moments = {  # every rank takes part: under ZeRO the moments are gathered collectively
-        f"{name}.{key}": get_moment(optimizer, param, key)
+        f"{canonical_name(name)}.{key}": get_moment(optimizer, param, key)
         for name, param in model.named_parameters()
         if param.requires_grad
         for key in MOMENTS
     }
     if topo.dp_rank == 0:
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp / shard_name("model", topo.tp_rank, topo.pp_rank))
+        weights = {canonical_name(k): v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(weights, tmp / shard_name("model", topo.tp_rank, topo.pp_rank))
         save_file(moments, tmp / shard_name("optim", topo.tp_rank, topo.pp_rank))
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -230,17 +232,30 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise UserError(f"checkpoint file {path}: unreadable safetensors ({exc})") from None
 
 
+def read_shard(step_dir: Path, manifest: dict[str, Any], kind: str, tp_rank: int, pp_rank: int) -> dict[str, torch.Tensor]:
+    """A verified `model` or `optim` shard file's tensors."""
+    name = shard_name(kind, tp_rank, pp_rank)
+    verify_files(step_dir, manifest, [name])
+    return _load_tensors(step_dir / name)
+
+
+def load_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: Path) -> None:
+    """`model.load_state_dict` with a one-line error naming `source` when the keys do not fit.
+    Keys are canonical (a pipeline stage's own names are mapped to them)."""
+    own = {canonical_name(key): key for key in model.state_dict()}
+    missing, unexpected = model.load_state_dict({own.get(k, k): v for k, v in tensors.items()}, strict=False)
+    if missing or unexpected:
+        raise UserError(
+            f"checkpoint file {source}: does not fit this model "
+            f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
+        )
+
+
 def load_model_weights(
     step_dir: Path, manifest: dict[str, Any], model: torch.nn.Module, tp_rank: int = 0, pp_rank: int = 0
 ) -> None:
-    name = shard_name("model", tp_rank, pp_rank)
-    verify_files(step_dir, manifest, [name])
-    missing, unexpected = model.load_state_dict(_load_tensors(step_dir / name), strict=False)
-    if missing or unexpected:
-        raise UserError(
-            f"checkpoint file {step_dir / name}: does not fit this model "
-            f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
-        )
+    tensors = read_shard(step_dir, manifest, "model", tp_rank, pp_rank)
+    load_state(model, tensors, step_dir / shard_name("model", tp_rank, pp_rank))
 
 
 def load_checkpoint(
@@ -251,10 +266,9 @@ def load_checkpoint(
     manifest = read_manifest(step_dir)
     check_topology(step_dir, manifest, topo.tensor, topo.pipeline)
     load_model_weights(step_dir, manifest, model, topo.tp_rank, topo.pp_rank)
-    optim_name = shard_name("optim", topo.tp_rank, topo.pp_rank)
     rng_name = f"rng-rank{topo.rank:05d}.safetensors"
-    verify_files(step_dir, manifest, [optim_name])
-    _restore_optimizer(optimizer, model, _load_tensors(step_dir / optim_name), manifest["optimizer_step"])
+    moments = read_shard(step_dir, manifest, "optim", topo.tp_rank, topo.pp_rank)
+    _restore_optimizer(optimizer, model, moments, manifest["optimizer_step"])
     if rng_name in manifest["files"]:  # absent when resuming on more data-parallel ranks
         verify_files(step_dir, manifest, [rng_name])
         rng = _load_tensors(step_dir / rng_name)

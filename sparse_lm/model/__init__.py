@@ -1,3 +1,3 @@
-from sparse_lm.model.llama import BLOCK_LINEARS, Llama, LinearFactory, dense_linear, init_weights, resolve_vocab
+from sparse_lm.model.llama import Llama, LinearFactory, dense_linear, init_weights, resolve_vocab
 
-__all__ = ["BLOCK_LINEARS", "Llama", "LinearFactory", "dense_linear", "init_weights", "resolve_vocab"]
+__all__ = ["Llama", "LinearFactory", "dense_linear", "init_weights", "resolve_vocab"]

@@ -1,8 +1,10 @@
 """A plain Llama-style decoder: RMSNorm, rotary embeddings, SwiGLU, optional grouped-query attention.
 
 The model only decides *shapes*; every projection inside a block is built by a `LinearFactory`
-(name, in_features, out_features), so sparse and tensor-parallel linears replace `nn.Linear`
-without touching this file. Names, the rotary convention (rotate-half) and the GQA head order
+(name, in_features, out_features — the whole layer's), so sparse and tensor-parallel linears
+replace `nn.Linear` without touching the blocks: a tensor-parallel factory returns this rank's
+shard, and attention simply sees fewer heads. The vocabulary (embedding, LM head, loss) is split
+over tensor-parallel ranks with megatron-core's vocab-parallel embedding and cross-entropy. Names, the rotary convention (rotate-half) and the GQA head order
 follow Hugging Face's `LlamaForCausalLM`, so export is a renaming of keys, not a numerical change.
 """
 
@@ -16,9 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparse_lm.config import BLOCK_LINEAR_NAMES as BLOCK_LINEARS
 from sparse_lm.config import ModelConfig
 from sparse_lm.errors import UserError
+from sparse_lm.parallel.layers import ShardLinear, enter_region, shard_spec, sharded_modules, vocab_cross_entropy, vocab_embedding
+from sparse_lm.parallel.layout import ShardSpec, canonical_name
 
 LinearFactory = Callable[[str, int, int], nn.Module]
 
@@ -112,6 +115,25 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+def make_embedding(cfg: ModelConfig) -> tuple[nn.Module, ShardSpec | None]:
+    """The token embedding — this rank's vocabulary slice under tensor parallelism — and that slice."""
+    spec = shard_spec("embed_tokens")
+    if spec is None:
+        return nn.Embedding(cfg.vocab_size, cfg.d_model), None
+    return vocab_embedding(cfg.vocab_size, cfg.d_model, spec), spec
+
+
+def make_head(cfg: ModelConfig) -> tuple[RMSNorm, nn.Module | None]:
+    """Final norm and LM head (None when tied to the embedding), vocabulary-split like the embedding."""
+    spec = shard_spec("lm_head")
+    norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+    if cfg.tie_embeddings:
+        return norm, None
+    if spec is None:
+        return norm, nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+    return norm, ShardLinear("lm_head", cfg.d_model, cfg.vocab_size // spec.size, spec)
+
+
 class Llama(nn.Module):
     """Decoder-only LM. `forward(ids)` gives logits; `forward(ids, labels)` gives the mean token loss."""
 
@@ -121,35 +143,38 @@ class Llama(nn.Module):
             raise ValueError("ModelConfig.vocab_size must be resolved (see resolve_vocab) before building")
         self.cfg = cfg
         rotary = Rotary(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.embed_tokens, self.vocab_spec = make_embedding(cfg)
         self.layers = nn.ModuleList(Block(cfg, i, linear, rotary) for i in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.norm, self.lm_head = make_head(cfg)
 
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """Logits over the vocabulary — this rank's slice of it under tensor parallelism."""
         x = self.embed_tokens(ids)
         for layer in self.layers:
             x = layer(x)
         x = self.norm(x)
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(x, weight)
+        if self.lm_head is not None:
+            return self.lm_head(x)
+        return F.linear(enter_region(x, self.vocab_spec), self.embed_tokens.weight)
 
     def forward(self, ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         logits = self.logits(ids)
         if labels is None:
             return logits
-        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+        return vocab_cross_entropy(logits, labels, self.vocab_spec)
 
 
-def init_weights(model: Llama, seed: int, sparse_init: Callable | None = None) -> None:
+def init_weights(model: nn.Module, seed: int, sparse_init: Callable | None = None) -> None:
     """Normal(0, σ) for embeddings and linears, σ/√(2L) for residual outputs, ones for norms.
 
     Values come from the counter-based initialiser (`sparsity.init`): element g of parameter p is
     a function of (seed, p's name, g) only, so every rank, every parallel layout and a dense or
     sparse run of the same seed build the same θ₀. A sparse linear (any module with `initialize`)
     picks its sets from that θ₀ itself — `sparse_init(module, seed, stream, std)` if given.
+    `model` is a `Llama` or one pipeline stage of it (`model.pipeline`); names are canonical
+    (the single-process model's), so every stage regenerates the numbers the whole model would.
     """
-    from sparse_lm.sparsity.init import counter_normal, stream_id
+    from sparse_lm.sparsity.init import counter_normal_rows, stream_id
 
     cfg = model.cfg
     residual_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
@@ -158,18 +183,24 @@ def init_weights(model: Llama, seed: int, sparse_init: Callable | None = None) -
         return residual_std if any(f"{r}." in f"{name}." for r in RESIDUAL_OUTPUTS) else cfg.init_std
 
     sparse_prefixes = []
+    specs = {canonical_name(name): spec for name, spec in sharded_modules(model)}
     with torch.no_grad():
         for name, module in model.named_modules():
+            name = canonical_name(name)
             if hasattr(module, "initialize"):
                 (sparse_init or type(module).initialize)(module, seed, stream_id(f"{name}.weight"), std_of(name))
                 sparse_prefixes.append(f"{name}.")
         for name, param in model.named_parameters():
+            name = canonical_name(name)
             if any(name.startswith(prefix) for prefix in sparse_prefixes):
                 continue
             if name.endswith("layernorm.weight") or name == "norm.weight":
                 param.fill_(1.0)
                 continue
-            values = counter_normal(seed, stream_id(name), 0, param.numel(), std_of(name), param.device)
+            rows, cols = param.shape if param.ndim == 2 else (1, param.numel())
+            spec = specs.get(name.rsplit(".", 1)[0])  # a tensor-parallel shard regenerates its own slice
+            (_, global_cols), (row0, col0) = (spec.global_shape((rows, cols)), spec.offset((rows, cols))) if spec else ((rows, cols), (0, 0))
+            values = counter_normal_rows(seed, stream_id(name), global_cols, row0, col0, rows, cols, std_of(name), param.device)
             param.copy_(values.view(param.shape))
 
 

@@ -7,11 +7,13 @@ the sharded threshold and the DeepSpeed engine all agree on who is a replica of 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 
@@ -50,6 +52,25 @@ def _single_process_env() -> None:
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
 
 
+def _unlink_shm_segment() -> None:
+    """Remove this rank's DeepSpeed CPU all-reduce segment from /dev/shm once every rank has mapped it.
+
+    DeepSpeed's CPU communication op creates a 66 MB shared-memory file per rank whenever all
+    ranks share one host (a plain single-process run included) and never deletes it: each run
+    leaks RAM until the machine runs out. After a barrier every peer has the segment mapped, so
+    unlinking the name frees the memory when the last process exits, even after a SIGKILL.
+    """
+    import torch.distributed as dist
+
+    if os.environ.get("LOCAL_SIZE") != str(dist.get_world_size()):
+        return
+    dist.barrier()
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
+    with contextlib.suppress(OSError):
+        (Path("/dev/shm") / name).unlink()
+
+
 def init_distributed(tensor: int = 1, pipeline: int = 1, timeout_s: int = 600) -> Topology:
     """Initialise torch.distributed through DeepSpeed and megatron-core's model-parallel groups.
 
@@ -69,9 +90,19 @@ def init_distributed(tensor: int = 1, pipeline: int = 1, timeout_s: int = 600) -
     if on_cuda:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        deepspeed.init_distributed(
-            dist_backend="nccl" if on_cuda else "gloo", timeout=timedelta(seconds=timeout_s), verbose=False
-        )
+        try:
+            deepspeed.init_distributed(
+                dist_backend="nccl" if on_cuda else "gloo", timeout=timedelta(seconds=timeout_s), verbose=False
+            )
+        except dist.DistError as exc:  # e.g. a node that never joins the rendezvous
+            first_line = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            raise UserError(
+                f"rank {os.environ.get('RANK')}: could not form the process group with "
+                f"{os.environ.get('WORLD_SIZE')} ranks at {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} "
+                f"within parallel.timeout_s={timeout_s} ({first_line})"
+            ) from None
+    if not on_cuda:
+        _unlink_shm_segment()
     world = dist.get_world_size()
     if world % (tensor * pipeline):
         raise UserError(
@@ -93,6 +124,62 @@ def init_distributed(tensor: int = 1, pipeline: int = 1, timeout_s: int = 600) -
         dp_rank=parallel_state.get_data_parallel_rank(),
         device=device,
     )
+
+
+class DeepSpeedMPU:
+    """megatron-core's groups in the shape DeepSpeed's engine expects as `mpu`.
+
+    With it the engine all-reduces gradients over the data-parallel group only (not the world),
+    and its gradient norm counts every tensor-parallel shard once and every replicated parameter
+    once: DeepSpeed sums a parameter on all ranks of the "model-parallel group" when it is marked
+    tensor-parallel and only where "model-parallel rank" is 0 otherwise, so the rank reported here
+    is the tensor-parallel rank while the group is megatron's whole model-parallel group (TP × PP,
+    whose stages hold different parameters).
+    """
+
+    def __init__(self):
+        from megatron.core import parallel_state
+
+        self._ps = parallel_state
+
+    def get_model_parallel_group(self):
+        return self._ps.get_model_parallel_group()
+
+    def get_model_parallel_rank(self) -> int:
+        return self._ps.get_tensor_model_parallel_rank()
+
+    def get_model_parallel_world_size(self) -> int:
+        return self._ps.get_tensor_model_parallel_world_size() * self._ps.get_pipeline_model_parallel_world_size()
+
+    def get_tensor_model_parallel_group(self):
+        return self._ps.get_tensor_model_parallel_group()
+
+    def get_tensor_model_parallel_rank(self) -> int:
+        return self._ps.get_tensor_model_parallel_rank()
+
+    def get_tensor_model_parallel_world_size(self) -> int:
+        return self._ps.get_tensor_model_parallel_world_size()
+
+    def get_tensor_model_parallel_src_rank(self) -> int:
+        return self._ps.get_tensor_model_parallel_src_rank()
+
+    def get_pipeline_model_parallel_group(self):
+        return self._ps.get_pipeline_model_parallel_group()
+
+    def get_pipeline_model_parallel_rank(self) -> int:
+        return self._ps.get_pipeline_model_parallel_rank()
+
+    def get_pipeline_model_parallel_world_size(self) -> int:
+        return self._ps.get_pipeline_model_parallel_world_size()
+
+    def get_data_parallel_group(self):
+        return self._ps.get_data_parallel_group()
+
+    def get_data_parallel_rank(self) -> int:
+        return self._ps.get_data_parallel_rank()
+
+    def get_data_parallel_world_size(self) -> int:
+        return self._ps.get_data_parallel_world_size()
 
 
 def shutdown() -> None:

@@ -63,3 +63,18 @@ def counter_normal_at(seed: int, stream: int, positions: torch.Tensor, std: floa
     u1 = ((h1 >> 8).float() + 0.5) * scale  # in (0, 1): the log is finite
     u2 = (h2 >> 8).float() * scale
     return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2) * std
+
+
+def counter_normal_rows(seed: int, stream: int, global_cols: int, row0: int, col0: int, rows: int, cols: int,
+                        std: float, device: torch.device | str = "cpu") -> torch.Tensor:
+    """[rows, cols] values of the sub-matrix at (row0, col0) of a [*, global_cols] weight, stream `stream`.
+
+    A tensor-parallel shard asks for its own slice of the *global* weight this way: a row-split
+    (column-parallel) shard is one contiguous range of elements, a column-split (row-parallel) shard
+    a strided one; either way element (i, j) is global element (row0 + i)·global_cols + col0 + j.
+    """
+    if col0 == 0 and cols == global_cols:
+        return counter_normal(seed, stream, row0 * global_cols, rows * cols, std, device).view(rows, cols)
+    row_starts = torch.arange(row0, row0 + rows, dtype=torch.int64, device=device) * global_cols + col0
+    positions = row_starts.view(-1, 1) + torch.arange(cols, dtype=torch.int64, device=device).view(1, -1)
+    return counter_normal_at(seed, stream, positions, std)

@@ -38,7 +38,9 @@ def slots_in_rows(index: torch.Tensor, r0: int, r1: int, block_rows: int, block_
     """(slots, grid positions relative to block-row r0) of B's blocks in block-rows r0..r1-1.
 
     `index` is int64. Found by one scan of B per tile, not kept sorted: a persistent sort order
-    would cost more memory (8–16 bytes per slot) than B's values themselves.
+    would cost more memory (8–16 bytes per slot) than B's values themselves. Unused slots (index
+    = block_rows · block_cols) fall in no tile, except in the whole-layer case, where callers drop
+    them (`scatter_blocks` / `gather_blocks`).
     """
     if r0 == 0 and r1 == block_rows:
         return None, index  # the whole layer: every slot, in slot order
@@ -55,12 +57,26 @@ def _tiles(shape: tuple[int, int], block: int):
         yield r0, min(block_rows, r0 + per_tile)
 
 
+def scatter_blocks(values: torch.Tensor, local: torch.Tensor, n: int) -> torch.Tensor:
+    """[n, b, b]: zeros with values[i] at grid position local[i]. A position equal to n marks an
+    unused slot (a tensor-parallel shard's spare capacity, see `storage`) and is dropped."""
+    out = values.new_zeros(n + 1, *values.shape[1:])
+    out[local] = values
+    return out[:n]
+
+
+def gather_blocks(blocks: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    """blocks[local], with zeros for unused slots (local == len(blocks))."""
+    n = blocks.shape[0]
+    unused = (local >= n).view(-1, 1, 1)
+    return blocks[local.clamp(max=n - 1)].masked_fill_(unused, 0)
+
+
 def _scatter_tile(values, index, r0, r1, shape, block) -> torch.Tensor:
     """Dense [rows, in] tile of block-rows r0..r1-1 from B's values (zeros elsewhere)."""
     rows, cols = shape[0] // block, shape[1] // block
     slots, local = slots_in_rows(index, r0, r1, rows, cols)
-    tile = values.new_zeros((r1 - r0) * cols, block, block)
-    tile[local] = values if slots is None else values[slots]
+    tile = scatter_blocks(values if slots is None else values[slots], local, (r1 - r0) * cols)
     return from_blocks(tile, r1 - r0, cols)
 
 
@@ -68,7 +84,7 @@ def _gather_tile(grad_tile, index, r0, r1, shape, block):
     """(slots or None for all, their b×b gradients) of B's blocks inside a dense [rows, in] tile."""
     rows, cols = shape[0] // block, shape[1] // block
     slots, local = slots_in_rows(index, r0, r1, rows, cols)
-    return slots, to_blocks(grad_tile, block)[local]
+    return slots, gather_blocks(to_blocks(grad_tile, block), local)
 
 
 class SparseMatmul(torch.autograd.Function):

@@ -13,6 +13,15 @@ Per layer (one tensor-parallel shard of it, once the parallel layers land) this 
 Slots are stable: a reselection moves an entering block into the slot of a leaving one, so the
 optimizer only needs the changed slots' moments zeroed (see `topkast.reselect`). Nothing of dense
 size persists between steps (the offload store is the paper's exact semantics, kept off-device).
+
+Tensor parallelism: the layer may be one rank's shard of a larger weight (`spec`, see
+`parallel.layout`). Its budgets k_A and k_B are those of the *whole* layer and are selected
+exactly over the tensor-parallel group (`threshold.select_topk_capped`), so a shard's share of B
+varies from one reselection to the next. A parameter cannot change size under the optimizer, so
+each shard has a fixed number of slots, `capacity` = its fair share k_B/T plus `headroom`; slots
+it does not need are unused (index = n_blocks, value 0, never in A, zero gradient). Only when a
+shard's exact share exceeds its capacity does the selection deviate from the exact top-k (it then
+keeps the shard's own top blocks and fills the budget elsewhere), and that is counted and logged.
 """
 
 from __future__ import annotations
@@ -22,9 +31,11 @@ import math
 import torch
 from torch import nn
 
-from sparse_lm.sparsity.init import counter_normal
-from sparse_lm.sparsity.kernels import SparseMatmul, from_blocks, slots_in_rows, to_blocks
-from sparse_lm.sparsity.threshold import ChunkedScores, select_topk_positions
+from sparse_lm.parallel.layers import enter_region, leave_region, mark_sharded, tensor_parallel_group
+from sparse_lm.parallel.layout import ShardSpec
+from sparse_lm.sparsity.init import counter_normal_rows
+from sparse_lm.sparsity.kernels import SparseMatmul, from_blocks, scatter_blocks, slots_in_rows, to_blocks
+from sparse_lm.sparsity.threshold import ChunkedScores, select_topk_capped, select_topk_positions
 
 # Block-rows scored per chunk at (re)selection: bounds the transient dense rows it regenerates.
 SCORE_CHUNK_ELEMENTS = 1 << 20
@@ -43,25 +54,35 @@ class SparseLinear(nn.Module):
         block: int = 1,
         penalty: float = 0.0,
         complement: str = "regenerate",
+        spec: ShardSpec | None = None,
+        headroom: float = 0.25,
     ):
         super().__init__()
         if in_features % block or out_features % block:
-            raise ValueError(f"{name}: block size {block} must divide the weight shape [{out_features}, {in_features}]")
-        self.name = name
+            shard = " (this rank's tensor-parallel shard)" if spec else ""
+            raise ValueError(f"{name}: block size {block} must divide the weight shape [{out_features}, {in_features}]{shard}")
+        self.name, self.spec = name, spec
         self.in_features, self.out_features, self.block = in_features, out_features, block
         self.block_rows, self.block_cols = out_features // block, in_features // block
-        n_blocks = self.block_rows * self.block_cols
+        global_rows, global_cols = spec.global_shape(self.shape) if spec else self.shape
+        self.row0, self.col0 = spec.offset(self.shape) if spec else (0, 0)
+        self.global_in, self.global_blocks = global_cols, (global_rows // block) * (global_cols // block)
         self.density, self.penalty = density, penalty
-        self.k_forward = max(1, math.ceil(density * n_blocks))
-        self.k_backward = min(n_blocks, max(self.k_forward, math.ceil((density + exploration) * n_blocks)))
-        index_dtype = torch.int32 if n_blocks < 2**31 else torch.int64
-        self.values = nn.Parameter(torch.zeros(self.k_backward, block, block))
-        self.register_buffer("index", torch.zeros(self.k_backward, dtype=index_dtype))
-        self.register_buffer("forward_mask", torch.zeros(self.k_backward, dtype=torch.bool))
+        self.k_forward = max(1, math.ceil(density * self.global_blocks))
+        self.k_backward = min(self.global_blocks, max(self.k_forward, math.ceil((density + exploration) * self.global_blocks)))
+        parts = spec.size if spec else 1
+        self.capacity = self.k_backward if parts == 1 else min(
+            self.n_blocks, math.ceil(self.k_backward / parts * (1 + headroom)))
+        index_dtype = torch.int32 if self.n_blocks < 2**31 - 1 else torch.int64
+        self.values = nn.Parameter(torch.zeros(self.capacity, block, block))
+        mark_sharded(self.values, spec)
+        self.register_buffer("index", torch.full((self.capacity,), self.n_blocks, dtype=index_dtype))
+        self.register_buffer("forward_mask", torch.zeros(self.capacity, dtype=torch.bool))
         self.complement_policy = complement
         if complement == "offload":
             self.register_buffer("complement", torch.zeros(out_features, in_features))
         self.seed, self.stream, self.init_std = 0, 0, 0.0
+        self.capped_ranks = 0  # at the last selection: shards whose exact share exceeded capacity
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -72,21 +93,38 @@ class SparseLinear(nn.Module):
         return self.block_rows * self.block_cols
 
     def extra_repr(self) -> str:
+        shard = f", shard {self.spec.rank}/{self.spec.size} of dim {self.spec.dim}, {self.capacity} slots" if self.spec else ""
         return (f"{self.in_features} -> {self.out_features}, block {self.block}, "
-                f"|A| {self.k_forward}/{self.n_blocks}, |B| {self.k_backward}/{self.n_blocks}")
+                f"|A| {self.k_forward}/{self.global_blocks}, |B| {self.k_backward}/{self.global_blocks}{shard}")
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         penalty = self.penalty if self.training else 0.0
-        return SparseMatmul.apply(x, self.values, self.forward_mask, self.index, self.shape, self.block,
-                                  penalty, self.density)
+        y = SparseMatmul.apply(enter_region(x, self.spec), self.values, self.forward_mask, self.index, self.shape,
+                               self.block, penalty, self.density)
+        return leave_region(y, self.spec)
+
+    @property
+    def group(self):
+        """The process group sharing this layer's budget (None: the layer is whole here)."""
+        return tensor_parallel_group() if self.spec else None
+
+    @property
+    def live(self) -> torch.Tensor:
+        """Which slots hold a block of B (the rest are spare capacity)."""
+        return self.index.long() < self.n_blocks
 
     # ------------------------------------------------------------------ the weight outside B
     def initial_rows(self, r0: int, r1: int) -> torch.Tensor:
         """Initial values of block-rows r0..r1-1, dense [rows, in], regenerated from the seed."""
-        width = self.in_features
-        start, count = r0 * self.block * width, (r1 - r0) * self.block * width
-        return counter_normal(self.seed, self.stream, start, count, self.init_std, self.values.device).view(-1, width)
+        return self.seeded_rows(r0, r1, self.stream, self.init_std)
+
+    def seeded_rows(self, r0: int, r1: int, stream: int, std: float) -> torch.Tensor:
+        """Counter-based normals for block-rows r0..r1-1 of this shard, indexed by *global* element
+        position, so any tensor-parallel layout sees the same numbers."""
+        b = self.block
+        return counter_normal_rows(self.seed, stream, self.global_in, self.row0 + r0 * b, self.col0,
+                                   (r1 - r0) * b, self.in_features, std, self.values.device)
 
     def complement_rows(self, r0: int, r1: int) -> torch.Tensor:
         """Current values outside B for block-rows r0..r1-1 (dense rows; B's own entries stale)."""
@@ -100,8 +138,9 @@ class SparseLinear(nn.Module):
         rows = self.complement_rows(r0, r1)
         slots, local = slots_in_rows(self.index.long(), r0, r1, self.block_rows, self.block_cols)
         blocks = to_blocks(rows, self.block)
-        values = self.values.detach()
-        blocks[local] = (values if slots is None else values[slots]).to(blocks.dtype)
+        values = self.values.detach() if slots is None else self.values.detach()[slots]
+        used = local < len(blocks)
+        blocks[local[used]] = values[used].to(blocks.dtype)
         return from_blocks(blocks, r1 - r0, self.block_cols)
 
     def row_chunks(self):
@@ -126,8 +165,8 @@ class SparseLinear(nn.Module):
         For export and tests — training never builds it."""
         if not forward_only:
             return torch.cat([self.current_rows(r0, r1) for r0, r1 in self.row_chunks()])
-        blocks = self.values.new_zeros(self.n_blocks, self.block, self.block, requires_grad=False)
-        blocks[self.index.long()] = self.values.detach() * self.forward_mask.view(-1, 1, 1)
+        effective = self.values.detach() * self.forward_mask.view(-1, 1, 1)
+        blocks = scatter_blocks(effective, self.index.long(), self.n_blocks)
         return from_blocks(blocks, self.block_rows, self.block_cols)
 
     # ------------------------------------------------------------------ selection
@@ -135,13 +174,28 @@ class SparseLinear(nn.Module):
         """B = the top-(D+M) blocks of |θ₀|, A = the top-D; θ₀ is regenerated in chunks, never whole."""
         self.seed, self.stream, self.init_std = seed, stream, std
         with torch.no_grad():
-            positions = select_topk_positions(self.block_scores(self.initial_rows), self.k_backward)
-            self.index.copy_(positions.to(self.index.dtype))
             if self.complement_policy == "offload":  # fill the store first, then read B from it
                 for r0, r1 in self.row_chunks():
                     self.complement[r0 * self.block : r1 * self.block] = self.initial_rows(r0, r1).cpu()
-            self.values.copy_(self.gather_blocks(positions, self.complement_rows))
+            self.place(self.choose(self.initial_rows))
             self.forward_mask.copy_(self.select_forward())
+
+    def choose(self, rows_fn) -> torch.Tensor:
+        """This shard's positions of the layer's top-k_B blocks by Σ|rows_fn| (ascending), selected
+        over the tensor-parallel group. Global order for ties: rank-major, row-major within a shard."""
+        positions, self.capped_ranks = select_topk_capped(
+            self.block_scores(rows_fn), self.k_backward, self.capacity, self.group,
+            global_offset=(self.spec.rank if self.spec else 0) * self.n_blocks, global_numel=self.global_blocks)
+        return positions
+
+    def place(self, positions: torch.Tensor, rows_fn=None) -> None:
+        """Fill the slots with the blocks at `positions`, their values read from `rows_fn` (default:
+        the complement); the remaining slots are unused."""
+        n = len(positions)
+        self.index.fill_(self.n_blocks)
+        self.index[:n] = positions.to(self.index.dtype)
+        self.values.zero_()
+        self.values[:n] = self.gather_blocks(positions, rows_fn or self.complement_rows)
 
     def gather_blocks(self, positions: torch.Tensor, rows_fn) -> torch.Tensor:
         """[len(positions), b, b] values at grid positions (sorted ascending), read chunk by chunk."""
@@ -155,8 +209,12 @@ class SparseLinear(nn.Module):
         return out
 
     def select_forward(self) -> torch.Tensor:
-        """A = the top-D blocks by Σ|θ| within B (the top-D overall, as B holds the top D + M)."""
-        scores = self.values.detach().abs().sum(dim=(1, 2)).float()
-        mask = torch.zeros(self.k_backward, dtype=torch.bool, device=self.values.device)
-        mask[select_topk_positions(scores, self.k_forward)] = True
+        """A = the layer's top-k_A blocks by Σ|θ| within B (the top-D overall, as B holds the top
+        D + M), selected over the tensor-parallel group among the used slots."""
+        used = torch.nonzero(self.live).view(-1)
+        scores = self.values.detach()[used].abs().sum(dim=(1, 2)).float()
+        rank = self.spec.rank if self.spec else 0
+        picked = select_topk_positions(scores, self.k_forward, self.group, global_offset=rank * self.capacity)
+        mask = torch.zeros(self.capacity, dtype=torch.bool, device=self.values.device)
+        mask[used[picked]] = True
         return mask

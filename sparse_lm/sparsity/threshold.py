@@ -179,6 +179,46 @@ def select_topk_positions(
     return torch.cat(picked)
 
 
+def select_topk_capped(
+    scores: torch.Tensor | ChunkedScores,
+    k: int,
+    capacity: int,
+    group: dist.ProcessGroup | None = None,
+    global_offset: int = 0,
+    global_numel: int | None = None,
+) -> tuple[torch.Tensor, int]:
+    """`select_topk_positions` where no rank may take more than `capacity` entries.
+
+    A tensor-parallel shard stores its part of B in a fixed number of slots (a parameter cannot
+    change size under the optimizer), so when the exact top-k would put more than `capacity` on
+    one rank, that rank keeps its own top-`capacity` and the rest of the budget is re-selected
+    over the other ranks (water-filling; at most one round per rank, each a constant-size
+    exchange). The total stays exactly k as long as k ≤ Σ min(capacity, shard size). Returns
+    (this rank's positions, number of capped ranks — 0 means the result is the exact top-k).
+    """
+    source = ChunkedScores.of(scores)
+    if group is None or capacity >= source.numel:
+        positions = select_topk_positions(source, k, group, global_offset, global_numel)
+        return positions, 0
+    empty = ChunkedScores(lambda: iter(()), 0, source.device)
+    remaining, capped, n_capped = k, False, 0
+    while True:
+        positions = select_topk_positions(empty if capped else source, remaining, group, global_offset,
+                                          global_numel if not n_capped else None)
+        newly = torch.tensor([int(not capped and len(positions) > capacity)], dtype=torch.int64,
+                             device=source.device)
+        dist.all_reduce(newly, op=dist.ReduceOp.SUM, group=group)
+        if not int(newly):
+            break
+        if not capped and len(positions) > capacity:
+            capped = True
+        n_capped += int(newly)
+        remaining -= int(newly) * capacity
+    if capped:
+        positions = select_topk_positions(source, capacity)
+    return positions, n_capped
+
+
 def _radix_select(scores: ChunkedScores, k: int, group: dist.ProcessGroup | None) -> tuple[Threshold, int, bool]:
     """The threshold; how many of this rank's entries equal it (read off the last round's local
     histogram, so tie-breaking needs no extra pass); whether this shard holds -0.0 (whose sign

@@ -17,24 +17,34 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from sparse_lm.config import SparsityConfig
 from sparse_lm.optim_state import write_slots, zero_moments
-from sparse_lm.sparsity.init import counter_normal, stream_id
+from sparse_lm.parallel.layers import ShardLinear, shard_spec
+from sparse_lm.parallel.layout import local_size
+from sparse_lm.sparsity.init import stream_id
 from sparse_lm.sparsity.storage import SparseLinear
-from sparse_lm.sparsity.threshold import ChunkedScores, select_topk_positions
 
 
-def linear_factory(cfg: SparsityConfig):
-    """The model's `LinearFactory`: SparseLinear for the targeted block linears, nn.Linear otherwise."""
+def linear_factory(cfg: SparsityConfig, headroom: float = 0.25):
+    """The model's `LinearFactory`: SparseLinear for the targeted block linears, dense otherwise;
+    under tensor parallelism each is this rank's shard (`in_features`/`out_features` are the
+    shard's), between megatron-core's mappings. `headroom`: spare slots per shard (`storage`)."""
 
     def make(name: str, in_features: int, out_features: int) -> nn.Module:
+        spec = shard_spec(name)
+        if spec is not None:  # this rank's shard of the [out_features, in_features] layer
+            if spec.dim == 0:
+                out_features = local_size(out_features, spec.size, f"the output width of {name}")
+            else:
+                in_features = local_size(in_features, spec.size, f"the input width of {name}")
         if cfg.method == "dense" or name.rsplit(".", 1)[-1] not in cfg.targets:
-            return nn.Linear(in_features, out_features, bias=False)
+            return ShardLinear(name, in_features, out_features, spec) if spec else nn.Linear(in_features, out_features, bias=False)
         exploration = cfg.exploration if cfg.method == "topkast" else 0.0
         return SparseLinear(name, in_features, out_features, cfg.density, exploration, cfg.block,
-                            cfg.penalty if cfg.method == "topkast" else 0.0, cfg.complement)
+                            cfg.penalty if cfg.method == "topkast" else 0.0, cfg.complement, spec, headroom)
 
     return make
 
@@ -46,46 +56,46 @@ def sparse_layers(model: nn.Module) -> list[SparseLinear]:
 def initialize_static(layer: SparseLinear, seed: int, stream: int, std: float) -> None:
     """`method: static`: B = A = a seeded random set of blocks (same size as Top-KAST's A), fixed."""
     layer.initialize(seed, stream, std)  # values and offload store from θ₀ ...
-    noise = lambda r0, r1: counter_normal(seed, stream ^ 0x5BD1E995, r0 * layer.block * layer.in_features,  # noqa: E731
-                                          (r1 - r0) * layer.block * layer.in_features, 1.0,
-                                          layer.values.device).view(-1, layer.in_features)
+    noise = lambda r0, r1: layer.seeded_rows(r0, r1, stream ^ 0x5BD1E995, 1.0)  # noqa: E731
     with torch.no_grad():  # ... then the positions re-drawn at random, independent of |θ₀|
-        positions = select_topk_positions(layer.block_scores(noise), layer.k_backward)
-        layer.index.copy_(positions.to(layer.index.dtype))
-        layer.values.copy_(layer.gather_blocks(positions, layer.initial_rows))
-        layer.forward_mask.fill_(True)
+        layer.place(layer.choose(noise), layer.initial_rows)
+        layer.forward_mask.copy_(layer.live)
 
 
 @dataclass
 class LayerChange:
-    """Fractions of B's and A's blocks that are new after a reselection."""
+    """Blocks of B and of A that are new after a reselection (this shard's counts)."""
 
-    changed_b: float
-    changed_a: float
+    entered_b: int
+    entered_a: int
 
 
 @torch.no_grad()
 def reselect(layer: SparseLinear, optimizer: torch.optim.Optimizer | None) -> LayerChange:
-    """Re-pick B and A from current magnitudes; see the module docstring for the steps."""
+    """Re-pick B and A from current magnitudes; see the module docstring for the steps.
+
+    A shard's number of used slots may change (see `storage`): entering blocks fill the slots of
+    leaving ones, then unused ones; slots left over become unused (value 0, moments 0)."""
     old_positions = layer.index.long().clone()
     old_forward = old_positions[layer.forward_mask]
-    scores: ChunkedScores = layer.block_scores(layer.current_rows)
-    new_positions = select_topk_positions(scores, layer.k_backward)
-    staying = torch.isin(old_positions, new_positions)
+    new_positions = layer.choose(layer.current_rows)
+    staying = layer.live & torch.isin(old_positions, new_positions)
     entering = new_positions[~torch.isin(new_positions, old_positions)]  # ascending
-    free = torch.nonzero(~staying).view(-1)  # the leaving blocks' slots, ascending
+    free = torch.nonzero(~staying).view(-1)  # slots of leaving blocks and unused slots, ascending
     if len(free):
-        if layer.complement_policy == "offload":
-            _store_blocks(layer, old_positions[free], layer.values[free])
-        write_slots(layer.values, free, layer.gather_blocks(entering, layer.complement_rows))
-        layer.index[free] = entering.to(layer.index.dtype)
+        leaving = free[old_positions[free] < layer.n_blocks]
+        if layer.complement_policy == "offload" and len(leaving):
+            _store_blocks(layer, old_positions[leaving], layer.values[leaving])
+        filled, emptied = free[: len(entering)], free[len(entering) :]
+        new_values = layer.values.new_zeros(len(free), layer.block, layer.block)
+        new_values[: len(entering)] = layer.gather_blocks(entering, layer.complement_rows)
+        write_slots(layer.values, free, new_values)
+        layer.index[filled] = entering.to(layer.index.dtype)
+        layer.index[emptied] = layer.n_blocks
         zero_moments(optimizer, layer.values, free)
     layer.forward_mask.copy_(layer.select_forward())
     new_forward = layer.index.long()[layer.forward_mask]
-    return LayerChange(
-        changed_b=len(free) / layer.k_backward,
-        changed_a=float((~torch.isin(new_forward, old_forward)).sum()) / layer.k_forward,
-    )
+    return LayerChange(entered_b=len(entering), entered_a=int((~torch.isin(new_forward, old_forward)).sum()))
 
 
 def _store_blocks(layer: SparseLinear, positions: torch.Tensor, values: torch.Tensor) -> None:
@@ -99,25 +109,32 @@ def _store_blocks(layer: SparseLinear, positions: torch.Tensor, values: torch.Te
 class TopKAST:
     """The schedule: reselect every `reselect_every` steps until `freeze_masks_after` · steps."""
 
-    def __init__(self, model: nn.Module, cfg: SparsityConfig, total_steps: int):
-        self.layers = sparse_layers(model)
+    def __init__(self, model: nn.Module, cfg: SparsityConfig, total_steps: int, group=None):
+        """`group`: the ranks whose layers together form the model (tensor × pipeline), or None."""
+        self.layers, self.group = sparse_layers(model), group
         self.every = cfg.reselect_every
-        self.active = cfg.method == "topkast" and bool(self.layers)
+        self.active = cfg.method == "topkast" and (bool(self.layers) or group is not None)
         self.freeze_at = cfg.freeze_masks_after * total_steps
 
     def due(self, step: int) -> bool:
         return self.active and step % self.every == 0 and step < self.freeze_at
 
     def reselect_all(self, optimizer: torch.optim.Optimizer | None) -> dict[str, float]:
+        """Reselect every layer; the fractions of the whole model's A and B that changed and the
+        number of layers that hit a shard's slot capacity, summed over tensor-parallel shards and
+        pipeline stages (each layer's budget counted once, by its tensor-parallel rank 0)."""
         started = time.perf_counter()
         changes = [reselect(layer, optimizer) for layer in self.layers]
-        b_sizes = [layer.k_backward for layer in self.layers]
-        a_sizes = [layer.k_forward for layer in self.layers]
-        return {
-            "changed_b": sum(c.changed_b * n for c, n in zip(changes, b_sizes)) / sum(b_sizes),
-            "changed_a": sum(c.changed_a * n for c, n in zip(changes, a_sizes)) / sum(a_sizes),
-            "seconds": time.perf_counter() - started,
-        }
+        first = [layer for layer in self.layers if layer.spec is None or layer.spec.rank == 0]
+        counts = torch.tensor([sum(c.entered_b for c in changes), sum(c.entered_a for c in changes),
+                               sum(layer.capped_ranks > 0 for layer in first),
+                               sum(layer.k_backward for layer in first), sum(layer.k_forward for layer in first)],
+                              dtype=torch.float64)
+        if self.group is not None:
+            dist.all_reduce(counts, group=self.group)
+        entered_b, entered_a, capped, k_b, k_a = counts.tolist()
+        return {"changed_b": entered_b / k_b, "changed_a": entered_a / k_a,
+                "capacity_bound_layers": int(capped), "seconds": time.perf_counter() - started}
 
 
 def stream_for(module_name: str) -> int:

@@ -6,7 +6,6 @@ a plain `sparse-lm pretrain`, the `deepspeed` launcher and `torchrun` (see launc
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -23,9 +22,10 @@ from sparse_lm.errors import UserError
 from sparse_lm.model import resolve_vocab
 from sparse_lm.optim_state import link_partitions
 from sparse_lm.model.build import build_model
-from sparse_lm.parallel.state import Topology, init_distributed, shutdown
+from sparse_lm.parallel.state import DeepSpeedMPU, Topology, init_distributed, shutdown
 from sparse_lm.sparsity.topkast import TopKAST, sparse_layers
 from sparse_lm.train import faults
+from sparse_lm.train.guard import GuardedStep
 from sparse_lm.train.batches import heldout_batches, train_sampler
 from sparse_lm.train.memory import dense_equivalent_bytes, model_state_bytes
 from sparse_lm.train.metrics import MetricsLog, format_eta, peak_rss_bytes
@@ -40,9 +40,13 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
 
 
 def make_engine(model: torch.nn.Module, cfg: RunConfig, topo: Topology):
-    """deepspeed.initialize with a torch AdamW (no FusedAdam compile on CPU) and explicit clipping.
+    """deepspeed.initialize with a torch AdamW (no FusedAdam compile on CPU); returns (engine,
+    optimizer, guard). A pipeline stage gets DeepSpeed's PipelineEngine (its topology is the
+    module's); otherwise megatron-core's groups are the engine's `mpu`.
 
-    DeepSpeed defaults `gradient_clipping` to 1.0 when unset, so it is always written out.
+    Gradient clipping: with ZeRO-0 `GuardedStep` measures, skips and clips (see `train/guard.py`)
+    and DeepSpeed's is off; under ZeRO-1 DeepSpeed clips. It is always written out, because
+    DeepSpeed defaults `gradient_clipping` to 1.0 when unset.
     """
     import deepspeed
 
@@ -51,18 +55,22 @@ def make_engine(model: torch.nn.Module, cfg: RunConfig, topo: Topology):
     optimizer = torch.optim.AdamW(
         _param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, foreach=False
     )
+    guard = None
+    if cfg.parallel.zero_stage == 0:
+        guard = GuardedStep(optimizer, model, t.grad_clip, topo.tp_rank, _model_parallel_group(topo))
     ds_config = {
         "train_micro_batch_size_per_gpu": t.micro_batch,
         "gradient_accumulation_steps": t.grad_accum,
-        "gradient_clipping": t.grad_clip,
+        "gradient_clipping": t.grad_clip if guard is None else 0.0,
         "zero_optimization": {"stage": cfg.parallel.zero_stage},
         "bf16": {"enabled": bf16},
         "steps_per_print": 2**31 - 1,
     }
+    extra = {} if topo.pipeline > 1 else {"mpu": DeepSpeedMPU()}
     engine, optimizer, _, _ = deepspeed.initialize(
-        model=model.to(topo.device), optimizer=optimizer, config=ds_config, dist_init_required=False
+        model=model.to(topo.device), optimizer=optimizer, config=ds_config, dist_init_required=False, **extra
     )
-    return engine, optimizer
+    return engine, optimizer, guard
 
 
 @dataclass
@@ -77,6 +85,15 @@ class RunState:
         return {"step": self.step, "samples_seen": self.samples_seen, "tokens_seen": self.tokens_seen}
 
 
+def _model_parallel_group(topo: Topology):
+    """megatron-core's tensor × pipeline group, or None for a one-rank model."""
+    if topo.tensor * topo.pipeline == 1:
+        return None
+    from megatron.core import parallel_state
+
+    return parallel_state.get_model_parallel_group()
+
+
 def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_initialized() and dist.get_world_size() > 1:
@@ -86,33 +103,16 @@ def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return tensor.tolist()
 
 
-def _grad_norm(engine) -> float:
-    """Pre-clipping global gradient norm (DeepSpeed reports it only under ZeRO / mixed precision)."""
-    norm = engine.get_global_grad_norm()
-    if norm is None:
-        grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads) if grads else 0.0
-    return float(norm)
-
-
-@contextlib.contextmanager
-def _skipped_update(engine, optimizer):
-    """Run `engine.step()` without an update: gradients zeroed (so DeepSpeed's clipping sees a
-    finite norm) and our torch optimizer's `step` a no-op for this one call (no moment, step-count
-    or weight-decay change), while the engine's own counters advance as usual."""
-    for param in engine.module.parameters():
-        if param.grad is not None:
-            param.grad.zero_()
-    optimizer.step = lambda *args, **kwargs: None  # an instance attribute shadows the method ...
-    try:
-        yield
-    finally:
-        del optimizer.step  # ... and deleting it restores the class's
-
-
 @torch.no_grad()
-def heldout_loss(model: torch.nn.Module, batches: list[torch.Tensor], topo: Topology) -> float:
-    """Mean token loss over the fixed held-out batches, split over data-parallel ranks."""
+def heldout_loss(engine, batches: list[torch.Tensor], topo: Topology) -> float:
+    """Mean token loss over the fixed held-out batches, split over data-parallel ranks (a pipeline
+    evaluates all of them on every replica: its `eval_batch` averages over data-parallel ranks)."""
+    if topo.pipeline > 1:
+        losses = [float(engine.eval_batch(iter([(rows[:, :-1].to(topo.device), rows[:, 1:].to(topo.device))]),
+                                          num_micro_batches=1)) for rows in batches]
+        engine.train()
+        return sum(losses) / len(losses) if losses else math.nan
+    model = engine.module
     was_training = model.training
     model.eval()
     total, count = 0.0, 0.0
@@ -179,8 +179,8 @@ def _pretrain(cfg: RunConfig, topo: Topology) -> dict[str, Any]:
     eval_batches = heldout_batches(heldout_split, t.seq_len, t.micro_batch, t.eval_batches)
 
     cfg.model = resolve_vocab(cfg.model, meta["vocab_size"])  # stored resolved in checkpoints
-    model = build_model(cfg)
-    engine, optimizer = make_engine(model, cfg, topo)
+    model = build_model(cfg, pipeline=topo.pipeline)
+    engine, optimizer, guard = make_engine(model, cfg, topo)
     log = MetricsLog(Path(t.out_dir) / "metrics.jsonl", enabled=topo.is_main)
     state = RunState()
     resume_from = _resume_point(cfg)
@@ -196,7 +196,7 @@ def _pretrain(cfg: RunConfig, topo: Topology) -> dict[str, Any]:
     tokens_per_step = global_batch * t.seq_len
     sparse_note = ""
     if layers:
-        forward = sum(layer.k_forward * layer.block**2 for layer in layers) / sum(l.n_blocks * l.block**2 for l in layers)
+        forward = sum(layer.k_forward * layer.block**2 for layer in layers) / sum(l.global_blocks * l.block**2 for l in layers)
         sparse_note = (f" ({dense_equivalent / 1e6:.2f}M dense-equivalent; {len(layers)} {cfg.sparsity.method} linears, "
                        f"forward density {forward:.3f})")
     log.say(
@@ -214,7 +214,7 @@ def _pretrain(cfg: RunConfig, topo: Topology) -> dict[str, Any]:
         )
         log.write("checkpoint", step=state.step, path=str(path))
 
-    schedule = TopKAST(engine.module, cfg.sparsity, t.steps)
+    schedule = TopKAST(engine.module, cfg.sparsity, t.steps, group=_model_parallel_group(topo))
     engine.train()
     started, window_start, window_steps = time.time(), time.time(), 0
     last_heldout = math.nan
@@ -226,32 +226,36 @@ def _pretrain(cfg: RunConfig, topo: Topology) -> dict[str, Any]:
         for group in optimizer.param_groups:
             group["lr"] = lr
         faults.maybe_kill_rank(state.step + 1)
-        loss_sum, grad_norm, skipped = 0.0, math.nan, False
-        for micro in range(t.grad_accum):
-            first = state.samples_seen + micro * t.micro_batch * topo.data + topo.dp_rank * t.micro_batch
-            inputs, targets = sampler.batch(first, t.micro_batch)
-            loss = engine(inputs.to(topo.device), targets.to(topo.device))
-            if faults.nan_loss(state.step + 1):
-                loss = loss * math.nan
-            engine.backward(loss)
-            loss_sum += loss.item()
-            if engine.is_gradient_accumulation_boundary():
-                grad_norm = _grad_norm(engine) if cfg.parallel.zero_stage == 0 else math.nan
-                if memory is None and (state.step >= 1 or t.steps == 1):  # gradients and Adam state both live
+        firsts = [state.samples_seen + micro * t.micro_batch * topo.data + topo.dp_rank * t.micro_batch
+                  for micro in range(t.grad_accum)]
+        if memory is None and guard is not None and (state.step >= 1 or t.steps == 1):
+            guard.on_step = lambda: model_state_bytes(engine.module, optimizer)  # gradients and Adam state both live
+        if topo.pipeline > 1:
+            micro_batches = [tuple(x.to(topo.device) for x in sampler.batch(first, t.micro_batch)) for first in firsts]
+            step_loss = float(engine.train_batch(iter(micro_batches)))  # averaged over replicas, on every stage
+        else:
+            loss_sum = 0.0
+            for micro, first in enumerate(firsts):
+                inputs, targets = sampler.batch(first, t.micro_batch)
+                loss = engine(inputs.to(topo.device), targets.to(topo.device))
+                if faults.nan_loss(state.step + 1):
+                    loss = loss * math.nan
+                engine.backward(loss)
+                loss_sum += loss.item()
+                if guard is None and memory is None and engine.is_gradient_accumulation_boundary() and (
+                        state.step >= 1 or t.steps == 1):
                     memory = model_state_bytes(engine.module, optimizer)
-                skipped = cfg.parallel.zero_stage == 0 and not math.isfinite(grad_norm)
-            if skipped and micro == t.grad_accum - 1:
-                with _skipped_update(engine, optimizer):
-                    engine.step()
-            else:
                 engine.step()
-            if state.step == 0 and micro == t.grad_accum - 1 and cfg.parallel.zero_stage:
-                link_partitions(optimizer)
-        if math.isnan(grad_norm):
+            (loss_total,) = _all_reduce_sum([loss_sum / t.grad_accum], topo.device)
+            step_loss = loss_total / topo.data
+        if state.step == 0 and cfg.parallel.zero_stage:
+            link_partitions(optimizer)
+        if guard is not None:
+            grad_norm, skipped = guard.norm, guard.skipped
+            memory = memory or guard.measured
+        else:  # ZeRO skips a non-finite step itself
             grad_norm = float(engine.get_global_grad_norm() or math.nan)
-            skipped = not math.isfinite(grad_norm)  # ZeRO skips such a step itself
-        (loss_total,) = _all_reduce_sum([loss_sum / t.grad_accum], topo.device)
-        step_loss = loss_total / topo.data
+            skipped = not math.isfinite(grad_norm)
         state.step += 1
         state.samples_seen += global_batch
         state.tokens_seen += tokens_per_step
@@ -288,7 +292,7 @@ def _pretrain(cfg: RunConfig, topo: Topology) -> dict[str, Any]:
                       peak_rss_bytes=peak_rss_bytes())
             window_start, window_steps = time.time(), 0
         if eval_batches and (state.step % t.eval_every == 0 or state.step == t.steps):
-            last_heldout = heldout_loss(engine.module, eval_batches, topo)
+            last_heldout = heldout_loss(engine, eval_batches, topo)
             log.say(f"step {state.step:>6}/{t.steps} | held-out loss {last_heldout:.4f} | ppl {math.exp(last_heldout):.2f}")
             log.write("heldout", step=state.step, loss=last_heldout, perplexity=math.exp(last_heldout))
         if state.step % cfg.checkpoint.every == 0 or state.step == t.steps:

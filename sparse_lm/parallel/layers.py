@@ -1,0 +1,119 @@
+"""Tensor-parallel building blocks on megatron-core's mappings.
+
+A column-parallel layer's input passes `copy_to_tensor_model_parallel_region` (identity forward,
+all-reduce of the input gradient); a row-parallel layer's output passes
+`reduce_from_tensor_model_parallel_region` (all-reduce forward). Both run on gloo and NCCL alike
+(PLATFORM_NOTES); the gather/scatter mappings, which allocate on CUDA, are never used. With one
+tensor-parallel rank nothing here touches megatron and every function is the identity, so the
+single-process model is the plain one.
+
+Dense shards are our own small module rather than megatron's `ColumnParallelLinear`: that one
+adds an `_extra_state` entry to every state dict and builds the full master weight on each rank
+when initialising on CPU, while we initialise every shard from the counter-based generator.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparse_lm.parallel.layout import ShardSpec, partition_dim
+
+
+def tensor_parallel_rank_size() -> tuple[int, int]:
+    """(rank, size) of this process in its tensor-parallel group; (0, 1) without model parallelism."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return 0, 1
+    from megatron.core import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        return 0, 1
+    return parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_world_size()
+
+
+def tensor_parallel_group():
+    from megatron.core import parallel_state
+
+    return parallel_state.get_tensor_model_parallel_group()
+
+
+def shard_spec(module_name: str) -> ShardSpec | None:
+    """This rank's ShardSpec for a module, or None when it is replicated or TP is 1."""
+    rank, size = tensor_parallel_rank_size()
+    dim = partition_dim(module_name)
+    return None if size == 1 or dim is None else ShardSpec(dim, rank, size)
+
+
+def enter_region(x: torch.Tensor, spec: ShardSpec | None) -> torch.Tensor:
+    """Input of a column-parallel product: its gradient is summed over the group."""
+    if spec is None or spec.dim != 0:
+        return x
+    from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
+
+    return copy_to_tensor_model_parallel_region(x)
+
+
+def leave_region(y: torch.Tensor, spec: ShardSpec | None) -> torch.Tensor:
+    """Output of a row-parallel product: partial sums added over the group."""
+    if spec is None or spec.dim != 1:
+        return y
+    from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
+
+    return reduce_from_tensor_model_parallel_region(y)
+
+
+def mark_sharded(param: nn.Parameter, spec: ShardSpec | None) -> None:
+    """Megatron's attributes: DeepSpeed's gradient-norm counts such a parameter on every TP rank
+    (a replicated one only once), and the initialiser knows which global slice it holds."""
+    if spec is not None:
+        from megatron.core.tensor_parallel import set_tensor_model_parallel_attributes
+
+        set_tensor_model_parallel_attributes(param, True, spec.dim, 1)
+
+
+class ShardLinear(nn.Module):
+    """A dense linear's shard ([out/T, in] or [out, in/T]) between the TP mappings."""
+
+    def __init__(self, name: str, in_features: int, out_features: int, spec: ShardSpec):
+        super().__init__()
+        self.spec = spec
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        mark_sharded(self.weight, spec)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return leave_region(F.linear(enter_region(x, self.spec), self.weight), self.spec)
+
+
+def vocab_embedding(vocab: int, dim: int, spec: ShardSpec) -> nn.Module:
+    """megatron-core's VocabParallelEmbedding (rows = this rank's vocabulary slice); its weights
+    are written by our initialiser, so megatron's own initialisation is skipped."""
+    from megatron.core.model_parallel_config import ModelParallelConfig
+    from megatron.core.tensor_parallel import VocabParallelEmbedding
+
+    config = ModelParallelConfig(tensor_model_parallel_size=spec.size, use_cpu_initialization=True,
+                                 perform_initialization=False)
+    embedding = VocabParallelEmbedding(vocab, dim, init_method=nn.init.zeros_, config=config)
+    mark_sharded(embedding.weight, spec)
+    embedding.spec = spec
+    return embedding
+
+
+def vocab_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, spec: ShardSpec | None) -> torch.Tensor:
+    """Mean token loss from logits of the whole vocabulary, or of this rank's vocabulary slice."""
+    if spec is None:
+        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    return vocab_parallel_cross_entropy(logits.float(), labels).mean()
+
+
+def sharded_modules(model: nn.Module):
+    """(name, ShardSpec) of every module whose weight this rank holds only a slice of."""
+    for name, module in model.named_modules():
+        spec = getattr(module, "spec", None)
+        if isinstance(spec, ShardSpec):
+            yield name, spec
+

@@ -1,0 +1,199 @@
+"""Tensor, pipeline and data parallelism over sparse shards, against the single-process run (real
+launcher, gloo ranks).
+
+Every comparison is with a single-process run of the same config and seed: TP=2, PP=2, TP=2 × PP=2
+and TP=2 × DP=2 (ZeRO-1) must give the same loss at every step (20 steps, reselection at 6, 12 and
+18) to 1e-5 relative in fp32, select the same sets, and hold the same weights once their shards
+are merged.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.cli_runs import REPO, free_port, records, run_cli, write_config
+
+STEPS_TP = 20
+LR = 3e-3  # at 1e-2, Adam turns rounding differences into near-tie flips of A within ~20 steps
+MODEL = {"d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 32}
+VARIANTS = {
+    "element": {"method": "topkast", "density": 0.2, "exploration": 0.2, "reselect_every": 6},
+    "block-offload": {"method": "topkast", "density": 0.25, "exploration": 0.25, "reselect_every": 6,
+                      "granularity": "block", "block_size": 8, "complement": "offload"},
+}
+
+
+def _sections(variant: str, tensor: int, **extra) -> dict:
+    return {"model": MODEL, "sparsity": VARIANTS[variant], "parallel": {"tensor": tensor, **extra},
+            "train": {"steps": STEPS_TP, "micro_batch": 4, "lr": LR}, "checkpoint": {"every": 10, "keep": 3}}
+
+
+def _launcher(ranks: int) -> list[str]:
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port", free_port()]
+
+
+@pytest.fixture(scope="module")
+def tp_runs(tmp_path_factory, data_dir):
+    """Runs by (variant, tensor, data-parallel size), trained on first use."""
+    done: dict[tuple, Path] = {}
+
+    def get(variant: str, tensor: int, data: int = 1, pipeline: int = 1, accum: int = 1) -> Path:
+        """A run on tensor × data × pipeline ranks with the same global batch of 4 sequences, in
+        `accum` micro-batches per replica (a pipeline needs ≥ 2 for its stages to overlap; the
+        reference then splits its batch the same way, as summation order is part of fp32)."""
+        key = (variant, tensor, data, pipeline, accum)
+        if key not in done:
+            tmp = tmp_path_factory.mktemp(f"{variant}-tp{tensor}-dp{data}-pp{pipeline}-ga{accum}")
+            extra = {"zero_stage": 1} if data > 1 else {}
+            sections = _sections(variant, tensor, pipeline=pipeline, **extra)
+            sections["train"].update(micro_batch=4 // data // accum, grad_accum=accum)
+            config = write_config(tmp, data_dir, "run", **sections)
+            if tensor * data * pipeline == 1:
+                run_cli("pretrain", "--config", str(config))
+            else:
+                run_cli(str(REPO / "launch" / "pretrain.py"), "--config", str(config),
+                        launcher=_launcher(tensor * data * pipeline))
+            done[key] = tmp / "run"
+        return done[key]
+
+    return get
+
+
+def _assert_same_run(got: Path, ref: Path, rel: float) -> None:
+    ref_steps = {r["step"]: r["loss"] for r in records(ref, "step")}
+    steps = records(got, "step")
+    assert [r["step"] for r in steps] == list(range(1, STEPS_TP + 1))
+    for r in steps:
+        assert r["loss"] == pytest.approx(ref_steps[r["step"]], rel=rel), r["step"]
+    got_sel, ref_sel = records(got, "reselect"), records(ref, "reselect")
+    assert [r["step"] for r in got_sel] == [r["step"] for r in ref_sel] == [6, 12, 18]
+    for a, b in zip(got_sel, ref_sel):  # the same blocks entered A and B, layer-wide
+        assert a["changed_b"] == pytest.approx(b["changed_b"], abs=1e-9)
+        assert a["changed_a"] == pytest.approx(b["changed_a"], abs=1e-9)
+        assert a["capacity_bound_layers"] == 0
+
+
+def _merged_weights(run: Path) -> dict[str, torch.Tensor]:
+    """Every weight of the final checkpoint as one process sees it: A of each sparse layer
+    (dense), all current values (A, B \\ A and the complement), and the dense parameters."""
+    from sparse_lm.checkpoint.model_io import load_trained_model
+    from sparse_lm.sparsity.storage import SparseLinear
+
+    model, _, manifest = load_trained_model(run / "checkpoints")
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, SparseLinear):
+            out[f"{name}.A"] = module.dense_weight()
+            out[f"{name}.all"] = module.dense_weight(forward_only=False)
+    for name, param in model.named_parameters():
+        if not name.endswith(".values"):
+            out[name] = param.detach()
+    return out
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_tensor_parallel_matches_one_process(tp_runs, variant):
+    single, tp2 = tp_runs(variant, 1), tp_runs(variant, 2)
+    _assert_same_run(tp2, single, rel=1e-5)
+    manifest = json.loads((tp2 / "checkpoints" / "step_00000020" / "manifest.json").read_text())
+    assert manifest["topology"] == {"tensor": 2, "pipeline": 1, "data": 1}
+    assert {"model-tp00-pp00.safetensors", "model-tp01-pp00.safetensors"} <= set(manifest["files"])
+    want, got = _merged_weights(single), _merged_weights(tp2)
+    assert set(got) == set(want)
+    # Adam divides by √v: a rounding-level gradient difference can move a weight by ~lr · 1e-3, so
+    # weights (of size ~1e-2) agree to 1e-4; a wrong shard mapping would be off by their own size.
+    for key in want:
+        assert torch.allclose(got[key], want[key], rtol=1e-3, atol=1e-4), key
+
+
+def test_tensor_and_data_parallel_with_zero1_match_one_process(tp_runs):
+    _assert_same_run(tp_runs("element", 2, data=2), tp_runs("element", 1), rel=1e-5)
+
+
+def test_pipeline_matches_one_process(tp_runs):
+    _assert_same_run(tp_runs("element", 1, pipeline=2, accum=2), tp_runs("element", 1, accum=2), rel=1e-5)
+
+
+def test_tensor_and_pipeline_parallel_match_one_process(tp_runs):
+    """TP 2 × PP 2 on 4 ranks (DeepSpeed's pipeline engine, two micro-batches per step): same
+    losses and selections; the four shard files merge into the single-process weights."""
+    single, both = tp_runs("element", 1, accum=2), tp_runs("element", 2, pipeline=2, accum=2)
+    _assert_same_run(both, single, rel=1e-5)
+    manifest = json.loads((both / "checkpoints" / "step_00000020" / "manifest.json").read_text())
+    assert manifest["topology"] == {"tensor": 2, "pipeline": 2, "data": 1}
+    assert {f"model-tp{t:02d}-pp{p:02d}.safetensors" for t in (0, 1) for p in (0, 1)} <= set(manifest["files"])
+    want, got = _merged_weights(single), _merged_weights(both)
+    assert set(got) == set(want)
+    for key in want:
+        assert torch.allclose(got[key], want[key], rtol=1e-3, atol=1e-4), key
+
+
+def test_each_rank_stores_only_its_shard_of_b(tp_runs):
+    """Per rank: the q_proj shard has capacity ⌈k_B / 2 · 1.25⌉ slots, never a dense weight."""
+    from safetensors.torch import load_file
+
+    step = tp_runs("element", 2) / "checkpoints" / "step_00000020"
+    q = "layers.0.self_attn.q_proj"
+    k_b = int(0.4 * 64 * 64) + (0.4 * 64 * 64 % 1 > 0)
+    used = 0
+    for rank in (0, 1):
+        shard = load_file(step / f"model-tp{rank:02d}-pp00.safetensors")
+        assert f"{q}.weight" not in shard
+        assert shard[f"{q}.values"].shape[0] == -(-k_b * 5 // 8)  # ⌈k_B/2 · 1.25⌉
+        assert shard["embed_tokens.weight"].shape[0] * 2 == 512  # vocabulary split over the ranks
+        used += int((shard[f"{q}.index"] < 32 * 64).sum())
+    assert used == k_b  # the layer's budget is exact over the two shards
+
+
+def test_eval_reads_a_tensor_parallel_checkpoint_on_one_process(tp_runs, tmp_path):
+    results = []
+    for run in (tp_runs("element", 1), tp_runs("element", 2)):
+        out = tmp_path / f"{run.parent.name}.json"
+        run_cli("eval", "--checkpoint", str(run / "checkpoints"), "--corpus", "heldout", "--context", "32",
+                "--json", str(out))
+        results.append(json.loads(out.read_text()))
+    assert results[1]["tokens"] == results[0]["tokens"]
+    assert results[1]["loss"] == pytest.approx(results[0]["loss"], rel=1e-5)
+
+
+def test_tensor_parallel_resume_is_exact(tp_runs, data_dir, tmp_path):
+    run = tp_runs("element", 2)
+    ckpt = tmp_path / "resumed" / "checkpoints"
+    ckpt.mkdir(parents=True)
+    shutil.copytree(run / "checkpoints" / "step_00000010", ckpt / "step_00000010")
+    (ckpt / "latest").write_text("step_00000010\n")
+    config = write_config(tmp_path, data_dir, "resumed", **_sections("element", 2))
+    run_cli(str(REPO / "launch" / "pretrain.py"), "--config", str(config), "--resume", launcher=_launcher(2))
+    full = {r["step"]: r["loss"] for r in records(run, "step")}
+    resumed = records(tmp_path / "resumed", "step")
+    assert [r["step"] for r in resumed] == list(range(11, STEPS_TP + 1))
+    for r in resumed:
+        assert r["loss"] == pytest.approx(full[r["step"]], rel=1e-6, abs=1e-6), r["step"]
+
+
+def test_other_topology_is_refused_with_a_pointer_to_convert(tp_runs, data_dir, tmp_path):
+    ckpt = tmp_path / "one" / "checkpoints"
+    shutil.copytree(tp_runs("element", 2) / "checkpoints", ckpt)
+    config = write_config(tmp_path, data_dir, "one", **_sections("element", 1))
+    proc = run_cli("pretrain", "--config", str(config), "--resume", check=False)
+    assert proc.returncode == 2
+    assert "tensor=2" in proc.stderr and "sparse-lm convert" in proc.stderr
+
+
+@pytest.mark.parametrize("override, field", [
+    ({"parallel": {"tensor": 3}}, "parallel.tensor"),
+    ({"sparsity": {"method": "topkast", "granularity": "block", "block_size": 64}, "parallel": {"tensor": 2}},
+     "sparsity.block_size"),
+])
+def test_bad_tensor_parallel_config_is_one_line(data_dir, tmp_path, override, field):
+    sections = {"model": MODEL, **override}
+    config = write_config(tmp_path, data_dir, "bad", **sections)
+    proc = run_cli("pretrain", "--config", str(config), check=False)
+    assert proc.returncode == 2 and field in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
