@@ -88,6 +88,9 @@ class ParallelConfig:
     # Spare B slots per tensor-parallel shard beyond its fair share k_B/T (sparsity/storage.py): a
     # layer's exact top-k may put more of B on one shard than another.
     shard_headroom: float = 0.25
+    # After every reselection, check that all data-parallel replicas picked the same sets (one
+    # all-reduce of a checksum); off by default, replicas are deterministic by construction.
+    verify_replicas: bool = False
 
 
 @dataclass

@@ -293,7 +293,8 @@ EXPORT_ERRORS = {
     "missing shard": (lambda c: (c / "step_00000003" / "model-tp00-pp00.safetensors").unlink(), [],
                       "model-tp00-pp00.safetensors: missing"),
     "corrupt shard": (_corrupt_shard, [], "sha256 does not match"),
-    "topology": (_set_topology, [], "re-sharding comes with the parallel milestone"),
+    "topology": (_set_topology, [], "model-tp01-pp00.safetensors is not listed in manifest.json"),
+    "reshard layout": (None, ["--tensor", "3"], "config field parallel.tensor: expected a divisor of"),
     "import flag": (None, ["--density", "0.5"], "--density: applies to --from-hf only"),
 }
 

@@ -50,6 +50,19 @@ def test_strided_windows_use_the_right_context():
 
 
 def test_summary_units():
-    r = summarize(nats=100 * math.log(2), tokens=50, n_bytes=200, context=8, stride=4)
+    r = summarize(nats=100 * math.log(2), tokens=50, n_bytes=200, n_words=25, context=8, stride=4)
     assert r.bits_per_byte == pytest.approx(0.5)
     assert r.perplexity == pytest.approx(4.0)
+    assert r.word_perplexity == pytest.approx(16.0)  # 4 bits of surprise per word
+
+
+def test_sharded_windows_add_up_to_the_whole():
+    """Ranks scoring every world-th window together score every token exactly once."""
+    torch.manual_seed(0)
+    table = torch.randn(50, 50)
+    ids = torch.randint(0, 50, (103,))
+    logits_fn = lambda rows: table[rows]  # noqa: E731
+    whole = sliding_window_nll(logits_fn, ids, context=10, stride=7, batch_size=3)
+    parts = [sliding_window_nll(logits_fn, ids, context=10, stride=7, batch_size=3, shard=(r, 3)) for r in range(3)]
+    assert sum(c for _, c in parts) == whole[1]
+    assert sum(n for n, _ in parts) == pytest.approx(whole[0], rel=1e-9)

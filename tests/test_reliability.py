@@ -57,6 +57,24 @@ def test_killed_mid_save_resumes_exactly(reference, data_dir, tmp_path, variant)
     assert not list(ckpt.glob(".tmp-*"))  # the half-written save was cleaned up by the next one
 
 
+def test_disk_full_during_save_is_one_line_and_loses_nothing(reference, data_dir, tmp_path):
+    """Writing step 12 fails with ENOSPC (injected after its model shard is on disk): one line, the
+    partial step removed, step 6 still `latest` and verified; after freeing space, resume is exact."""
+    config = write_config(tmp_path, data_dir, "run", **SPARSE)
+    proc = run_cli("pretrain", "--config", str(config), check=False, env={"SPARSE_LM_FAULTS": f"disk_full_in_save@{STEPS}"})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "No space left on device" in errors[0] and "step_00000006) is untouched" in errors[0]
+    ckpt = tmp_path / "run" / "checkpoints"
+    assert (ckpt / "latest").read_text().strip() == "step_00000006"
+    assert not (ckpt / f"step_{STEPS:08d}").exists() and not list(ckpt.glob(".tmp-*"))
+    run_cli("checkpoint", "verify", str(ckpt))
+    run_cli("pretrain", "--config", str(config), "--resume")
+    losses = _losses_after_resume(tmp_path / "run")
+    for step in range(7, STEPS + 1):
+        assert losses[step] == pytest.approx(reference["topkast"][step], rel=1e-6, abs=1e-6), step
+
+
 def test_sigkill_at_a_random_step_resumes_exactly(reference, data_dir, tmp_path):
     """A real SIGKILL from outside, once step 8 is logged (after the step-6 checkpoint)."""
     config = write_config(tmp_path, data_dir, "run", **SPARSE)
@@ -114,10 +132,10 @@ def test_checkpoint_verify_names_the_bad_file(reference, data_dir, tmp_path):
     assert bad.returncode == 2 and str(optim) in bad.stderr and "truncated" in bad.stderr
 
 
-def test_a_dead_rank_stops_the_others_with_one_line(data_dir, tmp_path):
-    """Two ranks started by hand (no launcher to clean up after them): when rank 1 dies, rank 0
-    exits with one clear line instead of hanging."""
-    fault = "kill_rank1@3"
+@pytest.mark.parametrize("fault", ["kill_rank1@3", "stall_rank1@3"])
+def test_a_dead_or_stalled_rank_stops_the_others_with_one_line(data_dir, tmp_path, fault):
+    """Two ranks started by hand (no launcher to clean up after them): when rank 1 dies or stops
+    responding, rank 0 exits with one clear line within parallel.timeout_s instead of hanging."""
     config = write_config(tmp_path, data_dir, "run", parallel={"timeout_s": 15}, train={"micro_batch": 2})
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update(OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=free_port(), WORLD_SIZE="2",

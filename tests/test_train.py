@@ -232,3 +232,62 @@ def test_corpus_smaller_than_one_batch_is_refused(data_dir, tmp_path):
     proc = run_cli("pretrain", "--config", str(config), check=False)
     assert proc.returncode == 2 and "fewer than one global batch" in proc.stderr
     assert not (tmp_path / "big" / "checkpoints").exists()
+
+
+def test_eval_on_two_ranks_matches_one_and_reports_word_perplexity(runs, tmp_path):
+    """`torchrun -m sparse_lm eval` splits the windows over 2 ranks: same sums as one process.
+    Word perplexity is exp(nats / words) with words counted on the decoded held-out text."""
+    trained = runs("topkast")
+    args = ["eval", "--checkpoint", str(trained / "checkpoints"), "--corpus", "heldout", "--context", "32"]
+    run_cli(*args, "--json", str(tmp_path / "one.json"))
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(), "-m",
+                "sparse_lm"]
+    proc = run_cli(*args, "--json", str(tmp_path / "two.json"), launcher=launcher)
+    assert proc.stdout.count("word perplexity") == 1 and "2 ranks" in proc.stdout
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert (one["ranks"], two["ranks"]) == (1, 2) and two["tokens"] == one["tokens"]
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-6)
+    from sparse_lm.data.packed import PackedSplit
+    from sparse_lm.data.tokenizer import Tokenizer
+
+    data = Path(json.loads((trained / "checkpoints" / "step_00000012" / "manifest.json").read_text())["config"]["data"]["path"])
+    split, tok = PackedSplit(data, "heldout"), Tokenizer(data / "tokenizer.model")
+    docs, current = [], []
+    for t in np.asarray(split.tokens).tolist():  # documents end with EOS
+        if t == tok.eos_id:
+            docs.append(tok.decode(current))
+            current = []
+        else:
+            current.append(t)
+    assert one["words"] == sum(len(doc.split()) for doc in docs) > 0
+    assert one["word_perplexity"] == pytest.approx(math.exp(one["loss"] * one["tokens"] / one["words"]), rel=1e-9)
+
+
+@pytest.fixture(scope="module")
+def other_data(tmp_path_factory) -> Path:
+    """A dataset prepared with another tokenizer (vocabulary 640) than the `data_dir` runs."""
+    from sparse_lm.data.prepare import prepare_data
+
+    out = tmp_path_factory.mktemp("other") / "stdlib"
+    prepare_data(["stdlib"], out, vocab_size=640, heldout_fraction=0.05, max_bytes=200_000)
+    return out
+
+
+def test_data_from_another_tokenizer_is_refused(trained, other_data, tmp_path):
+    _resume_dir(trained, tmp_path, "resumed")
+    config = write_config(tmp_path, other_data, "resumed")
+    proc = run_cli("pretrain", "--config", str(config), "--resume", check=False)
+    assert proc.returncode == 2 and "tokenised with a different tokenizer" in proc.stderr, proc.stderr[-2000:]
+    assert "prepare-data --tokenizer" in proc.stderr and len([x for x in proc.stderr.splitlines() if "error:" in x]) == 1
+    proc = run_cli("eval", "--checkpoint", str(trained / "checkpoints"), "--corpus", "heldout", "--data",
+                   str(other_data), check=False)
+    assert proc.returncode == 2 and "different tokenizer" in proc.stderr
+
+
+def test_unwritable_output_directory_is_refused_at_start(data_dir, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    config = write_config(tmp_path, data_dir, "run", train={"out_dir": str(blocker / "run")})
+    proc = run_cli("pretrain", "--config", str(config), check=False)
+    assert proc.returncode == 2 and f"train.out_dir {blocker / 'run'}: cannot write there" in proc.stderr
+    assert len([x for x in proc.stderr.splitlines() if "error:" in x]) == 1, proc.stderr[-2000:]

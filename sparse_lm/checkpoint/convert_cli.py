@@ -1,6 +1,7 @@
-"""`sparse-lm convert`: a checkpoint → a Hugging Face Llama directory (`--from CKPT --format hf`), or
-a dense Hugging Face Llama → a fresh sparse checkpoint (`--from-hf HFDIR`) that `sparse-lm pretrain`
-resumes from.
+"""`sparse-lm convert`: a checkpoint → a Hugging Face Llama directory (`--from CKPT --format hf`), a
+checkpoint → the same checkpoint for another tensor × pipeline layout (`--from CKPT --tensor T
+--pipeline P`), or a dense Hugging Face Llama → a fresh sparse checkpoint (`--from-hf HFDIR`) that
+`sparse-lm pretrain` resumes from.
 
 Both write into a temporary sibling of `--to` and rename it into place (`atomic.publish_dir`), so an
 interrupted convert never leaves a half-written output. An existing non-empty `--to` is replaced
@@ -70,10 +71,6 @@ def export_hf(source: str, out: Path) -> str:
         source = str(Path(source) / CHECKPOINTS)  # a run or import directory: its checkpoints
     step_dir = find_checkpoint(source)
     manifest = read_manifest(step_dir)
-    topo = manifest.get("topology", {})
-    if (topo.get("tensor"), topo.get("pipeline")) != (1, 1):
-        raise UserError(f"checkpoint {step_dir}: saved with tensor={topo.get('tensor')} pipeline={topo.get('pipeline')}; "
-                        "convert reads tensor=1 pipeline=1 checkpoints only (re-sharding comes with the parallel milestone)")
     verify_files(step_dir, manifest, ["tokenizer.model"])
     # Verifies the model shard; no θ₀ initialisation, as every saved tensor is loaded over it.
     model, cfg, manifest = load_trained_model(step_dir, initialize=False)
@@ -93,6 +90,31 @@ def export_hf(source: str, out: Path) -> str:
     note = "" if provenance["tokenizer"].startswith("tokenizer.json") else f"\nnote: {provenance['tokenizer']}"
     return (f"exported step {manifest['step']} of {step_dir} to {out}: {len(tensors)} tensors, "
             f"{n_bytes / 2**20:.1f} MiB float32; {what}{note}")
+
+
+RESHARD_MARKER = "sparse_lm_reshard.json"  # marks a checkpoint root `convert --tensor/--pipeline` may replace
+
+
+def reshard(source: str, out: Path, tensor: int, pipeline: int, drop_optimizer: bool) -> str:
+    """Checkpoint → the same checkpoint for another tensor × pipeline layout; returns the summary line."""
+    from sparse_lm.atomic import write_json
+    from sparse_lm.checkpoint.reshard import reshard_checkpoint
+    from sparse_lm.checkpoint.store import find_checkpoint, read_manifest, verify_files
+
+    if tensor < 1 or pipeline < 1:
+        raise UserError(f"--tensor {tensor} --pipeline {pipeline}: expected integers >= 1")
+    step_dir = find_checkpoint(source)
+    manifest = read_manifest(step_dir)
+    verify_files(step_dir, manifest, ["tokenizer.model"])
+    with staged_output(out, RESHARD_MARKER) as tmp:
+        new = reshard_checkpoint(step_dir, tmp, tensor, pipeline, drop_optimizer)
+        write_json(tmp / RESHARD_MARKER, {"source": str(step_dir.resolve()), "tensor": tensor, "pipeline": pipeline,
+                                          "optimizer": "dropped" if drop_optimizer else "kept"})
+    old = manifest["topology"]
+    return (f"re-sharded step {manifest['step']} of {step_dir} from tensor={old['tensor']} pipeline={old['pipeline']} "
+            f"to tensor={tensor} pipeline={pipeline} in {out / new.name} (Adam state "
+            f"{'dropped' if drop_optimizer else 'kept'}); continue with: sparse-lm pretrain --config CONFIG "
+            f"--set checkpoint.dir={out} --set parallel.tensor={tensor} --set parallel.pipeline={pipeline} --resume")
 
 
 def import_hf(args: argparse.Namespace, out: Path) -> str:
@@ -164,19 +186,29 @@ def run(args: argparse.Namespace) -> int:
         extra = [f for f in ("density", "exploration", "block_size", "config", "tokenizer") if getattr(args, f) is not None]
         if extra:
             raise UserError(f"--{extra[0].replace('_', '-')}: applies to --from-hf only")
-        print(export_hf(args.source, out))
+        if args.tensor is not None or args.pipeline is not None:
+            print(reshard(args.source, out, args.tensor or 1, args.pipeline or 1, args.drop_optimizer))
+        else:
+            print(export_hf(args.source, out))
     else:
+        if args.tensor is not None or args.pipeline is not None or args.drop_optimizer:
+            raise UserError("--tensor/--pipeline/--drop-optimizer: re-shard a checkpoint (--from CKPT); an import "
+                            "writes a one-process checkpoint that can be re-sharded afterwards")
         print(import_hf(args, out))
     return 0
 
 
 def register_cli(subparsers) -> None:
-    parser = subparsers.add_parser("convert", help="export a checkpoint to Hugging Face, or import a Hugging Face Llama as sparse")
+    parser = subparsers.add_parser("convert", help="export a checkpoint to Hugging Face, re-shard it for another "
+                                   "tensor/pipeline layout, or import a Hugging Face Llama as sparse")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--from", dest="source", metavar="CKPT", help="checkpoint to export: a step_* dir, a checkpoint root or a run directory")
     source.add_argument("--from-hf", metavar="HFDIR", help="dense Hugging Face Llama directory to import")
     parser.add_argument("--to", required=True, metavar="OUT", help="output directory (created; replaced only if an earlier convert output)")
     parser.add_argument("--format", default="hf", help="export format (default and only: hf)")
+    parser.add_argument("--tensor", type=int, help="re-shard CKPT for this tensor-parallel size (1 if only --pipeline is given)")
+    parser.add_argument("--pipeline", type=int, help="re-shard CKPT for this pipeline-parallel size (1 if only --tensor is given)")
+    parser.add_argument("--drop-optimizer", action="store_true", help="re-shard: write zero Adam moments instead of carrying them")
     parser.add_argument("--density", type=float, help="import: forward density D (A = top D of each layer by |θ|)")
     parser.add_argument("--exploration", type=float, help="import: exploration M (B = top D + M, the stored part)")
     parser.add_argument("--block-size", type=int, help="import: b×b block granularity (default: the config's)")

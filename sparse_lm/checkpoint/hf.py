@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,9 +29,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from sparse_lm.atomic import sha256_file, write_json, write_text
+from sparse_lm.atomic import write_json
 from sparse_lm.checkpoint.hf_tokenizer import TokenizerMismatch, write_hf_tokenizer
-from sparse_lm.checkpoint.store import FORMAT_VERSION, LATEST, MANIFEST, shard_name, step_dir_name
+from sparse_lm.checkpoint.store import MANIFEST, write_offline_checkpoint
 from sparse_lm.config import ModelConfig, RunConfig
 from sparse_lm.data.tokenizer import Tokenizer
 from sparse_lm.errors import UserError
@@ -220,27 +219,12 @@ def write_fresh_checkpoint(root: Path, model: Llama, cfg: RunConfig, tokenizer_m
     process group; an imported model has neither, and its moments are zeros by definition. The
     layout and manifest are the store's, so `sparse-lm pretrain` resumes from it.
     """
-    step_dir = root / step_dir_name(step)
-    step_dir.mkdir(parents=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-              step_dir / shard_name("model", 0, 0))
+    weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     moments = {f"{name}.{key}": torch.zeros(p.shape) for name, p in model.named_parameters()
                if p.requires_grad for key in MOMENTS}
-    save_file(moments, step_dir / shard_name("optim", 0, 0))
-    shutil.copyfile(tokenizer_model, step_dir / "tokenizer.model")
-    files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(step_dir.iterdir())}
-    write_json(step_dir / MANIFEST, {
-        "format_version": FORMAT_VERSION,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "step": step,
-        "optimizer_step": 0,
-        "topology": {"tensor": 1, "pipeline": 1, "data": 1},
-        "config": cfg.to_dict(),
-        "state": state or {"step": step, "samples_seen": 0, "tokens_seen": 0},
-        "files": files,
-    })
-    write_text(root / LATEST, step_dir.name + "\n")
-    return step_dir
+    return write_offline_checkpoint(root, step, {(0, 0): (weights, moments)}, {"tensor": 1, "pipeline": 1, "data": 1},
+                                    cfg.to_dict(), state or {"step": step, "samples_seen": 0, "tokens_seen": 0}, 0,
+                                    tokenizer_model)
 
 
 # ---------------------------------------------------------------- eval on an HF directory

@@ -8,16 +8,26 @@ layout this way, and re-sharding is merge-then-split.
 
 A sparse shard's slot order is kept (shard by shard), so a merged model computes exactly what the
 shards computed: slot order never changes a product, only which slot an entering block takes.
+Splitting gives each new shard the blocks whose global positions fall in it, in canonical order,
+followed by unused slots up to its capacity; a shard whose share exceeds its capacity is an error
+naming the layer (raise `parallel.shard_headroom`).
+
+`reshard_checkpoint` is `sparse-lm convert --tensor T --pipeline P`: merge every stage and shard
+of a checkpoint (weights, Adam moments, offload store) in one process, split for the new layout,
+and write a checkpoint that `pretrain --resume` continues on that layout.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from sparse_lm.errors import UserError
+from sparse_lm.optim_state import MOMENTS
 from sparse_lm.parallel.layout import partition_dim
-from sparse_lm.sparsity.storage import SparseLinear
+from sparse_lm.sparsity.storage import SparseLinear, shard_capacity
 
 # Per-slot tensors of a sparse layer: values (and their moments) and the A-membership.
 _SLOT_LEAVES = ("values", "forward_mask")
@@ -41,9 +51,10 @@ def _global_positions(layer: SparseLinear, local: torch.Tensor, rank: int, parts
 
 
 def merge_tensor_parallel(model: nn.Module, shards: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """One state dict (model tensors and/or `<param>.<moment>` entries) for the single-process
-    `model`, from the same dicts of tensor-parallel ranks 0..T-1 (of one pipeline stage, or all of
-    the model). `model` supplies whole shapes."""
+    """One state dict for the single-process `model` from the same dicts of tensor-parallel ranks
+    0..T-1 (of one pipeline stage, or all of the model). A dict holds model tensors and may hold
+    Adam moments too (`<param>.<moment>`), which are placed by their layer's `index`, so it must
+    be there. `model` supplies whole shapes."""
     parts = len(shards)
     if parts == 1:
         return dict(shards[0])
@@ -90,3 +101,104 @@ def _fit_slots(tensor: torch.Tensor, capacity: int, leaf: str, n_blocks: int, mo
     else:
         filler = tensor.new_zeros(pad, *tensor.shape[1:])
     return torch.cat([tensor, filler])
+
+
+def _local_positions(layer: SparseLinear, positions: torch.Tensor, parts: int, dim: int):
+    """(shard, position within the shard) of global grid positions: the inverse of `_global_positions`."""
+    if dim == 0:
+        per = layer.n_blocks // parts
+        return positions // per, positions % per
+    cols = layer.block_cols // parts
+    row, col = positions // layer.block_cols, positions % layer.block_cols
+    return col // cols, row * cols + col % cols
+
+
+def split_tensor_parallel(model: nn.Module, merged: dict[str, torch.Tensor], parts: int,
+                          headroom: float) -> list[dict[str, torch.Tensor]]:
+    """The inverse of `merge_tensor_parallel`: `merged` (whole layers) as `parts` shards."""
+    if parts == 1:
+        return [dict(merged)]
+    params = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
+    sparse = {name: m for name, m in model.named_modules() if isinstance(m, SparseLinear) and f"{name}.index" in merged}
+    placement = {}  # sparse layer -> per shard (merged slots, local positions), capacity
+    for name, layer in sparse.items():
+        index = merged[f"{name}.index"].long()
+        slots = torch.nonzero(index < layer.n_blocks).view(-1)
+        order = slots[torch.argsort(index[slots])]  # canonical: ascending global position
+        shard_of, local = _local_positions(layer, index[order], parts, partition_dim(name))
+        capacity = shard_capacity(layer.k_backward, parts, layer.n_blocks // parts, headroom)
+        per_shard = []
+        for rank in range(parts):
+            mine = shard_of == rank
+            if int(mine.sum()) > capacity:
+                raise UserError(f"layer {name}: shard {rank} of {parts} would hold {int(mine.sum())} blocks of B, more than "
+                                f"its {capacity} slots; re-shard with a larger parallel.shard_headroom (now {headroom})")
+            per_shard.append((order[mine], local[mine]))
+        placement[name] = per_shard, capacity
+
+    shards: list[dict[str, torch.Tensor]] = [{} for _ in range(parts)]
+    for key, value in merged.items():
+        module, leaf, _ = _split_key(key, params)
+        if module in sparse and leaf in ("index", *_SLOT_LEAVES):
+            layer = sparse[module]
+            per_shard, capacity = placement[module]
+            for shard, (slots, local) in zip(shards, per_shard):
+                piece = local.to(value.dtype) if leaf == "index" else value[slots]
+                shard[key] = _fit_slots(piece, capacity, leaf, layer.n_blocks // parts, module)
+        elif partition_dim(module) is not None and value.ndim == 2:
+            for shard, piece in zip(shards, value.chunk(parts, dim=partition_dim(module))):
+                shard[key] = piece.clone()
+        else:
+            for shard in shards:
+                shard[key] = value
+    return shards
+
+
+def stage_of(name: str, n_layers: int, pipeline: int) -> int:
+    """The pipeline stage holding a canonical name, as DeepSpeed partitions `model.pipeline`'s
+    layers (embedding, n_layers blocks, head; blocks balanced over the stages)."""
+    from deepspeed.runtime.utils import partition_balanced
+
+    if pipeline == 1:
+        return 0
+    bounds = [int(b) for b in partition_balanced([0] + [1] * n_layers + [0], pipeline)]
+    first = name.split(".", 1)[0]
+    position = 0 if first == "embed_tokens" else n_layers + 1 if first in ("norm", "lm_head") else 1 + int(name.split(".")[1])
+    return next(stage for stage in range(pipeline) if bounds[stage] <= position < bounds[stage + 1])
+
+
+def reshard_checkpoint(source: str | Path, out_root: Path, tensor: int, pipeline: int, drop_optimizer: bool) -> Path:
+    """Write `source` for a tensor × pipeline layout under `out_root` (a staging directory); returns
+    the new step directory. The config, step, data position and optimizer step carry over."""
+    import dataclasses
+
+    from sparse_lm.checkpoint.store import find_checkpoint, read_manifest, read_shard, write_offline_checkpoint
+    from sparse_lm.config import config_from_dict
+    from sparse_lm.model.build import build_model
+
+    step_dir = find_checkpoint(source)
+    manifest = read_manifest(step_dir)
+    cfg = config_from_dict(manifest["config"])
+    cfg.parallel = dataclasses.replace(cfg.parallel, tensor=tensor, pipeline=pipeline)
+    cfg.validate()  # the new layout must divide heads, widths, vocabulary and blocks
+    model = build_model(cfg, initialize=False)  # whole-layer shapes only
+    old = manifest["topology"]
+    # Weights and moments travel together: a moment's slot is placed by its layer's index.
+    merged: dict[str, torch.Tensor] = {}
+    for stage in range(old["pipeline"]):
+        shards = [read_shard(step_dir, manifest, "model", rank, stage)
+                  | ({} if drop_optimizer else read_shard(step_dir, manifest, "optim", rank, stage))
+                  for rank in range(old["tensor"])]
+        merged.update(merge_tensor_parallel(model, shards))
+    if drop_optimizer:
+        merged.update({f"{name}.{key}": torch.zeros(p.shape) for name, p in model.named_parameters() for key in MOMENTS})
+    out = {}
+    for stage in range(pipeline):
+        mine = {k: v for k, v in merged.items() if stage_of(k, cfg.model.n_layers, pipeline) == stage}
+        for rank, shard in enumerate(split_tensor_parallel(model, mine, tensor, cfg.parallel.shard_headroom)):
+            is_moment = {k: k.rsplit(".", 1)[-1] in MOMENTS for k in shard}
+            out[(rank, stage)] = ({k: v for k, v in shard.items() if not is_moment[k]},
+                                  {k: v for k, v in shard.items() if is_moment[k]})
+    topology = {"tensor": tensor, "pipeline": pipeline, "data": old["data"]}
+    return write_offline_checkpoint(out_root, manifest["step"], out, topology, cfg.to_dict(), manifest["state"],
+                                    0 if drop_optimizer else manifest["optimizer_step"], step_dir / "tokenizer.model")

@@ -112,14 +112,18 @@ def save_checkpoint(
         if param.requires_grad
         for key in MOMENTS
     }
-    if topo.dp_rank == 0:
-        weights = {canonical_name(k): v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        save_file(weights, tmp / shard_name("model", topo.tp_rank, topo.pp_rank))
-        save_file(moments, tmp / shard_name("optim", topo.tp_rank, topo.pp_rank))
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    save_file(rng, tmp / f"rng-rank{topo.rank:05d}.safetensors")
+    try:
+        if topo.dp_rank == 0:
+            weights = {canonical_name(k): v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+            save_file(weights, tmp / shard_name("model", topo.tp_rank, topo.pp_rank))
+            faults.maybe_fill_disk_in_save(step, tmp)
+            save_file(moments, tmp / shard_name("optim", topo.tp_rank, topo.pp_rank))
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        save_file(rng, tmp / f"rng-rank{topo.rank:05d}.safetensors")
+    except OSError as exc:  # out of disk, quota, a vanished mount: the published checkpoints are untouched
+        _write_failed(root, step, tmp, exc)
     faults.maybe_kill_in_save(step)
     _barrier()
 
@@ -128,22 +132,50 @@ def save_checkpoint(
         files = {
             p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(tmp.iterdir()) if p.is_file()
         }
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "step": step,
-            "optimizer_step": _optimizer_step(optimizer),
-            "topology": {"tensor": topo.tensor, "pipeline": topo.pipeline, "data": topo.data},
-            "config": config,
-            "state": state,
-            "files": files,
-        }
-        write_json(tmp / MANIFEST, manifest)
+        topology = {"tensor": topo.tensor, "pipeline": topo.pipeline, "data": topo.data}
+        write_json(tmp / MANIFEST, _manifest(step, _optimizer_step(optimizer), topology, config, state, files))
         publish_dir(tmp, final)
         write_text(root / LATEST, final.name + "\n")
         prune(root, keep)
     _barrier()
     return final
+
+
+def _manifest(step: int, optimizer_step: int, topology: dict, config: dict, state: dict, files: dict) -> dict:
+    return {
+        "format_version": FORMAT_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "step": step,
+        "optimizer_step": optimizer_step,
+        "topology": topology,
+        "config": config,
+        "state": state,
+        "files": files,
+    }
+
+
+def write_offline_checkpoint(root: Path, step: int, shards: dict[tuple[int, int], tuple[dict, dict]],
+                             topology: dict, config: dict, state: dict, optimizer_step: int,
+                             tokenizer_model: Path) -> Path:
+    """A checkpoint written by one process (import, re-shard): `shards[(tp, pp)]` = (model tensors,
+    Adam moments). `root` must be a staging directory the caller publishes atomically."""
+    step_dir = root / step_dir_name(step)
+    step_dir.mkdir(parents=True)
+    for (tp, pp), (weights, moments) in sorted(shards.items()):
+        save_file({k: v.contiguous() for k, v in weights.items()}, step_dir / shard_name("model", tp, pp))
+        save_file({k: v.contiguous() for k, v in moments.items()}, step_dir / shard_name("optim", tp, pp))
+    shutil.copyfile(tokenizer_model, step_dir / "tokenizer.model")
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(step_dir.iterdir())}
+    write_json(step_dir / MANIFEST, _manifest(step, optimizer_step, topology, config, state, files))
+    write_text(root / LATEST, step_dir.name + "\n")
+    return step_dir
+
+
+def _write_failed(root: Path, step: int, tmp: Path, exc: OSError) -> None:
+    shutil.rmtree(tmp, ignore_errors=True)  # the partial step; `latest` and earlier steps are never touched
+    last = read_latest(root)
+    raise UserError(f"checkpoint.dir {root}: writing step {step} failed ({exc.strerror or exc}); the last complete "
+                    f"checkpoint ({last.name if last else 'none'}) is untouched — free space and resume") from None
 
 
 def prune(root: Path, keep: int) -> list[Path]:

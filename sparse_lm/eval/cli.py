@@ -1,8 +1,11 @@
-"""`sparse-lm eval`: held-out perplexity and bits per byte of a checkpoint on a corpus."""
+"""`sparse-lm eval`: held-out perplexity, bits per byte and word perplexity of a checkpoint on a
+corpus; launched with several ranks (`torchrun --nproc_per_node N -m sparse_lm eval ...`) the
+windows are split over them."""
 
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import numpy as np
@@ -13,25 +16,50 @@ from sparse_lm.errors import UserError
 from sparse_lm.eval.perplexity import PerplexityResult, sliding_window_nll, summarize
 
 
-def corpus_tokens(corpus: list[str], data_dir: Path, tokenizer) -> tuple[torch.Tensor, int, str]:
-    """(token stream, UTF-8 bytes, description) for `heldout` of the prepared data, or files/directories.
+def count_words(text: str) -> int:
+    """Whitespace-separated words, the unit of word perplexity (as in lm-evaluation-harness)."""
+    return len(text.split())
 
-    Documents are joined exactly as in training: each followed by EOS.
+
+def corpus_tokens(corpus: list[str], data_dir: Path, tokenizer) -> tuple[torch.Tensor, int, int, str]:
+    """(token stream, UTF-8 bytes, words, description) for `heldout` of the prepared data, or
+    files, directories and `hf:NAME[:CONFIG]` datasets.
+
+    Documents are joined exactly as in training: each followed by EOS. The held-out split's words
+    are counted on its text, decoded document by document with the data's own tokenizer (lossless).
     """
     from sparse_lm.data.packed import PackedSplit
     from sparse_lm.data.sources import CorpusStats, iter_documents, parse_corpus
+    from sparse_lm.data.tokenizer import Tokenizer
 
     if corpus == ["heldout"]:
         split = PackedSplit(data_dir, "heldout")
-        return torch.from_numpy(np.asarray(split.tokens, dtype=np.int64)), split.n_bytes, f"{data_dir} (heldout)"
+        tokens = np.asarray(split.tokens, dtype=np.int64)
+        decoder = Tokenizer(data_dir / split.meta["tokenizer"])
+        offsets = np.asarray(split.doc_offsets).tolist()
+        words = sum(count_words(decoder.decode(t for t in tokens[a:b].tolist() if t != decoder.eos_id))
+                    for a, b in zip(offsets, offsets[1:]))
+        return torch.from_numpy(tokens), split.n_bytes, words, f"{data_dir} (heldout)"
     stats = CorpusStats()
     ids: list[int] = []
+    words = 0
     for text, _ in iter_documents(parse_corpus(corpus), stats):
         ids.extend(tokenizer.encode(text))
         ids.append(tokenizer.eos_id)
+        words += count_words(text)
     if stats.documents == 0:
         raise UserError(f"--corpus {' '.join(corpus)}: no non-empty documents")
-    return torch.tensor(ids, dtype=torch.long), stats.bytes, " ".join(corpus)
+    return torch.tensor(ids, dtype=torch.long), stats.bytes, words, " ".join(corpus)
+
+
+def _check_same_tokenizer(manifest: dict, data_dir: Path) -> None:
+    """The held-out tokens must come from the checkpoint's own tokenizer, or the score is meaningless."""
+    from sparse_lm.data.packed import load_meta
+
+    saved = manifest["files"].get("tokenizer.model", {}).get("sha256")
+    if saved is not None and saved != load_meta(data_dir)["tokenizer_sha256"]:
+        raise UserError(f"--data {data_dir}: tokenised with a different tokenizer than {manifest['path']}; "
+                        f"evaluate on text files instead, or prepare the data with its tokenizer.model")
 
 
 def evaluate(checkpoint: str, corpus: list[str], context: int | None, stride: int | None,
@@ -49,6 +77,8 @@ def evaluate(checkpoint: str, corpus: list[str], context: int | None, stride: in
     else:
         model, cfg, manifest = load_trained_model(checkpoint)
         where, step = manifest["path"], manifest["step"]
+        if corpus == ["heldout"]:
+            _check_same_tokenizer(manifest, Path(data_dir or cfg.data.path))
         tokenizer = Tokenizer(Path(where) / "tokenizer.model")
         seq_len, max_seq_len, data_path = cfg.train.seq_len, cfg.model.max_seq_len, cfg.data.path
     context = context or seq_len
@@ -57,31 +87,64 @@ def evaluate(checkpoint: str, corpus: list[str], context: int | None, stride: in
     stride = stride or max(1, context // 2)
     if not 0 < stride <= context:
         raise UserError(f"--stride {stride}: expected 1..{context} (the context)")
-    ids, n_bytes, description = corpus_tokens(corpus, Path(data_dir or data_path or "."), tokenizer)
+    ids, n_bytes, n_words, description = corpus_tokens(corpus, Path(data_dir or data_path or "."), tokenizer)
     if len(ids) < 2:
         raise UserError(f"--corpus {description}: fewer than 2 tokens, nothing to score")
-    nats, count = sliding_window_nll(model, ids, context, stride, batch_size=batch_size, progress=progress)
-    result: PerplexityResult = summarize(nats, count, n_bytes, context, stride)
-    return result.as_dict() | {"checkpoint": str(where), "step": step, "corpus": description}
+    rank, world = _ranks()
+    nats, count = sliding_window_nll(model, ids, context, stride, batch_size=batch_size,
+                                     progress=progress and rank == 0, shard=(rank, world))
+    if world > 1:  # each rank scored every world-th window: add them up
+        import torch.distributed as dist
+
+        sums = torch.tensor([nats, float(count)], dtype=torch.float64)
+        dist.all_reduce(sums)
+        nats, count = float(sums[0]), int(sums[1])
+    result: PerplexityResult = summarize(nats, count, n_bytes, n_words, context, stride)
+    return result.as_dict() | {"checkpoint": str(where), "step": step, "corpus": description, "ranks": world}
+
+
+def _ranks() -> tuple[int, int]:
+    """(rank, world): a launcher (`torchrun`, `deepspeed`) sets WORLD_SIZE; windows are then split
+    over the ranks through a gloo (CPU) or NCCL group. Each rank holds the whole model."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), world
 
 
 def run(args: argparse.Namespace) -> int:
-    out = evaluate(args.checkpoint, args.corpus, args.context, args.stride, args.batch_size, args.data)
+    import torch.distributed as dist
+
+    try:
+        out = evaluate(args.checkpoint, args.corpus, args.context, args.stride, args.batch_size, args.data)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if int(os.environ.get("RANK", "0")) != 0:  # one report per launch
+        return 0
     print(
-        f"perplexity {out['perplexity']:.3f} | bits/byte {out['bits_per_byte']:.4f} | loss {out['loss']:.4f} | "
-        f"{out['tokens']} tokens, {out['bytes']} bytes | context {out['context']} stride {out['stride']} | "
-        f"{out['corpus']} | {out['checkpoint']}"
+        f"perplexity {out['perplexity']:.3f} | bits/byte {out['bits_per_byte']:.4f} | "
+        f"word perplexity {out['word_perplexity']:.3f} | loss {out['loss']:.4f} | "
+        f"{out['tokens']} tokens, {out['bytes']} bytes, {out['words']} words | context {out['context']} "
+        f"stride {out['stride']} | {out['corpus']} | {out['checkpoint']}"
+        + (f" | {out['ranks']} ranks" if out["ranks"] > 1 else "")
     )
     if args.json:
         write_json(args.json, out)
     return 0
 
 
+
 def register_cli(subparsers) -> None:
-    parser = subparsers.add_parser("eval", help="perplexity and bits per byte of a checkpoint on held-out text")
+    parser = subparsers.add_parser("eval", help="perplexity, bits per byte and word perplexity of a checkpoint on held-out text")
     parser.add_argument("--checkpoint", required=True, help="checkpoint directory (a step_* dir or the root with `latest`), or a Hugging Face Llama directory")
     parser.add_argument("--corpus", nargs="+", default=["heldout"],
-                        help="`heldout` (the prepared data's held-out split) or .txt/.jsonl/.parquet files/directories")
+                        help="`heldout` (the prepared data's held-out split), .txt/.jsonl/.parquet files or directories, "
+                             "or hf:NAME[:CONFIG] (a `datasets` dataset's train split)")
     parser.add_argument("--data", default=None, help="prepared data directory for `heldout` (default: the run's data.path)")
     parser.add_argument("--context", type=int, default=None, help="window length in tokens (default: train.seq_len)")
     parser.add_argument("--stride", type=int, default=None, help="window step in tokens (default: context / 2)")

@@ -21,9 +21,11 @@ from tqdm import tqdm
 class PerplexityResult:
     perplexity: float
     bits_per_byte: float
+    word_perplexity: float
     loss: float
     tokens: int
     bytes: int
+    words: int
     context: int
     stride: int
 
@@ -57,15 +59,18 @@ def sliding_window_nll(
     batch_size: int = 8,
     device: torch.device | str = "cpu",
     progress: bool = False,
+    shard: tuple[int, int] = (0, 1),
 ) -> tuple[float, int]:
     """Sum of next-token negative log-likelihoods (nats) over `ids` and the number of scored tokens.
 
     Windows of equal length are batched; `logits_fn` maps [batch, seq] ids to [batch, seq, vocab].
+    `shard` = (rank, world) scores only every world-th window, starting at `rank`.
     """
     if not 0 < stride <= context:
         raise ValueError(f"stride must be in (0, context={context}], got {stride}")
     ids = ids.long()
-    spans = list(windows(len(ids), context, stride))
+    rank, world = shard
+    spans = list(windows(len(ids), context, stride))[rank::world]
     total, count = 0.0, 0
     bar = tqdm(total=len(spans), desc="eval windows", unit="win", disable=not progress)
     i = 0
@@ -89,14 +94,22 @@ def sliding_window_nll(
     return total, count
 
 
-def summarize(nats: float, tokens: int, n_bytes: int, context: int, stride: int) -> PerplexityResult:
+def _exp(x: float) -> float:
+    return math.exp(x) if x < 700 else math.inf  # a few words with many nats would overflow
+
+
+def summarize(nats: float, tokens: int, n_bytes: int, n_words: int, context: int, stride: int) -> PerplexityResult:
+    """Token perplexity exp(nats/tokens); bits per byte; word perplexity exp(nats/words), which,
+    like bits per byte, compares models with different tokenizers."""
     loss = nats / tokens
     return PerplexityResult(
         perplexity=math.exp(loss),
         bits_per_byte=nats / math.log(2) / n_bytes if n_bytes else math.nan,
+        word_perplexity=_exp(nats / n_words) if n_words else math.nan,
         loss=loss,
         tokens=tokens,
         bytes=n_bytes,
+        words=n_words,
         context=context,
         stride=stride,
     )

@@ -8,7 +8,6 @@ the sharded threshold and the DeepSpeed engine all agree on who is a replica of 
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import socket
 from dataclasses import dataclass
@@ -109,9 +108,9 @@ def init_distributed(tensor: int = 1, pipeline: int = 1, timeout_s: int = 600) -
             f"parallel.tensor × parallel.pipeline = {tensor * pipeline} must divide the number of ranks ({world})"
         )
     if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(  # its groups get their own timeout (whole minutes)
+        parallel_state.initialize_model_parallel(  # its groups (DeepSpeed's data-parallel one too) get the same bound
             tensor_model_parallel_size=tensor, pipeline_model_parallel_size=pipeline,
-            distributed_timeout_minutes=max(1, math.ceil(timeout_s / 60)),
+            distributed_timeout_minutes=timeout_s / 60,  # used as timedelta(minutes=...): fractions are fine
         )
     return Topology(
         rank=dist.get_rank(),
@@ -137,49 +136,31 @@ class DeepSpeedMPU:
     whose stages hold different parameters).
     """
 
-    def __init__(self):
+    _SAME_AS_MEGATRON = (  # passed through unchanged; anything else DeepSpeed probes for is absent
+        "get_model_parallel_group",
+        "get_tensor_model_parallel_group", "get_tensor_model_parallel_rank",
+        "get_tensor_model_parallel_world_size", "get_tensor_model_parallel_src_rank",
+        "get_pipeline_model_parallel_group", "get_pipeline_model_parallel_rank",
+        "get_pipeline_model_parallel_world_size",
+        "get_data_parallel_group", "get_data_parallel_rank", "get_data_parallel_world_size",
+    )
+
+    def __getattr__(self, name: str):
+        if name not in self._SAME_AS_MEGATRON:
+            raise AttributeError(name)
         from megatron.core import parallel_state
 
-        self._ps = parallel_state
-
-    def get_model_parallel_group(self):
-        return self._ps.get_model_parallel_group()
+        return getattr(parallel_state, name)
 
     def get_model_parallel_rank(self) -> int:
-        return self._ps.get_tensor_model_parallel_rank()
+        from megatron.core import parallel_state
+
+        return parallel_state.get_tensor_model_parallel_rank()
 
     def get_model_parallel_world_size(self) -> int:
-        return self._ps.get_tensor_model_parallel_world_size() * self._ps.get_pipeline_model_parallel_world_size()
+        from megatron.core import parallel_state
 
-    def get_tensor_model_parallel_group(self):
-        return self._ps.get_tensor_model_parallel_group()
-
-    def get_tensor_model_parallel_rank(self) -> int:
-        return self._ps.get_tensor_model_parallel_rank()
-
-    def get_tensor_model_parallel_world_size(self) -> int:
-        return self._ps.get_tensor_model_parallel_world_size()
-
-    def get_tensor_model_parallel_src_rank(self) -> int:
-        return self._ps.get_tensor_model_parallel_src_rank()
-
-    def get_pipeline_model_parallel_group(self):
-        return self._ps.get_pipeline_model_parallel_group()
-
-    def get_pipeline_model_parallel_rank(self) -> int:
-        return self._ps.get_pipeline_model_parallel_rank()
-
-    def get_pipeline_model_parallel_world_size(self) -> int:
-        return self._ps.get_pipeline_model_parallel_world_size()
-
-    def get_data_parallel_group(self):
-        return self._ps.get_data_parallel_group()
-
-    def get_data_parallel_rank(self) -> int:
-        return self._ps.get_data_parallel_rank()
-
-    def get_data_parallel_world_size(self) -> int:
-        return self._ps.get_data_parallel_world_size()
+        return parallel_state.get_tensor_model_parallel_world_size() * parallel_state.get_pipeline_model_parallel_world_size()
 
 
 def shutdown() -> None:

@@ -78,7 +78,7 @@ def reselect(layer: SparseLinear, optimizer: torch.optim.Optimizer | None) -> La
     leaving ones, then unused ones; slots left over become unused (value 0, moments 0)."""
     old_positions = layer.index.long().clone()
     old_forward = old_positions[layer.forward_mask]
-    new_positions = layer.choose(layer.current_rows)
+    new_positions = layer.choose(layer.current_rows())
     staying = layer.live & torch.isin(old_positions, new_positions)
     entering = new_positions[~torch.isin(new_positions, old_positions)]  # ascending
     free = torch.nonzero(~staying).view(-1)  # slots of leaving blocks and unused slots, ascending
@@ -135,6 +135,25 @@ class TopKAST:
         entered_b, entered_a, capped, k_b, k_a = counts.tolist()
         return {"changed_b": entered_b / k_b, "changed_a": entered_a / k_a,
                 "capacity_bound_layers": int(capped), "seconds": time.perf_counter() - started}
+
+
+def verify_replicas(layers: list[SparseLinear], group, step: int) -> None:
+    """Raise on every rank if the data-parallel replicas in `group` hold different sparse sets.
+
+    One all-reduce of (checksum, −checksum) with MAX: equal replicas give max == −(−max)."""
+    from sparse_lm.errors import UserError
+
+    total = 0.0
+    for i, layer in enumerate(layers):  # slot-order sensitive: replicas must agree slot for slot
+        index = layer.index.double()
+        weights = torch.arange(len(index), dtype=torch.float64) % 9973 + 1
+        total += float((index * weights).sum()) * (i + 1) + float((layer.forward_mask.double() * weights).sum())
+    both = torch.tensor([total, -total], dtype=torch.float64)
+    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
+    if float(both[0]) != -float(both[1]):
+        raise UserError(f"step {step}: data-parallel replicas selected different sparse sets (checksums "
+                        f"{float(both[0]):.6g} vs {-float(both[1]):.6g}); parallel.verify_replicas caught a "
+                        "non-deterministic reselection — please report it with the config")
 
 
 def stream_for(module_name: str) -> int:

@@ -7,6 +7,7 @@ a plain `sparse-lm pretrain`, the `deepspeed` launcher and `torchrun` (see launc
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from sparse_lm.checkpoint.store import find_checkpoint, load_checkpoint, read_latest, save_checkpoint
+from sparse_lm.checkpoint.store import find_checkpoint, load_checkpoint, read_latest, read_manifest, save_checkpoint
 from sparse_lm.config import RunConfig
 from sparse_lm.data.packed import PackedSplit, load_meta
 from sparse_lm.errors import UserError
@@ -23,7 +24,7 @@ from sparse_lm.model import resolve_vocab
 from sparse_lm.optim_state import link_partitions
 from sparse_lm.model.build import build_model
 from sparse_lm.parallel.state import DeepSpeedMPU, Topology, init_distributed, shutdown
-from sparse_lm.sparsity.topkast import TopKAST, sparse_layers
+from sparse_lm.sparsity.topkast import TopKAST, sparse_layers, verify_replicas
 from sparse_lm.train import faults
 from sparse_lm.train.guard import GuardedStep
 from sparse_lm.train.batches import heldout_batches, train_sampler
@@ -169,6 +170,29 @@ def _collective_failure(exc: RuntimeError) -> bool:
     return isinstance(exc, dist.DistError) or any(marker in str(exc) for marker in _COLLECTIVE_FAILURES)
 
 
+def _check_same_tokenizer(step_dir: Path, meta: dict[str, Any], data_dir: Path) -> None:
+    """A checkpoint continues only on data tokenised by its own tokenizer: other ids would train
+    on silently scrambled text."""
+    saved = read_manifest(step_dir)["files"].get("tokenizer.model", {}).get("sha256")
+    if saved is not None and saved != meta["tokenizer_sha256"]:
+        raise UserError(
+            f"data.path {data_dir}: tokenised with a different tokenizer than checkpoint {step_dir} was trained on; "
+            f"prepare the data with `sparse-lm prepare-data --tokenizer {step_dir / 'tokenizer.model'}`"
+        )
+
+
+def _check_writable(path: Path, field: str) -> None:
+    """Fail at start-up, in one line, for an output directory that cannot be created or written —
+    not at the first checkpoint, hours in."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"{field} {path}: cannot write there ({exc.strerror or exc})") from None
+
+
 def _pretrain(cfg: RunConfig, topo: Topology) -> dict[str, Any]:
     t = cfg.train
     data_dir = Path(cfg.data.path)
@@ -178,6 +202,9 @@ def _pretrain(cfg: RunConfig, topo: Topology) -> dict[str, Any]:
     sampler = train_sampler(train_split, t.seq_len, t.seed, global_batch)
     eval_batches = heldout_batches(heldout_split, t.seq_len, t.micro_batch, t.eval_batches)
 
+    if topo.is_main:
+        _check_writable(Path(t.out_dir), "train.out_dir")
+        _check_writable(cfg.checkpoint_dir, "checkpoint.dir")
     cfg.model = resolve_vocab(cfg.model, meta["vocab_size"])  # stored resolved in checkpoints
     model = build_model(cfg, pipeline=topo.pipeline)
     engine, optimizer, guard = make_engine(model, cfg, topo)
@@ -185,6 +212,7 @@ def _pretrain(cfg: RunConfig, topo: Topology) -> dict[str, Any]:
     state = RunState()
     resume_from = _resume_point(cfg)
     if resume_from is not None:
+        _check_same_tokenizer(find_checkpoint(resume_from), meta, data_dir)
         manifest = load_checkpoint(resume_from, engine.module, optimizer, topo)
         state = RunState(**manifest["state"])
         log.say(f"resumed from {manifest['path']} at step {state.step}")
@@ -225,7 +253,7 @@ def _pretrain(cfg: RunConfig, topo: Topology) -> dict[str, Any]:
         lr = learning_rate(state.step, t.lr, t.warmup_steps, t.steps, t.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        faults.maybe_kill_rank(state.step + 1)
+        faults.maybe_fail_rank(state.step + 1)
         firsts = [state.samples_seen + micro * t.micro_batch * topo.data + topo.dp_rank * t.micro_batch
                   for micro in range(t.grad_accum)]
         if memory is None and guard is not None and (state.step >= 1 or t.steps == 1):
@@ -275,6 +303,10 @@ def _pretrain(cfg: RunConfig, topo: Topology) -> dict[str, Any]:
             )
         if schedule.due(state.step):
             change = schedule.reselect_all(optimizer)
+            if cfg.parallel.verify_replicas and topo.data > 1:
+                from megatron.core import parallel_state
+
+                verify_replicas(schedule.layers, parallel_state.get_data_parallel_group(), state.step)
             log.write("reselect", step=state.step, **change)
             if state.step % t.log_every == 0:
                 log.say(f"step {state.step:>6}/{t.steps} | reselected: {change['changed_b']:.1%} of B and "
