@@ -155,3 +155,14 @@ def test_a_dead_or_stalled_rank_stops_the_others_with_one_line(data_dir, tmp_pat
     error = [line for line in stderr.splitlines() if "error:" in line]
     assert len(error) == 1 and "a collective failed" in error[0] and "--resume" in error[0]
     assert elapsed < 200
+
+
+def test_a_rank_that_never_joins_is_one_line(data_dir, tmp_path):
+    """Rank 0 of a world of 2 whose peer never starts: one line after parallel.timeout_s."""
+    config = write_config(tmp_path, data_dir, "run", parallel={"timeout_s": 10})
+    proc = run_cli("pretrain", "--config", str(config), check=False,
+                   env={"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1"})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "could not form the process group with 2 ranks" in errors[0]
+    assert "parallel.timeout_s=10" in errors[0]
