@@ -205,8 +205,6 @@ def _validate(cfg: RunConfig) -> None:
         _require(not m.tie_embeddings, "model.tie_embeddings",
                  "false with parallel.pipeline > 1 (the embedding and the LM head live on different stages)",
                  m.tie_embeddings)
-        _require(p.zero_stage == 0, "parallel.zero_stage",
-                 "0 with parallel.pipeline > 1 (ZeRO-1 under the pipeline engine is not verified yet)", p.zero_stage)
     _require(p.shard_headroom >= 0, "parallel.shard_headroom", "a number >= 0 (fraction of spare slots)", p.shard_headroom)
     if p.tensor > 1:
         tp = p.tensor

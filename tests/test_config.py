@@ -37,7 +37,6 @@ def test_presets_are_valid(path):
         ("parallel.tensor=3", "config field parallel.tensor: expected a divisor of model.n_heads"),
         ("parallel.pipeline=0", "config field parallel.pipeline: expected an integer in [1, model.n_layers"),
         ("parallel.pipeline=2 model.tie_embeddings=true", "config field model.tie_embeddings: expected false with parallel.pipeline > 1"),
-        ("parallel.pipeline=2 parallel.zero_stage=1", "config field parallel.zero_stage: expected 0 with parallel.pipeline > 1"),
         ("parallel.shard_headroom=-1", "config field parallel.shard_headroom: expected a number >= 0"),
         ("train.max_bad_steps=0", "config field train.max_bad_steps: expected an integer >= 1, got 0"),
         ("train.stpes=3", "--set: unknown field train.stpes"),

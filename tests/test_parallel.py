@@ -120,6 +120,12 @@ def test_pipeline_matches_one_process(tp_runs):
     _assert_same_run(tp_runs("element", 1, pipeline=2, accum=2), tp_runs("element", 1, accum=2), rel=1e-5)
 
 
+def test_pipeline_and_data_parallel_with_zero1_match_one_process(tp_runs):
+    """PP 2 × DP 2 with ZeRO-1: DeepSpeed's pipeline engine partitions Adam's state over the
+    replicas and clips itself; reselection rewrites slots through its fp32 master partitions."""
+    _assert_same_run(tp_runs("element", 1, data=2, pipeline=2, accum=2), tp_runs("element", 1, accum=2), rel=1e-5)
+
+
 def test_tensor_and_pipeline_parallel_match_one_process(tp_runs):
     """TP 2 × PP 2 on 4 ranks (DeepSpeed's pipeline engine, two micro-batches per step): same
     losses and selections; the four shard files merge into the single-process weights."""
