@@ -248,6 +248,13 @@ def verify_files(step_dir: Path, manifest: dict[str, Any], names: list[str] | No
             raise UserError(f"checkpoint file {path}: sha256 does not match {MANIFEST} (corrupt)")
 
 
+def tokenized_alike(manifest: dict[str, Any], data_meta: dict[str, Any]) -> bool:
+    """Whether a prepared dataset (its meta.json) was tokenised with the checkpoint's tokenizer:
+    other ids would train on, or be scored as, silently scrambled text."""
+    saved = manifest["files"].get("tokenizer.model", {}).get("sha256")
+    return saved is None or saved == data_meta["tokenizer_sha256"]
+
+
 def check_topology(step_dir: Path, manifest: dict[str, Any], tensor: int, pipeline: int) -> None:
     saved = manifest["topology"]
     if (saved["tensor"], saved["pipeline"]) != (tensor, pipeline):

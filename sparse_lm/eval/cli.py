@@ -53,11 +53,10 @@ def corpus_tokens(corpus: list[str], data_dir: Path, tokenizer) -> tuple[torch.T
 
 
 def _check_same_tokenizer(manifest: dict, data_dir: Path) -> None:
-    """The held-out tokens must come from the checkpoint's own tokenizer, or the score is meaningless."""
+    from sparse_lm.checkpoint.store import tokenized_alike
     from sparse_lm.data.packed import load_meta
 
-    saved = manifest["files"].get("tokenizer.model", {}).get("sha256")
-    if saved is not None and saved != load_meta(data_dir)["tokenizer_sha256"]:
+    if not tokenized_alike(manifest, load_meta(data_dir)):
         raise UserError(f"--data {data_dir}: tokenised with a different tokenizer than {manifest['path']}; "
                         f"evaluate on text files instead, or prepare the data with its tokenizer.model")
 

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from sparse_lm.checkpoint.store import find_checkpoint, load_checkpoint, read_latest, read_manifest, save_checkpoint
+from sparse_lm.checkpoint.store import (find_checkpoint, load_checkpoint, read_latest, read_manifest, save_checkpoint,
+                                        tokenized_alike)
 from sparse_lm.config import RunConfig
 from sparse_lm.data.packed import PackedSplit, load_meta
 from sparse_lm.errors import UserError
@@ -171,10 +172,7 @@ def _collective_failure(exc: RuntimeError) -> bool:
 
 
 def _check_same_tokenizer(step_dir: Path, meta: dict[str, Any], data_dir: Path) -> None:
-    """A checkpoint continues only on data tokenised by its own tokenizer: other ids would train
-    on silently scrambled text."""
-    saved = read_manifest(step_dir)["files"].get("tokenizer.model", {}).get("sha256")
-    if saved is not None and saved != meta["tokenizer_sha256"]:
+    if not tokenized_alike(read_manifest(step_dir), meta):
         raise UserError(
             f"data.path {data_dir}: tokenised with a different tokenizer than checkpoint {step_dir} was trained on; "
             f"prepare the data with `sparse-lm prepare-data --tokenizer {step_dir / 'tokenizer.model'}`"
