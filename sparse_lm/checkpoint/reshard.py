@@ -42,6 +42,14 @@ def _split_key(key: str, params: set[str]) -> tuple[str, str, str]:
     return module, leaf, suffix
 
 
+def _names_and_sparse_layers(model: nn.Module, tensors: dict[str, torch.Tensor]):
+    """(the model's parameter and buffer names, its sparse layers present in `tensors` — one
+    pipeline stage's, or all)."""
+    params = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
+    sparse = {name: m for name, m in model.named_modules() if isinstance(m, SparseLinear) and f"{name}.index" in tensors}
+    return params, sparse
+
+
 def _global_positions(layer: SparseLinear, local: torch.Tensor, rank: int, parts: int, dim: int) -> torch.Tensor:
     """Global grid positions of a shard's local positions (the whole layer is `layer`)."""
     if dim == 0:  # rows split: the shard is one contiguous range of the row-major grid
@@ -58,9 +66,7 @@ def merge_tensor_parallel(model: nn.Module, shards: list[dict[str, torch.Tensor]
     parts = len(shards)
     if parts == 1:
         return dict(shards[0])
-    params = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
-    sparse = {name: m for name, m in model.named_modules()  # those in these shards (one pipeline stage's)
-              if isinstance(m, SparseLinear) and f"{name}.index" in shards[0]}
+    params, sparse = _names_and_sparse_layers(model, shards[0])
     used = {}  # sparse layer -> per shard (used slots, global positions)
     for name, layer in sparse.items():
         dim = partition_dim(name)
@@ -118,8 +124,7 @@ def split_tensor_parallel(model: nn.Module, merged: dict[str, torch.Tensor], par
     """The inverse of `merge_tensor_parallel`: `merged` (whole layers) as `parts` shards."""
     if parts == 1:
         return [dict(merged)]
-    params = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
-    sparse = {name: m for name, m in model.named_modules() if isinstance(m, SparseLinear) and f"{name}.index" in merged}
+    params, sparse = _names_and_sparse_layers(model, merged)
     placement = {}  # sparse layer -> per shard (merged slots, local positions), capacity
     for name, layer in sparse.items():
         index = merged[f"{name}.index"].long()

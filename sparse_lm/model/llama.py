@@ -131,7 +131,7 @@ def make_head(cfg: ModelConfig) -> tuple[RMSNorm, nn.Module | None]:
         return norm, None
     if spec is None:
         return norm, nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-    return norm, ShardLinear("lm_head", cfg.d_model, cfg.vocab_size // spec.size, spec)
+    return norm, ShardLinear(cfg.d_model, cfg.vocab_size // spec.size, spec)
 
 
 class Llama(nn.Module):

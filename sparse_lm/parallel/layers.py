@@ -77,7 +77,7 @@ def mark_sharded(param: nn.Parameter, spec: ShardSpec | None) -> None:
 class ShardLinear(nn.Module):
     """A dense linear's shard ([out/T, in] or [out, in/T]) between the TP mappings."""
 
-    def __init__(self, name: str, in_features: int, out_features: int, spec: ShardSpec):
+    def __init__(self, in_features: int, out_features: int, spec: ShardSpec):
         super().__init__()
         self.spec = spec
         self.weight = nn.Parameter(torch.empty(out_features, in_features))

@@ -41,7 +41,7 @@ def linear_factory(cfg: SparsityConfig, headroom: float = 0.25):
             else:
                 in_features = local_size(in_features, spec.size, f"the input width of {name}")
         if cfg.method == "dense" or name.rsplit(".", 1)[-1] not in cfg.targets:
-            return ShardLinear(name, in_features, out_features, spec) if spec else nn.Linear(in_features, out_features, bias=False)
+            return ShardLinear(in_features, out_features, spec) if spec else nn.Linear(in_features, out_features, bias=False)
         exploration = cfg.exploration if cfg.method == "topkast" else 0.0
         return SparseLinear(name, in_features, out_features, cfg.density, exploration, cfg.block,
                             cfg.penalty if cfg.method == "topkast" else 0.0, cfg.complement, spec, headroom)
