@@ -15,9 +15,21 @@ from typing import Any
 import yaml
 
 from sparse_lm.errors import UserError
+from sparse_lm.parallel.layout import COLUMN_PARALLEL
 
 # The linears inside a Transformer block, in forward order (Hugging Face Llama names).
 BLOCK_LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+SPARSITY_METHODS = ("dense", "static", "topkast", "spartan")
+# How Spartan splits its budget over layers (ALGORITHMS.md §3, sparsity/allocation.py).
+ALLOCATIONS = ("uniform", "global", "erk", "cost", "pipeline_balanced")
+
+
+def block_linear_shapes(m: "ModelConfig") -> dict[str, tuple[int, int]]:
+    """[rows (out), cols (in)] of each linear of a Transformer block, by name."""
+    kv = m.kv_heads * m.head_dim
+    return {"q_proj": (m.d_model, m.d_model), "k_proj": (kv, m.d_model), "v_proj": (kv, m.d_model),
+            "o_proj": (m.d_model, m.d_model), "gate_proj": (m.ffn_dim, m.d_model), "up_proj": (m.ffn_dim, m.d_model),
+            "down_proj": (m.d_model, m.ffn_dim)}
 
 
 @dataclass
@@ -55,11 +67,15 @@ class ModelConfig:
 
 @dataclass
 class SparsityConfig:
-    """Which block linears are sparse and how (ALGORITHMS.md §1; `static` and `dense` are baselines).
+    """Which block linears are sparse and how (ALGORITHMS.md §1, §3; `static` and `dense` are baselines).
 
-    `density` is D (the forward set A), `exploration` M (B holds D + M); per layer (`uniform`).
-    `block_size` applies to `granularity: block` (b×b tiles). `freeze_masks_after` is a fraction of
-    `train.steps` after which A and B stop changing (1.0 = never).
+    `density` is D (the forward set A; for Spartan the target cost fraction ρ), `exploration` M
+    (B holds D + M). `block_size` applies to `granularity: block` (b×b tiles). `freeze_masks_after`
+    is a fraction of `train.steps` after which A and B stop changing (1.0 = never; Top-KAST).
+    Spartan only: `beta` (β_target, scaled by √(block elements)), `warmup_frac` (budget annealed from
+    all of B to ρ, β ramped), `finetune_frac` (last fraction of steps with the hard mask frozen),
+    `allocation` (how the total budget is split over layers, `sparsity/allocation.py`) and
+    `candidates` (`backward_set`: Top-KAST's B; `dense`: every block, small scale only).
     """
 
     method: str = "dense"
@@ -73,6 +89,10 @@ class SparsityConfig:
     complement: str = "regenerate"
     targets: list = field(default_factory=lambda: list(BLOCK_LINEAR_NAMES))
     allocation: str = "uniform"
+    beta: float = 10.0
+    warmup_frac: float = 0.2
+    finetune_frac: float = 0.2
+    candidates: str = "backward_set"
 
     @property
     def block(self) -> int:
@@ -178,7 +198,7 @@ def _validate(cfg: RunConfig) -> None:
     _require(0 < m.norm_eps < 1, "model.norm_eps", "a number in (0, 1)", m.norm_eps)
     _require(m.init_std > 0, "model.init_std", "a positive number", m.init_std)
 
-    _require(s.method in ("dense", "static", "topkast"), "sparsity.method", "one of: dense, static, topkast", s.method)
+    _require(s.method in SPARSITY_METHODS, "sparsity.method", f"one of: {', '.join(SPARSITY_METHODS)}", s.method)
     _require(0 < s.density <= 1, "sparsity.density", "a number in (0, 1]", s.density)
     _require(s.exploration >= 0, "sparsity.exploration", "a number >= 0", s.exploration)
     _require(s.density + s.exploration <= 1, "sparsity.exploration",
@@ -192,12 +212,28 @@ def _validate(cfg: RunConfig) -> None:
     _require(s.complement in ("regenerate", "offload"), "sparsity.complement", "one of: regenerate, offload", s.complement)
     _require(bool(s.targets) and all(x in BLOCK_LINEAR_NAMES for x in s.targets), "sparsity.targets",
              f"a non-empty list drawn from {list(BLOCK_LINEAR_NAMES)}", s.targets)
-    _require(s.allocation == "uniform", "sparsity.allocation", "uniform (other allocations come with Spartan)",
-             s.allocation)
+    if s.method == "spartan":
+        _require(s.allocation in ALLOCATIONS, "sparsity.allocation", f"one of: {', '.join(ALLOCATIONS)}", s.allocation)
+    else:
+        _require(s.allocation == "uniform", "sparsity.allocation",
+                 f"uniform with sparsity.method={s.method} (other allocations are Spartan's)", s.allocation)
+    _require(s.beta > 0, "sparsity.beta", "a positive number", s.beta)
+    for name in ("warmup_frac", "finetune_frac"):
+        _require(0 <= getattr(s, name) <= 1, f"sparsity.{name}", "a fraction of train.steps in [0, 1]", getattr(s, name))
+    _require(s.warmup_frac + s.finetune_frac <= 1, "sparsity.finetune_frac",
+             f"at most 1 - sparsity.warmup_frac = {1 - s.warmup_frac:g}", s.finetune_frac)
+    _require(s.candidates in ("backward_set", "dense"), "sparsity.candidates", "one of: backward_set, dense", s.candidates)
     if s.method != "dense" and s.granularity == "block":
         ffn = m.ffn_dim
         for dim, what in ((m.d_model, "model.d_model"), (m.kv_heads * m.head_dim, "the k/v width"), (ffn, "the FFN width")):
             _require(dim % s.block_size == 0, "sparsity.block_size", f"a divisor of {what}={dim}", s.block_size)
+        if p.tensor > 1 and m.n_heads % p.tensor == 0 and m.kv_heads % p.tensor == 0 and m.ffn_dim % p.tensor == 0:
+            for leaf, (rows, cols) in block_linear_shapes(m).items():
+                shard = (rows // p.tensor, cols) if leaf in COLUMN_PARALLEL else (rows, cols // p.tensor)
+                _require(shard[0] % s.block_size == 0 and shard[1] % s.block_size == 0, "sparsity.block_size",
+                         f"a divisor of every tensor-parallel shard (a block never straddles two ranks): {leaf} "
+                         f"[{rows}, {cols}] is [{shard[0]}, {shard[1]}] on each of parallel.tensor={p.tensor} ranks",
+                         s.block_size)
 
     _require(p.tensor >= 1, "parallel.tensor", "an integer >= 1", p.tensor)
     _require(1 <= p.pipeline <= m.n_layers, "parallel.pipeline", f"an integer in [1, model.n_layers={m.n_layers}]", p.pipeline)
@@ -211,11 +247,6 @@ def _validate(cfg: RunConfig) -> None:
         for value, what in ((m.n_heads, "model.n_heads"), (m.kv_heads, "the number of k/v heads"),
                             (m.ffn_dim, "the FFN width"), (m.vocab_size or m.vocab_multiple, "model.vocab_size" if m.vocab_size else "model.vocab_multiple")):
             _require(value % tp == 0, "parallel.tensor", f"a divisor of {what}={value}", tp)
-        if s.method != "dense" and s.granularity == "block":
-            for dim, what in ((m.d_model, "model.d_model"), (m.kv_heads * m.head_dim, "the k/v width"), (m.ffn_dim, "the FFN width")):
-                _require(dim // tp % s.block_size == 0, "sparsity.block_size",
-                         f"a divisor of each tensor-parallel shard's {what} ({dim}/{tp} = {dim // tp}; a block never straddles two ranks)",
-                         s.block_size)
     _require(p.timeout_s >= 1, "parallel.timeout_s", "an integer >= 1 (seconds)", p.timeout_s)
     _require(p.zero_stage in (0, 1), "parallel.zero_stage", "0 or 1 (ZeRO-1 partitions Adam state over data-parallel ranks)", p.zero_stage)
 

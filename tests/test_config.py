@@ -1,5 +1,7 @@
 """Config loading, overrides and validation errors that name the field."""
 
+from pathlib import Path
+
 import pytest
 
 from sparse_lm.config import load_config, parse_overrides
@@ -12,7 +14,7 @@ def test_tiny_preset_loads_and_overrides_apply():
     assert cfg.model.d_model == 256
 
 
-@pytest.mark.parametrize("path", ["configs/tiny.yaml", "configs/llama-125m.yaml", "configs/llama-1b.yaml"])
+@pytest.mark.parametrize("path", sorted(str(p) for p in (Path(__file__).parents[1] / "configs").glob("*.yaml")))
 def test_presets_are_valid(path):
     load_config(path)
 
@@ -27,7 +29,7 @@ def test_presets_are_valid(path):
         ("train.precision=fp8", "config field train.precision: expected one of: auto, fp32, bf16, got 'fp8'"),
         ("model.tie_embeddings=maybe", "config field model.tie_embeddings: expected true or false, got 'maybe'"),
         ("data.heldout_fraction=1.5", "config field data.heldout_fraction: expected a number in (0, 1), got 1.5"),
-        ("sparsity.method=magic", "config field sparsity.method: expected one of: dense, static, topkast, got 'magic'"),
+        ("sparsity.method=magic", "config field sparsity.method: expected one of: dense, static, topkast, spartan, got 'magic'"),
         ("sparsity.density=0", "config field sparsity.density: expected a number in (0, 1], got 0.0"),
         ("sparsity.exploration=0.95", "config field sparsity.exploration: expected at most 1 - sparsity.density = 0.9"),
         ("sparsity.granularity=block sparsity.block_size=48", "config field sparsity.block_size: expected a divisor of model.d_model=256, got 48"),
@@ -66,3 +68,13 @@ def test_bad_files(tmp_path):
 
 def test_override_values_are_yaml_typed():
     assert parse_overrides(["a.b=1", "a.c=0.5", "a.d=true", "a.e=x"]) == {"a": {"b": 1, "c": 0.5, "d": True, "e": "x"}}
+
+
+def test_block_straddling_tensor_parallel_shards_names_the_layer_and_shard():
+    overrides = ["model.d_model=128", "model.ffn_hidden=384", "sparsity.method=spartan", "sparsity.granularity=block",
+                 "sparsity.block_size=128", "parallel.tensor=2"]
+    with pytest.raises(UserError) as info:
+        load_config("configs/tiny.yaml", overrides)
+    assert str(info.value) == (
+        "config field sparsity.block_size: expected a divisor of every tensor-parallel shard (a block never "
+        "straddles two ranks): q_proj [128, 128] is [64, 128] on each of parallel.tensor=2 ranks, got 128")

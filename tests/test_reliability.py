@@ -75,6 +75,30 @@ def test_disk_full_during_save_is_one_line_and_loses_nothing(reference, data_dir
         assert losses[step] == pytest.approx(reference["topkast"][step], rel=1e-6, abs=1e-6), step
 
 
+def test_a_real_write_failure_during_save_loses_nothing(reference, data_dir, tmp_path):
+    """No injection: the operating system refuses the write. A run killed while saving step 12
+    resumes from step 6 under `ulimit -f 700` (files up to 700 KiB: the model shard fits, the
+    optimizer shard does not), so writing step 12 fails with EFBIG — one line, the partial step
+    removed, step 6 still `latest`; without the limit, the resumed run is exact."""
+    config = write_config(tmp_path, data_dir, "run", **SPARSE)
+    run_cli("pretrain", "--config", str(config), check=False, env={"SPARSE_LM_FAULTS": f"kill_in_save@{STEPS}"})
+    ckpt = tmp_path / "run" / "checkpoints"
+    sizes = {p.name: p.stat().st_size for p in (ckpt / "step_00000006").glob("*.safetensors")}
+    assert sizes["model-tp00-pp00.safetensors"] < 700 * 1024 < sizes["optim-tp00-pp00.safetensors"], sizes
+    limited = ["bash", "-c", 'ulimit -f 700 && exec "$@"', "limited", sys.executable, "-m", "sparse_lm"]
+    proc = run_cli("pretrain", "--config", str(config), "--resume", check=False, launcher=limited)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "File too large" in errors[0] and "step_00000006) is untouched" in errors[0], errors
+    assert (ckpt / "latest").read_text().strip() == "step_00000006"
+    assert not (ckpt / f"step_{STEPS:08d}").exists() and not list(ckpt.glob(".tmp-*"))
+    run_cli("checkpoint", "verify", str(ckpt))
+    run_cli("pretrain", "--config", str(config), "--resume")
+    losses = _losses_after_resume(tmp_path / "run")
+    for step in range(7, STEPS + 1):
+        assert losses[step] == pytest.approx(reference["topkast"][step], rel=1e-6, abs=1e-6), step
+
+
 def test_sigkill_at_a_random_step_resumes_exactly(reference, data_dir, tmp_path):
     """A real SIGKILL from outside, once step 8 is logged (after the step-6 checkpoint)."""
     config = write_config(tmp_path, data_dir, "run", **SPARSE)

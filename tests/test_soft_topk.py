@@ -76,3 +76,12 @@ def test_a_budget_shared_by_ranks_matches_one_process():
         assert len({mu for _, _, mu in results}) == 1  # every rank solves the same μ
         assert torch.allclose(torch.cat([r[0] for r in results]), m.detach(), rtol=1e-9, atol=1e-12)
         assert torch.allclose(torch.cat([r[1] for r in results]), x.grad, rtol=1e-9, atol=1e-12)
+
+
+def test_saturated_mask_has_zero_gradient_not_a_division_by_zero():
+    """A gap in u around the threshold far wider than 1/β: every mⱼ is exactly 0 or 1 in float64."""
+    u = torch.tensor([0.0, 0.1, 5.0, 5.1], dtype=torch.float64, requires_grad=True)
+    m = soft_topk(u, torch.ones(4, dtype=torch.float64), 2.0, 1000.0)
+    assert m.tolist() == [0.0, 0.0, 1.0, 1.0]
+    m.sum().backward()
+    assert u.grad.tolist() == [0.0, 0.0, 0.0, 0.0]

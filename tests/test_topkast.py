@@ -10,7 +10,8 @@ from sparse_lm.config import ModelConfig, SparsityConfig
 from sparse_lm.model import Llama, init_weights
 from sparse_lm.sparsity import kernels
 from sparse_lm.sparsity.storage import SparseLinear
-from sparse_lm.sparsity.topkast import TopKAST, initialize_static, linear_factory, reselect, sparse_layers
+from sparse_lm.sparsity.methods import linear_factory
+from sparse_lm.sparsity.topkast import TopKAST, initialize_static, reselect, sparse_layers
 from tests.reference.dense_topkast import DenseTopKASTLinear
 
 LR, BETAS, EPS, WD = 3e-2, (0.9, 0.95), 1e-8, 0.1

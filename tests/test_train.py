@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -23,6 +24,11 @@ VARIANTS = {
     "topkast": {"sparsity": {"method": "topkast", "density": 0.2, "exploration": 0.2, "reselect_every": 4}},
     "topkast-offload-block": {"sparsity": {"method": "topkast", "density": 0.2, "exploration": 0.2, "reselect_every": 4,
                                            "complement": "offload", "granularity": "block", "block_size": 16}},
+    # resumed at step 6: after the warmup (3 steps) and a reallocation (4), before another (8) and
+    # the frozen finetune (from step 10)
+    "spartan-global": {"sparsity": {"method": "spartan", "density": 0.2, "exploration": 0.2, "reselect_every": 4,
+                                    "granularity": "block", "block_size": 16, "allocation": "global",
+                                    "warmup_frac": 0.25, "finetune_frac": 0.2}},
 }
 
 
@@ -291,3 +297,19 @@ def test_unwritable_output_directory_is_refused_at_start(data_dir, tmp_path):
     proc = run_cli("pretrain", "--config", str(config), check=False)
     assert proc.returncode == 2 and f"train.out_dir {blocker / 'run'}: cannot write there" in proc.stderr
     assert len([x for x in proc.stderr.splitlines() if "error:" in x]) == 1, proc.stderr[-2000:]
+
+
+def test_allocation_table_reads_a_spartan_checkpoint(runs, tmp_path):
+    """tools/allocation_table.py: per-layer densities of every allocation from a trained Spartan
+    checkpoint; each allocation spends the same total, the trained one's budgets are the checkpoint's."""
+    run = runs("spartan-global")
+    out = tmp_path / "allocation.json"
+    subprocess.run([sys.executable, str(REPO / "tools" / "allocation_table.py"), "--checkpoint", str(run / "checkpoints"),
+                    "--pipeline", "2", "--repeats", "1", "--json", str(out), "--markdown", str(tmp_path / "a.md")],
+                   check=True, capture_output=True, text=True, timeout=300)
+    report = json.loads(out.read_text())
+    totals = {name: sum(budgets.values()) for name, budgets in report["budgets"].items()}
+    assert len(totals) == 4 and len(set(totals.values())) == 1, totals
+    assert all(len(densities) == 2 for densities in report["per_layer_density"].values())
+    assert "global reallocate (1 process)" in report["timings"]
+    assert "| layer |" in (tmp_path / "a.md").read_text()

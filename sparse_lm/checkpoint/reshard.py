@@ -26,7 +26,7 @@ from torch import nn
 
 from sparse_lm.errors import UserError
 from sparse_lm.optim_state import MOMENTS
-from sparse_lm.parallel.layout import partition_dim
+from sparse_lm.parallel.layout import partition_dim, stage_of
 from sparse_lm.sparsity.storage import SparseLinear, shard_capacity
 
 # Per-slot tensors of a sparse layer: values (and their moments) and the A-membership.
@@ -157,19 +157,6 @@ def split_tensor_parallel(model: nn.Module, merged: dict[str, torch.Tensor], par
             for shard in shards:
                 shard[key] = value
     return shards
-
-
-def stage_of(name: str, n_layers: int, pipeline: int) -> int:
-    """The pipeline stage holding a canonical name, as DeepSpeed partitions `model.pipeline`'s
-    layers (embedding, n_layers blocks, head; blocks balanced over the stages)."""
-    from deepspeed.runtime.utils import partition_balanced
-
-    if pipeline == 1:
-        return 0
-    bounds = [int(b) for b in partition_balanced([0] + [1] * n_layers + [0], pipeline)]
-    first = name.split(".", 1)[0]
-    position = 0 if first == "embed_tokens" else n_layers + 1 if first in ("norm", "lm_head") else 1 + int(name.split(".")[1])
-    return next(stage for stage in range(pipeline) if bounds[stage] <= position < bounds[stage + 1])
 
 
 def reshard_checkpoint(source: str | Path, out_root: Path, tensor: int, pipeline: int, drop_optimizer: bool) -> Path:

@@ -122,18 +122,21 @@ def save_checkpoint(
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state()
         save_file(rng, tmp / f"rng-rank{topo.rank:05d}.safetensors")
-    except OSError as exc:  # out of disk, quota, a vanished mount: the published checkpoints are untouched
+    except WRITE_ERRORS as exc:  # out of disk, quota, a vanished mount: the published checkpoints are untouched
         _write_failed(root, step, tmp, exc)
     faults.maybe_kill_in_save(step)
     _barrier()
 
     if topo.is_main:
-        shutil.copyfile(tokenizer_path, tmp / "tokenizer.model")
-        files = {
-            p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(tmp.iterdir()) if p.is_file()
-        }
-        topology = {"tensor": topo.tensor, "pipeline": topo.pipeline, "data": topo.data}
-        write_json(tmp / MANIFEST, _manifest(step, _optimizer_step(optimizer), topology, config, state, files))
+        try:
+            shutil.copyfile(tokenizer_path, tmp / "tokenizer.model")
+            files = {
+                p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(tmp.iterdir()) if p.is_file()
+            }
+            topology = {"tensor": topo.tensor, "pipeline": topo.pipeline, "data": topo.data}
+            write_json(tmp / MANIFEST, _manifest(step, _optimizer_step(optimizer), topology, config, state, files))
+        except WRITE_ERRORS as exc:
+            _write_failed(root, step, tmp, exc)
         publish_dir(tmp, final)
         write_text(root / LATEST, final.name + "\n")
         prune(root, keep)
@@ -171,10 +174,16 @@ def write_offline_checkpoint(root: Path, step: int, shards: dict[tuple[int, int]
     return step_dir
 
 
-def _write_failed(root: Path, step: int, tmp: Path, exc: OSError) -> None:
+# What a failed write raises: OSError from Python's own I/O, SafetensorError ("I/O error: File too
+# large (os error 27)") from safetensors' writer.
+WRITE_ERRORS = (OSError, SafetensorError)
+
+
+def _write_failed(root: Path, step: int, tmp: Path, exc: Exception) -> None:
     shutil.rmtree(tmp, ignore_errors=True)  # the partial step; `latest` and earlier steps are never touched
     last = read_latest(root)
-    raise UserError(f"checkpoint.dir {root}: writing step {step} failed ({exc.strerror or exc}); the last complete "
+    reason = getattr(exc, "strerror", None) or str(exc).strip().splitlines()[0]
+    raise UserError(f"checkpoint.dir {root}: writing step {step} failed ({reason}); the last complete "
                     f"checkpoint ({last.name if last else 'none'}) is untouched — free space and resume") from None
 
 

@@ -8,7 +8,8 @@ from torch import nn
 
 from sparse_lm.model.llama import Llama, init_weights
 from sparse_lm.model.pipeline import build_pipeline
-from sparse_lm.sparsity.topkast import initialize_static, linear_factory
+from sparse_lm.sparsity.methods import linear_factory
+from sparse_lm.sparsity.topkast import initialize_static
 
 
 def build_model(cfg: RunConfig, initialize: bool = True, pipeline: int = 1) -> nn.Module:

@@ -58,3 +58,16 @@ def local_size(total: int, parts: int, what: str) -> int:
     if total % parts:
         raise UserError(f"parallel.tensor={parts} must divide {what} ({total})")
     return total // parts
+
+
+def stage_of(name: str, n_layers: int, pipeline: int) -> int:
+    """The pipeline stage holding a canonical name, as DeepSpeed partitions `model.pipeline`'s
+    layers (embedding, n_layers blocks, head; blocks balanced over the stages)."""
+    from deepspeed.runtime.utils import partition_balanced
+
+    if pipeline == 1:
+        return 0
+    bounds = [int(b) for b in partition_balanced([0] + [1] * n_layers + [0], pipeline)]
+    first = name.split(".", 1)[0]
+    position = 0 if first == "embed_tokens" else n_layers + 1 if first in ("norm", "lm_head") else 1 + int(name.split(".")[1])
+    return next(stage for stage in range(pipeline) if bounds[stage] <= position < bounds[stage + 1])

@@ -1,17 +1,31 @@
 """Products with a weight held only as B's blocks: forward through A, input gradient through A,
 value gradient sampled at B (SDDMM).
 
-Portable reference kernels in plain torch. The weight is visited in *tiles* of whole block-rows;
-a tile is scattered dense for one matmul and dropped — like an activation, it never outlives the
-call, and `MAX_TILE_ELEMENTS` bounds it whatever the layer size. The value gradient of a tile is a
-dense [rows × in] product of which only B's blocks are read out (the sampled product); it too is
-transient. Faster kernels (block-gather bmm on CPU, Triton on GPU) replace these tile loops without
-changing the layout.
+Two CPU paths in plain torch, picked per product by `use_blocks` (numbers: docs/bench/step.md):
+
+* *Gathered blocks* (b ≥ 16, at most a fraction of the grid: `use_blocks`). Activations stay
+  [tokens, features]; a block-column of x is a [T, b] strip, and the strips a product needs are
+  gathered (one `index_select`) into a batch that one `torch.bmm` multiplies by the stacked blocks.
+  Slots are grouped by how many blocks their block-row (block-column, for the input gradient)
+  holds, so every block-row of a batch reduces over the same number of blocks *inside* the bmm and
+  writes its output once — no padding, no accumulation. Work and memory scale with the number of
+  blocks, not the dense size; the value gradient of B's slots is the same gather with a gᵀ strip
+  on the left. Chunks are bounded by `GATHER_CHUNK_ELEMENTS` and reuse one workspace.
+* *Dense tiles* (element mode, or most blocks present). The weight is visited in tiles of whole
+  block-rows; a tile is scattered dense for one matmul and dropped — like an activation, it never
+  outlives the call, and `MAX_TILE_ELEMENTS` bounds it whatever the layer size. The value gradient
+  of a tile is a dense [rows × in] product of which only B's blocks are read out. Element mode
+  (b = 1, where a gather would move 4 bytes per index) always takes this path: it costs a dense
+  product plus the scatter (0.65–0.95× dense speed, from D = 1 down to 0.05). torch's sparse
+  products were no clear gain: `csr @ xᵀ` ran at 1.1× dense speed at D = 0.05 and 0.9× at 0.1,
+  `sparse.sampled_addmm` at 1.4× for 5% of entries and 0.9× for 10% — before building the CSR
+  tensors (a sort of the slots) that each call would need.
 
 Layout, shared with `storage.SparseLinear`: a weight of shape [out, in] is a grid of
 (out/b) × (in/b) blocks of b×b (b = 1: elements); `index[s]` is the row-major grid position of
 the block in slot s and `values[s]` its b×b numbers. Slots are in no particular order (see
-`storage`), so a tile finds its slots by one scan of `index`; a layer within one tile needs none.
+`storage`), so a product finds its slots by one scan of `index`; unused slots (index = number of
+blocks) take part in none.
 """
 
 from __future__ import annotations
@@ -87,25 +101,151 @@ def _gather_tile(grad_tile, index, r0, r1, shape, block):
     return slots, gather_blocks(to_blocks(grad_tile, block), local)
 
 
+# The gathered path moves b numbers per index and does b multiply-adds per number moved, so its
+# cost against the dense tile falls with b and grows with the fraction f of the grid a product
+# visits. Measured crossovers (one product of a 4096×1024 weight, 1024 tokens, 1 CPU thread):
+# f ≈ 0.25 at b = 16, 0.4 at b = 32, 0.5–0.6 at b = 64. The rule: b ≥ MIN_GATHER_BLOCK and
+# f ≤ min(MAX_GATHER_FRACTION, b / GATHER_BLOCK_SCALE) — 0.18, 0.36 and 0.5 for those b.
+MIN_GATHER_BLOCK = 16
+GATHER_BLOCK_SCALE = 90
+MAX_GATHER_FRACTION = 0.5
+
+
+def use_blocks(block: int, n_slots: int, n_blocks: int) -> bool:
+    """Whether a product over `n_slots` of a layer's `n_blocks` blocks takes the gathered path."""
+    limit = min(MAX_GATHER_FRACTION, block / GATHER_BLOCK_SCALE)
+    return block >= MIN_GATHER_BLOCK and n_slots <= limit * n_blocks
+
+
+# Strips are gathered, and products written, into workspaces reused chunk after chunk, each at
+# most this many elements (or one block-row's worth): a fresh tensor per chunk would cost more in
+# page faults than the copy itself.
+GATHER_CHUNK_ELEMENTS = 1 << 20
+
+
+def _groups(major: torch.Tensor, minor: torch.Tensor, n_major: int, max_slots: int) -> list:
+    """Slots grouped by how many slots share their major (block-row or block-column), in chunks of
+    at most `max_slots` slots (or one major): [(majors [m], minors [m, k], slots [m, k])], where
+    slots are positions in `major` / `minor`."""
+    counts = torch.bincount(major, minlength=n_major)
+    order = torch.argsort(counts[major] * n_major + major)  # by count, then major: a major's slots adjoin
+    sizes, lengths = torch.unique_consecutive(counts[major[order]], return_counts=True)
+    chunks, start = [], 0
+    for k, length in zip(sizes.tolist(), lengths.tolist()):
+        group = order[start : start + length].view(-1, k)
+        start += length
+        step = max(1, max_slots // k)
+        chunks += [(major[slots[:, 0]], minor[slots], slots) for slots in group.split(step)]
+    return chunks
+
+
+def _slots_per_chunk(tokens: int, block: int) -> int:
+    """How many [T, b] strips fit in GATHER_CHUNK_ELEMENTS (at least one)."""
+    return max(1, GATHER_CHUNK_ELEMENTS // max(1, tokens * block))
+
+
+def _strips(a3: torch.Tensor, columns: torch.Tensor, workspace: torch.Tensor) -> torch.Tensor:
+    """[m, T, k·b] view of the workspace: for each row of `columns` [m, k], its k block-columns of
+    the activation a3 [T, n, b] side by side."""
+    tokens, block = a3.shape[0], a3.shape[2]
+    m, k = columns.shape
+    out = workspace[: tokens * m * k * block].view(tokens, m * k, block)
+    torch.index_select(a3, 1, columns.view(-1), out=out)
+    return out.view(tokens, m, k * block).transpose(0, 1)
+
+
+def _gathered_product(a, blocks, major, minor, n_out) -> torch.Tensor:
+    """[T, n_out]: block-column i of the result is Σ a[:, minor[s]-block] @ blocks[s] over the slots
+    s with major[s] = i (zeros where there are none)."""
+    tokens, block = a.shape[0], blocks.shape[-1]
+    a3 = a.contiguous().view(tokens, a.shape[1] // block, block)
+    out = a.new_empty(tokens, n_out)
+    out3 = out.view(tokens, n_out // block, block)
+    empty = torch.ones(out3.shape[1], dtype=torch.bool, device=a.device)
+    empty[major] = False
+    out3.index_fill_(1, torch.nonzero(empty).view(-1), 0)
+    chunks = _groups(major, minor, out3.shape[1], _slots_per_chunk(tokens, block))
+    if not chunks:
+        return out
+    strips = a.new_empty(tokens * block * max(minors.numel() for _, minors, _ in chunks))
+    products = a.new_empty(tokens * block * max(len(majors) for majors, _, _ in chunks))
+    for majors, minors, slots in chunks:
+        m, k = minors.shape
+        product = products[: tokens * m * block].view(tokens, m, block)
+        torch.bmm(_strips(a3, minors, strips), blocks[slots].reshape(m, k * block, block), out=product.transpose(0, 1))
+        out3.index_copy_(1, majors, product)
+    return out
+
+
+def _gathered_sddmm(g, x, rows, cols, block) -> torch.Tensor:
+    """[n, b, b]: g[:, rows[s]-block]ᵀ · x[:, cols[s]-block] for each slot s."""
+    tokens = g.shape[0]
+    g3 = g.contiguous().view(tokens, g.shape[1] // block, block)
+    x3 = x.contiguous().view(tokens, x.shape[1] // block, block)
+    out = g.new_empty(len(rows), block, block)
+    chunks = _groups(rows, cols, g3.shape[1], _slots_per_chunk(tokens, block))
+    if not chunks:
+        return out
+    x_strips = x.new_empty(tokens * block * max(minors.numel() for _, minors, _ in chunks))
+    g_strips = g.new_empty(tokens * block * max(len(majors) for majors, _, _ in chunks))
+    for majors, minors, slots in chunks:
+        m, k = minors.shape
+        product = torch.bmm(_strips(g3, majors.view(m, 1), g_strips).transpose(1, 2), _strips(x3, minors, x_strips))
+        out[slots.view(-1)] = product.view(m, block, k, block).transpose(1, 2).reshape(m * k, block, block)
+    return out
+
+
+def _tile_product(a, effective, index, shape, block, transpose: bool) -> torch.Tensor:
+    """a · Wᵀ ([T, out]; transpose) or a · W ([T, in]), W laid out from `effective` tile by tile."""
+    out = a.new_empty(a.shape[0], shape[0]) if transpose else a.new_zeros(a.shape[0], shape[1])
+    for r0, r1 in _tiles(shape, block):
+        tile = _scatter_tile(effective, index, r0, r1, shape, block).to(a.dtype)
+        if transpose:
+            out[:, r0 * block : r1 * block] = a @ tile.T
+        else:
+            out += a[:, r0 * block : r1 * block] @ tile
+    return out
+
+
+def _tile_sddmm(g, x, index, shape, block, grad_values) -> None:
+    """Fills grad_values with (gᵀ · x) read out at B's blocks, one dense tile of block-rows at a time."""
+    for r0, r1 in _tiles(shape, block):
+        slots, grads = _gather_tile(g[:, r0 * block : r1 * block].T @ x, index, r0, r1, shape, block)
+        if slots is None:
+            grad_values.copy_(grads)
+        else:
+            grad_values[slots] = grads.to(grad_values.dtype)
+
+
+def _product(a, values, forward_mask, index, shape, block, transpose: bool) -> torch.Tensor:
+    """a · W_Aᵀ (transpose: the forward) or a · W_A (the input gradient), by the path `use_blocks` picks."""
+    cols = shape[1] // block
+    n_blocks = (shape[0] // block) * cols
+    slots = torch.nonzero(forward_mask & (index < n_blocks)).view(-1)
+    if not use_blocks(block, len(slots), n_blocks):
+        effective = values * forward_mask.view(-1, 1, 1).to(values.dtype)
+        return _tile_product(a, effective, index, shape, block, transpose)
+    blocks = values[slots].to(a.dtype)
+    rows, columns = index[slots] // cols, index[slots] % cols
+    if transpose:  # y[:, r] = Σ_c x[:, c] · W_rcᵀ
+        return _gathered_product(a, blocks.transpose(1, 2), rows, columns, shape[0])
+    return _gathered_product(a, blocks, columns, rows, shape[1])  # grad_x[:, c] = Σ_r g[:, r] · W_rc
+
+
 class SparseMatmul(torch.autograd.Function):
     """y = x · W_Aᵀ where W_A holds `values * forward_mask` at grid positions `index`; the
     gradient for `values` covers all of B.
 
     With `penalty` λ > 0 the value gradient gets Top-KAST's exploration penalty, λ·θ on A and
     λ·θ / D on B \\ A (ALGORITHMS.md §1), so that clipping and the optimizer see the gradient a
-    dense Top-KAST would. Only x (an activation) is saved for backward; A's effective values are
-    rebuilt there rather than kept alive between the passes.
+    dense Top-KAST would. Only x (an activation) is saved for backward; A's slots and effective
+    values are found again there rather than kept alive between the passes.
     """
 
     @staticmethod
     def forward(ctx, x, values, forward_mask, stored_index, shape, block, penalty, density):
-        index = stored_index.long()  # transient: the int64 copy is not kept for backward
-        effective = values * forward_mask.view(-1, 1, 1).to(values.dtype)
         x2 = x.reshape(-1, shape[1])
-        out = x2.new_empty(x2.shape[0], shape[0])
-        for r0, r1 in _tiles(shape, block):
-            tile = _scatter_tile(effective, index, r0, r1, shape, block).to(x2.dtype)
-            out[:, r0 * block : r1 * block] = x2 @ tile.T
+        out = _product(x2, values, forward_mask, stored_index.long(), shape, block, transpose=True)
         ctx.save_for_backward(x, values, forward_mask, stored_index)
         ctx.shape, ctx.block, ctx.penalty, ctx.density = shape, block, penalty, density
         return out.view(*x.shape[:-1], shape[0])
@@ -117,20 +257,20 @@ class SparseMatmul(torch.autograd.Function):
         shape, block = ctx.shape, ctx.block
         x2 = x.reshape(-1, shape[1])
         g2 = grad_out.reshape(-1, shape[0])
-        grad_x = torch.zeros_like(x2) if ctx.needs_input_grad[0] else None
-        grad_values = torch.zeros_like(values) if ctx.needs_input_grad[1] else None
-        effective = values * forward_mask.view(-1, 1, 1).to(values.dtype) if grad_x is not None else None
-        for r0, r1 in _tiles(shape, block):
-            g_rows = g2[:, r0 * block : r1 * block]
-            if grad_x is not None:
-                grad_x += g_rows @ _scatter_tile(effective, index, r0, r1, shape, block).to(g2.dtype)
-            if grad_values is not None:
-                slots, grads = _gather_tile(g_rows.T @ x2, index, r0, r1, shape, block)
-                if slots is None:
-                    grad_values.copy_(grads)
-                else:
-                    grad_values[slots] = grads.to(values.dtype)
-        if grad_values is not None and ctx.penalty:
-            scale = torch.where(forward_mask, ctx.penalty, ctx.penalty / ctx.density).to(values.dtype)
-            grad_values += scale.view(-1, 1, 1) * values
-        return (grad_x.view(x.shape) if grad_x is not None else None), grad_values, None, None, None, None, None, None
+        grad_x = grad_values = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _product(g2, values, forward_mask, index, shape, block, transpose=False).view(x.shape)
+        if ctx.needs_input_grad[1]:
+            grad_values = torch.zeros_like(values)
+            n_blocks = (shape[0] // block) * (shape[1] // block)
+            used = torch.nonzero(index < n_blocks).view(-1)
+            if use_blocks(block, len(used), n_blocks):
+                rows, cols = index[used] // (shape[1] // block), index[used] % (shape[1] // block)
+                grad_values[used] = _gathered_sddmm(g2, x2, rows, cols, block).to(values.dtype)
+            else:
+                _tile_sddmm(g2, x2, index, shape, block, grad_values)
+            if ctx.penalty:
+                scale = torch.where(forward_mask, ctx.penalty, ctx.penalty / ctx.density).to(values.dtype)
+                grad_values += scale.view(-1, 1, 1) * values
+        return grad_x, grad_values, None, None, None, None, None, None
+

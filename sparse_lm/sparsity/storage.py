@@ -223,13 +223,13 @@ class SparseLinear(nn.Module):
             out[lo:hi] = to_blocks(rows_fn(r0, r1), self.block)[positions[lo:hi] - r0 * self.block_cols]
         return out
 
-    def select_forward(self) -> torch.Tensor:
-        """A = the layer's top-k_A blocks by Σ|θ| within B (the top-D overall, as B holds the top
-        D + M), selected over the tensor-parallel group among the used slots."""
+    def select_forward(self, k: int | None = None) -> torch.Tensor:
+        """A = the layer's top-k blocks (default k_A) by Σ|θ| within B (the top-D overall, as B
+        holds the top D + M), selected over the tensor-parallel group among the used slots."""
         used = torch.nonzero(self.live).view(-1)
         scores = self.values.detach()[used].abs().sum(dim=(1, 2)).float()
         rank = self.spec.rank if self.spec else 0
-        picked = select_topk_positions(scores, self.k_forward, self.group, global_offset=rank * self.capacity)
+        picked = select_topk_positions(scores, self.k_forward if k is None else k, self.group, global_offset=rank * self.capacity)
         mask = torch.zeros(self.capacity, dtype=torch.bool, device=self.values.device)
         mask[used[picked]] = True
         return mask

@@ -1,5 +1,5 @@
-"""Top-KAST (ALGORITHMS.md §1) on `SparseLinear` layers: building them, re-picking A and B every R
-steps, and keeping the optimizer's state attached to the right entries.
+"""Top-KAST (ALGORITHMS.md §1) on `SparseLinear` layers: re-picking A and B every R steps, and
+keeping the optimizer's state attached to the right entries.
 
 Reselection of one layer, all in bounded memory:
 1. score every block of the weight, Σ|θ| — B's current values over the complement (regenerated or
@@ -22,31 +22,8 @@ from torch import nn
 
 from sparse_lm.config import SparsityConfig
 from sparse_lm.optim_state import write_slots, zero_moments
-from sparse_lm.parallel.layers import ShardLinear, shard_spec
-from sparse_lm.parallel.layout import local_size
 from sparse_lm.sparsity.init import stream_id
 from sparse_lm.sparsity.storage import SparseLinear
-
-
-def linear_factory(cfg: SparsityConfig, headroom: float = 0.25):
-    """The model's `LinearFactory`: SparseLinear for the targeted block linears, dense otherwise;
-    under tensor parallelism each is this rank's shard (`in_features`/`out_features` are the
-    shard's), between megatron-core's mappings. `headroom`: spare slots per shard (`storage`)."""
-
-    def make(name: str, in_features: int, out_features: int) -> nn.Module:
-        spec = shard_spec(name)
-        if spec is not None:  # this rank's shard of the [out_features, in_features] layer
-            if spec.dim == 0:
-                out_features = local_size(out_features, spec.size, f"the output width of {name}")
-            else:
-                in_features = local_size(in_features, spec.size, f"the input width of {name}")
-        if cfg.method == "dense" or name.rsplit(".", 1)[-1] not in cfg.targets:
-            return ShardLinear(in_features, out_features, spec) if spec else nn.Linear(in_features, out_features, bias=False)
-        exploration = cfg.exploration if cfg.method == "topkast" else 0.0
-        return SparseLinear(name, in_features, out_features, cfg.density, exploration, cfg.block,
-                            cfg.penalty if cfg.method == "topkast" else 0.0, cfg.complement, spec, headroom)
-
-    return make
 
 
 def sparse_layers(model: nn.Module) -> list[SparseLinear]:
@@ -113,11 +90,22 @@ class TopKAST:
         """`group`: the ranks whose layers together form the model (tensor × pipeline), or None."""
         self.layers, self.group = sparse_layers(model), group
         self.every = cfg.reselect_every
-        self.active = cfg.method == "topkast" and (bool(self.layers) or group is not None)
+        self.active = cfg.method in ("topkast", "spartan") and (bool(self.layers) or group is not None)
         self.freeze_at = cfg.freeze_masks_after * total_steps
 
     def due(self, step: int) -> bool:
         return self.active and step % self.every == 0 and step < self.freeze_at
+
+    def start(self, step: int) -> None:
+        """Before the first step of a run or of a resumed one: nothing to prepare for Top-KAST."""
+
+    def describe(self) -> str | None:
+        """A line for the run's log about the schedule, if it has more to say than the config."""
+        return None
+
+    def after_step(self, step: int, optimizer: torch.optim.Optimizer | None) -> dict[str, float] | None:
+        """After optimizer step `step`: reselect when due; returns the reselection's record."""
+        return self.reselect_all(optimizer) if self.due(step) else None
 
     def reselect_all(self, optimizer: torch.optim.Optimizer | None) -> dict[str, float]:
         """Reselect every layer; the fractions of the whole model's A and B that changed and the

@@ -25,7 +25,8 @@ from sparse_lm.model import resolve_vocab
 from sparse_lm.optim_state import link_partitions
 from sparse_lm.model.build import build_model
 from sparse_lm.parallel.state import DeepSpeedMPU, Topology, init_distributed, shutdown
-from sparse_lm.sparsity.topkast import TopKAST, sparse_layers, verify_replicas
+from sparse_lm.sparsity.methods import make_schedule
+from sparse_lm.sparsity.topkast import sparse_layers, verify_replicas
 from sparse_lm.train import faults
 from sparse_lm.train.guard import GuardedStep
 from sparse_lm.train.batches import heldout_batches, train_sampler
@@ -240,7 +241,11 @@ def _pretrain(cfg: RunConfig, topo: Topology) -> dict[str, Any]:
         )
         log.write("checkpoint", step=state.step, path=str(path))
 
-    schedule = TopKAST(engine.module, cfg.sparsity, t.steps, group=_model_parallel_group(topo))
+    schedule = make_schedule(engine.module, cfg, group=_model_parallel_group(topo))
+    schedule.start(state.step)
+    note = schedule.describe()
+    if note:
+        log.say(note)
     engine.train()
     started, window_start, window_steps = time.time(), time.time(), 0
     last_heldout = math.nan
@@ -299,8 +304,8 @@ def _pretrain(cfg: RunConfig, topo: Topology) -> dict[str, Any]:
                 f"(train.max_bad_steps={t.max_bad_steps}); stopping. Last good checkpoint: {last or 'none'}; "
                 "lower train.lr or check the data, then resume"
             )
-        if schedule.due(state.step):
-            change = schedule.reselect_all(optimizer)
+        change = schedule.after_step(state.step, optimizer)
+        if change is not None:
             if cfg.parallel.verify_replicas and topo.data > 1:
                 from megatron.core import parallel_state
 

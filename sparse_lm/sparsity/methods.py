@@ -1,0 +1,47 @@
+"""The sparsity methods as the model and the training loop see them: which linear each block
+layer becomes (`linear_factory`) and which schedule drives it between steps (`make_schedule`)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from sparse_lm.config import RunConfig, SparsityConfig
+from sparse_lm.parallel.layers import ShardLinear, shard_spec
+from sparse_lm.parallel.layout import local_size
+from sparse_lm.sparsity.spartan import Spartan, SpartanLinear
+from sparse_lm.sparsity.storage import SparseLinear
+from sparse_lm.sparsity.topkast import TopKAST
+
+
+def linear_factory(cfg: SparsityConfig, headroom: float = 0.25):
+    """The model's `LinearFactory`: a sparse linear for the targeted block linears (SpartanLinear
+    for Spartan, SparseLinear otherwise), dense for the rest; under tensor parallelism each is this
+    rank's shard (`in_features`/`out_features` are the shard's), between megatron-core's mappings.
+    `headroom`: spare slots per shard (`storage`)."""
+
+    def make(name: str, in_features: int, out_features: int) -> nn.Module:
+        spec = shard_spec(name)
+        if spec is not None:  # this rank's shard of the [out_features, in_features] layer
+            if spec.dim == 0:
+                out_features = local_size(out_features, spec.size, f"the output width of {name}")
+            else:
+                in_features = local_size(in_features, spec.size, f"the input width of {name}")
+        if cfg.method == "dense" or name.rsplit(".", 1)[-1] not in cfg.targets:
+            return ShardLinear(in_features, out_features, spec) if spec else nn.Linear(in_features, out_features, bias=False)
+        if cfg.method == "spartan":  # B: Top-KAST's candidates, or every block
+            exploration = 1 - cfg.density if cfg.candidates == "dense" else cfg.exploration
+            return SpartanLinear(name, in_features, out_features, cfg.density, exploration, cfg.block, 0.0,
+                                 cfg.complement, spec, headroom)
+        exploration = cfg.exploration if cfg.method == "topkast" else 0.0
+        return SparseLinear(name, in_features, out_features, cfg.density, exploration, cfg.block,
+                            cfg.penalty if cfg.method == "topkast" else 0.0, cfg.complement, spec, headroom)
+
+    return make
+
+
+def make_schedule(model: nn.Module, cfg: RunConfig, group=None) -> TopKAST:
+    """The between-steps driver of `model`'s sparse layers; `group`: the tensor × pipeline ranks
+    whose layers together form the model, or None."""
+    if cfg.sparsity.method == "spartan":
+        return Spartan(model, cfg, group)
+    return TopKAST(model, cfg.sparsity, cfg.train.steps, group)

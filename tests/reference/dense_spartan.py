@@ -1,0 +1,69 @@
+"""The oracle for Spartan inside Top-KAST's B (ALGORITHMS.md §3–4), written the textbook way: a
+dense θ, boolean block masks, the soft mask built from plain tensor operations and differentiated
+by autograd, AdamW written out (inherited from the Top-KAST oracle).
+
+Independent of `sparse_lm.sparsity.soft_topk`: μ is found by bisection (no Newton, no implicit
+formula) and the gradient comes from autograd through one Newton correction taken from that
+root — at a root, the derivative of a Newton step is the implicit derivative, so autograd alone
+produces ∂m/∂u here. The schedules are the formulas of `sparse_lm.sparsity.spartan`'s docstring.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tests.reference.dense_topkast import DenseTopKASTLinear
+
+
+def soft_topk_reference(u: torch.Tensor, k: float, beta: float) -> torch.Tensor:
+    """σ(β u + μ) with Σ = k (unit costs), differentiable in u."""
+    z = beta * u.double()
+    lo, hi = -60.0 - float(z.detach().max()), 60.0 - float(z.detach().min())
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if float(torch.sigmoid(z.detach() + mid).sum()) < k else (lo, mid)
+    mu = torch.tensor(0.5 * (lo + hi), dtype=torch.float64)
+    m = torch.sigmoid(z + mu)
+    mu = mu - (m.sum() - k) / (m * (1 - m)).sum()  # one Newton step from the root: carries dμ/du
+    return torch.sigmoid(z + mu)
+
+
+class DenseSpartanLinear(DenseTopKASTLinear):
+    """B by magnitude as in Top-KAST (inherited `select`); A and the soft mask per the schedule."""
+
+    def __init__(self, *args, beta: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        dtype = torch.get_default_dtype()  # the initialiser gives float32; follow the model's dtype
+        self.theta, self.theta0 = self.theta.to(dtype), self.theta0.to(dtype)
+        self.exp_avg, self.exp_avg_sq = self.exp_avg.to(dtype), self.exp_avg_sq.to(dtype)
+        self.beta_target = beta * self.block
+        self.budget = self.k_forward
+        self.k_now, self.beta, self.frozen = self.k_backward, 0.0, False
+
+    def block_scores(self, theta: torch.Tensor) -> torch.Tensor:
+        b = self.block
+        return theta.abs().view(self.grid[0], b, self.grid[1], b).sum(dim=(1, 3)).reshape(-1) / b**2
+
+    def advance(self, progress: float, frozen: bool, repick: bool) -> None:
+        self.k_now = round(self.k_backward + (self.budget - self.k_backward) * progress)
+        self.beta, self.frozen = self.beta_target * progress, frozen
+        if repick:
+            in_b = torch.where(self.B, self.block_scores(self.theta), torch.tensor(-1.0))
+            self.A = self.top(in_b, self.k_now)
+
+    def weight(self):
+        """(θ as a leaf, the straight-through weight: value θ·1_A, gradient of θ·m)."""
+        theta = self.theta.clone().requires_grad_()
+        hard = self.blocks_to_dense(self.A).to(theta.dtype)
+        if self.frozen:
+            return theta, theta * hard
+        scores = self.block_scores(theta)[self.B]
+        if self.k_now >= self.k_backward:
+            soft_b = torch.ones_like(scores)
+        else:
+            scale = float(scores.detach().mean())
+            soft_b = soft_topk_reference(scores / scale, self.k_now, self.beta).to(theta.dtype)
+        soft_blocks = torch.zeros(self.B.numel(), dtype=theta.dtype).masked_scatter(self.B, soft_b)
+        b = self.block
+        soft = soft_blocks.view(*self.grid, 1, 1).expand(*self.grid, b, b).transpose(1, 2).reshape(self.shape)
+        return theta, theta * soft + (theta * hard - theta * soft).detach()

@@ -1,0 +1,30 @@
+"""tools/bench_step.py end to end on the smallest setting: it runs and writes a complete report."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+TOOL = Path(__file__).resolve().parents[1] / "tools" / "bench_step.py"
+
+
+def test_bench_step_tiny(tmp_path):
+    out, table = tmp_path / "step.json", tmp_path / "step.md"
+    proc = subprocess.run(
+        [sys.executable, str(TOOL), "--d-models", "64", "--modes", "element", "block16", "--densities", "1", "0.1",
+         "--tokens", "32", "--layers", "1", "--hidden-mult", "2", "--repeat", "2", "--threads", "1",
+         "--json", str(out), "--markdown", str(table)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert {"cpu", "cpu_count", "threads", "torch", "rule"} <= report["environment"].keys()
+    assert [(r["mode"], r["density"]) for r in report["results"]] == [
+        ("element", 1.0), ("element", 0.1), ("block16", 1.0), ("block16", 0.1)]
+    for r in report["results"]:
+        assert len(r["step_dense_s"]) == len(r["step_sparse_s"]) == 2
+        assert r["step_speedup_min"] > 0 and r["forward_speedup_median"] > 0
+        assert r["forward_path"] == ("gathered" if (r["block"], r["density"]) == (16, 0.1) else "tiles")
+    assert "| d_model | mode |" in table.read_text() and table.read_text() in proc.stdout

@@ -1,0 +1,124 @@
+"""SparseMatmul against dense autograd: forward, input gradient, and the value gradient sampled at
+all of B (A and B \\ A alike), on both paths (gathered blocks and dense tiles).
+
+Tolerances: rtol = atol = 1e-5 in fp32 with O(1) inputs and sums of at most a few hundred terms
+(the paths add in different orders); 1e-10 in fp64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sparse_lm.sparsity import kernels
+from sparse_lm.sparsity.kernels import SparseMatmul, from_blocks, scatter_blocks
+
+
+def _layer(out_f, in_f, block, n_used, n_a, spare, dtype, seed=0, empty_row=False, empty_col=False):
+    """(values, forward_mask, index, dense B weight) with `spare` unused slots shuffled in."""
+    gen = torch.Generator().manual_seed(seed)
+    rows, cols = out_f // block, in_f // block
+    allowed = torch.ones(rows, cols, dtype=torch.bool)
+    if empty_row:
+        allowed[1] = False
+    if empty_col:
+        allowed[:, -1] = False
+    candidates = torch.nonzero(allowed.view(-1)).view(-1)
+    positions = candidates[torch.randperm(len(candidates), generator=gen)[:n_used]]
+    capacity = n_used + spare
+    index = torch.full((capacity,), rows * cols, dtype=torch.int32)
+    mask = torch.zeros(capacity, dtype=torch.bool)
+    slots = torch.randperm(capacity, generator=gen)[:n_used]  # used slots in no particular order
+    index[slots] = positions.int()
+    mask[slots[:n_a]] = True
+    values = torch.randn(capacity, block, block, generator=gen, dtype=dtype)
+    values[index == rows * cols] = 0
+    return values, mask, index
+
+
+def _dense(values, mask, index, shape, block):
+    n = (shape[0] // block) * (shape[1] // block)
+    blocks = scatter_blocks(values * mask.view(-1, 1, 1).to(values.dtype), index.long(), n)
+    return from_blocks(blocks, shape[0] // block, shape[1] // block)
+
+
+def _check(shape, block, n_used, n_a, spare=3, dtype=torch.float32, lead=(2, 5), penalty=0.0, **kw):
+    values0, mask, index = _layer(*shape, block, n_used, n_a, spare, dtype, **kw)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(*lead, shape[1], generator=gen, dtype=dtype, requires_grad=True)
+    weight = torch.randn(*lead, shape[0], generator=gen, dtype=dtype)  # loss = Σ weight · y
+
+    leaf = values0.clone().requires_grad_(True)
+    values = leaf * 1.0  # a non-leaf, as Spartan passes
+    y = SparseMatmul.apply(x, values, mask, index, shape, block, penalty, 0.25)
+    (y * weight).sum().backward()
+
+    ref_x = x.detach().clone().requires_grad_(True)
+    effective = _dense(values0, mask, index, shape, block).requires_grad_(True)  # W_A
+    ref_y = ref_x @ effective.T
+    (ref_y * weight).sum().backward()
+
+    used = index.long() < (shape[0] // block) * (shape[1] // block)
+    grads = effective.grad  # dL/dW_A, sampled at all of B below
+    rows, cols = shape[0] // block, shape[1] // block
+    expected = grads.view(rows, block, cols, block).transpose(1, 2).reshape(-1, block, block)
+    expected = torch.cat([expected, expected.new_zeros(1, block, block)])[index.long()]  # unused: zeros
+    if penalty:
+        expected = expected + torch.where(mask, penalty, penalty / 0.25).to(dtype).view(-1, 1, 1) * values0
+    torch.testing.assert_close(y, ref_y, **tol)
+    torch.testing.assert_close(x.grad, ref_x.grad, **tol)
+    torch.testing.assert_close(leaf.grad, expected, **tol)
+    assert leaf.grad.dtype == dtype and torch.all(leaf.grad[~used] == 0)
+
+
+@pytest.fixture(params=["gathered", "tiles"])
+def path(request, monkeypatch):
+    """Forces one path for every product (both must give the same numbers)."""
+    monkeypatch.setattr(kernels, "use_blocks", lambda block, n, total: request.param == "gathered")
+    return request.param
+
+
+@pytest.mark.parametrize("block", [1, 4, 16, 32])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_matches_dense(path, block, dtype):
+    shape = (4 * 32, 3 * 32)
+    n = (shape[0] // block) * (shape[1] // block)
+    n_used = max(2, n // 3)
+    _check(shape, block, n_used, n_used // 2, dtype=dtype, penalty=1e-2, empty_row=True, empty_col=True)
+
+
+@pytest.mark.parametrize("block", [16, 64])
+@pytest.mark.parametrize("forward_share", [0.0, 1.0])
+def test_all_or_nothing_in_a(path, block, forward_share):
+    shape = (128, 192)
+    n = (shape[0] // block) * (shape[1] // block)
+    _check(shape, block, n, round(forward_share * n), spare=0 if forward_share else 2, lead=(7,))
+
+
+def test_layer_without_used_slots(path):
+    _check((64, 32), 16, 0, 0, spare=4, lead=(3,))
+
+
+def test_no_tokens(path):
+    _check((64, 96), 32, 4, 2, lead=(0, 3))
+
+
+@pytest.mark.parametrize("strips", [1, 3])
+def test_small_chunks_do_not_change_the_numbers(monkeypatch, path, strips):
+    """Chunks of one or three [T, b] strips (fewer than some block-rows hold) reuse the workspaces."""
+    monkeypatch.setattr(kernels, "GATHER_CHUNK_ELEMENTS", strips * 6 * 16)
+    _check((128, 96), 16, 30, 20, lead=(2, 3))
+
+
+def test_rule_picks_gathered_blocks_only_for_large_sparse_blocks():
+    assert kernels.use_blocks(16, 17, 100) and not kernels.use_blocks(16, 19, 100)
+    assert kernels.use_blocks(32, 35, 100) and not kernels.use_blocks(32, 37, 100)
+    assert kernels.use_blocks(64, 50, 100) and not kernels.use_blocks(128, 51, 100)
+    assert not kernels.use_blocks(1, 1, 100) and not kernels.use_blocks(8, 1, 100)
+
+
+def test_default_rule_matches_dense():
+    """No forcing: this layer takes the gathered path through A and the tile path for B."""
+    shape, block = (256, 128), 32
+    assert kernels.use_blocks(block, 5, 32) and not kernels.use_blocks(block, 16, 32)
+    _check(shape, block, 16, 5, lead=(4, 3))
