@@ -103,17 +103,19 @@ def test_no_tokens(path):
     _check((64, 96), 32, 4, 2, lead=(0, 3))
 
 
-@pytest.mark.parametrize("strips", [1, 3])
-def test_small_chunks_do_not_change_the_numbers(monkeypatch, path, strips):
-    """Chunks of one or three [T, b] strips (fewer than some block-rows hold) reuse the workspaces."""
-    monkeypatch.setattr(kernels, "GATHER_CHUNK_ELEMENTS", strips * 6 * 16)
+@pytest.mark.parametrize("slabs", [1, 3])
+def test_small_chunks_do_not_change_the_numbers(monkeypatch, path, slabs):
+    """Chunks of one or three [b, t] slabs (fewer than some block-rows hold) reuse the workspaces,
+    in passes of 4 tokens over 6 (the last one short)."""
+    monkeypatch.setattr(kernels, "GATHER_TOKENS", 4)
+    monkeypatch.setattr(kernels, "GATHER_CHUNK_ELEMENTS", slabs * 4 * 16)
     _check((128, 96), 16, 30, 20, lead=(2, 3))
 
 
 def test_rule_picks_gathered_blocks_only_for_large_sparse_blocks():
-    assert kernels.use_blocks(16, 17, 100) and not kernels.use_blocks(16, 19, 100)
-    assert kernels.use_blocks(32, 35, 100) and not kernels.use_blocks(32, 37, 100)
-    assert kernels.use_blocks(64, 50, 100) and not kernels.use_blocks(128, 51, 100)
+    assert kernels.use_blocks(16, 35, 100) and not kernels.use_blocks(16, 37, 100)
+    assert kernels.use_blocks(32, 45, 100) and not kernels.use_blocks(32, 46, 100)
+    assert kernels.use_blocks(64, 45, 100) and not kernels.use_blocks(128, 46, 100)
     assert not kernels.use_blocks(1, 1, 100) and not kernels.use_blocks(8, 1, 100)
 
 

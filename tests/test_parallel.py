@@ -208,6 +208,25 @@ def test_tensor_parallel_resume_is_exact(tp_runs, data_dir, tmp_path):
         assert r["loss"] == pytest.approx(full[r["step"]], rel=1e-6, abs=1e-6), r["step"]
 
 
+def test_a_killed_rank_then_resume_reproduces_the_tensor_parallel_run(tp_runs, data_dir, tmp_path):
+    """Rank 1 of a TP 2 run is SIGKILLed as step 14 starts (after the step-10 checkpoint): rank 0
+    stops with one line within `parallel.timeout_s`, step 10 stays the latest checkpoint, and
+    `--resume` on two ranks gives the uninterrupted run's losses for steps 11-20."""
+    sections = _sections("element", 2, timeout_s=20)
+    config = write_config(tmp_path, data_dir, "killed", **sections)
+    proc = run_cli(str(REPO / "launch" / "pretrain.py"), "--config", str(config), launcher=_launcher(2), check=False,
+                   env={"SPARSE_LM_FAULTS": "kill_rank1@14"})
+    assert proc.returncode != 0
+    assert "another rank probably died or stalled" in proc.stdout + proc.stderr
+    ckpt = tmp_path / "killed" / "checkpoints"
+    assert (ckpt / "latest").read_text().strip() == "step_00000010"
+    run_cli(str(REPO / "launch" / "pretrain.py"), "--config", str(config), "--resume", launcher=_launcher(2))
+    full = {r["step"]: r["loss"] for r in records(tp_runs("element", 2), "step")}
+    resumed = {r["step"]: r["loss"] for r in records(tmp_path / "killed", "step")}  # the last attempt's
+    for step in range(11, STEPS_TP + 1):
+        assert resumed[step] == pytest.approx(full[step], rel=1e-6, abs=1e-6), step
+
+
 def test_other_topology_is_refused_with_a_pointer_to_convert(tp_runs, data_dir, tmp_path):
     ckpt = tmp_path / "one" / "checkpoints"
     shutil.copytree(tp_runs("element", 2) / "checkpoints", ckpt)

@@ -10,6 +10,7 @@ back into whole layers for export and tests.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "embed_tokens", "lm_head")
@@ -60,14 +61,19 @@ def local_size(total: int, parts: int, what: str) -> int:
     return total // parts
 
 
+@functools.lru_cache(maxsize=16)
+def _stage_bounds(n_layers: int, pipeline: int) -> tuple[int, ...]:
+    from deepspeed.runtime.utils import partition_balanced
+
+    return tuple(int(b) for b in partition_balanced([0] + [1] * n_layers + [0], pipeline))
+
+
 def stage_of(name: str, n_layers: int, pipeline: int) -> int:
     """The pipeline stage holding a canonical name, as DeepSpeed partitions `model.pipeline`'s
     layers (embedding, n_layers blocks, head; blocks balanced over the stages)."""
-    from deepspeed.runtime.utils import partition_balanced
-
     if pipeline == 1:
         return 0
-    bounds = [int(b) for b in partition_balanced([0] + [1] * n_layers + [0], pipeline)]
+    bounds = _stage_bounds(n_layers, pipeline)
     first = name.split(".", 1)[0]
     position = 0 if first == "embed_tokens" else n_layers + 1 if first in ("norm", "lm_head") else 1 + int(name.split(".")[1])
     return next(stage for stage in range(pipeline) if bounds[stage] <= position < bounds[stage + 1])

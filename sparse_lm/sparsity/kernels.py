@@ -3,14 +3,21 @@ value gradient sampled at B (SDDMM).
 
 Two CPU paths in plain torch, picked per product by `use_blocks` (numbers: docs/bench/step.md):
 
-* *Gathered blocks* (b ≥ 16, at most a fraction of the grid: `use_blocks`). Activations stay
-  [tokens, features]; a block-column of x is a [T, b] strip, and the strips a product needs are
-  gathered (one `index_select`) into a batch that one `torch.bmm` multiplies by the stacked blocks.
-  Slots are grouped by how many blocks their block-row (block-column, for the input gradient)
-  holds, so every block-row of a batch reduces over the same number of blocks *inside* the bmm and
-  writes its output once — no padding, no accumulation. Work and memory scale with the number of
-  blocks, not the dense size; the value gradient of B's slots is the same gather with a gᵀ strip
-  on the left. Chunks are bounded by `GATHER_CHUNK_ELEMENTS` and reuse one workspace.
+* *Gathered blocks* (b ≥ 16, at most a fraction of the grid: `use_blocks`). Tokens are taken
+  `GATHER_TOKENS` at a time and their activations transposed once to [features, t], so that the
+  block-column a block needs is one contiguous [b, t] slab: the slabs a chunk of block-rows needs
+  are gathered by one `index_select` (one copy of b·t numbers each, where a [t, b] strip of the
+  untransposed activations is t copies of b), and one `torch.bmm` multiplies the stacked blocks
+  by them, giving the block-rows' outputs transposed, each written by one contiguous copy; the
+  pass's output is transposed back once. Slots are grouped by how many blocks their block-row
+  (block-column, for the input gradient) holds, so every block-row of a batch reduces over the
+  same number of blocks *inside* the bmm and writes its output once — no padding, no
+  accumulation. The value gradient of B's slots is the same gather: a gᵀ slab times the stacked x
+  slabs, transposed, summed over the passes. Work and memory scale with the number of blocks, not
+  the dense size; the transposed activations (a pass's worth) and the chunks
+  (`GATHER_CHUNK_ELEMENTS`) live in workspaces reused pass after pass. Against strips this made
+  the sparse training step 1.1–1.25× faster (b = 16 and 32, D = 0.05–0.2); transposing is now a
+  good part of the cost.
 * *Dense tiles* (element mode, or most blocks present). The weight is visited in tiles of whole
   block-rows; a tile is scattered dense for one matmul and dropped — like an activation, it never
   outlives the call, and `MAX_TILE_ELEMENTS` bounds it whatever the layer size. The value gradient
@@ -101,14 +108,16 @@ def _gather_tile(grad_tile, index, r0, r1, shape, block):
     return slots, gather_blocks(to_blocks(grad_tile, block), local)
 
 
-# The gathered path moves b numbers per index and does b multiply-adds per number moved, so its
-# cost against the dense tile falls with b and grows with the fraction f of the grid a product
-# visits. Measured crossovers (one product of a 4096×1024 weight, 1024 tokens, 1 CPU thread):
-# f ≈ 0.25 at b = 16, 0.4 at b = 32, 0.5–0.6 at b = 64. The rule: b ≥ MIN_GATHER_BLOCK and
-# f ≤ min(MAX_GATHER_FRACTION, b / GATHER_BLOCK_SCALE) — 0.18, 0.36 and 0.5 for those b.
+# The gathered path copies b·t contiguous numbers per slab and does b multiply-adds per number
+# copied, so its cost against the dense tile falls with b and grows with the fraction f of the grid
+# a product visits. Measured crossovers (a 4096×1024 weight, 1024 tokens, 1 CPU thread; forward /
+# input gradient / value gradient): f ≈ 0.45 / 0.4 / 0.37 at b = 16, 0.6 / 0.6 / 0.5 at b = 32,
+# 0.55 / > 0.6 / 0.4 at b = 64 (times vary by ±15% on a shared machine). The rule: b ≥
+# MIN_GATHER_BLOCK and f ≤ min(MAX_GATHER_FRACTION, b / GATHER_BLOCK_SCALE) — 0.36 at b = 16,
+# 0.45 from b = 32 on.
 MIN_GATHER_BLOCK = 16
-GATHER_BLOCK_SCALE = 90
-MAX_GATHER_FRACTION = 0.5
+GATHER_BLOCK_SCALE = 45
+MAX_GATHER_FRACTION = 0.45
 
 
 def use_blocks(block: int, n_slots: int, n_blocks: int) -> bool:
@@ -117,9 +126,12 @@ def use_blocks(block: int, n_slots: int, n_blocks: int) -> bool:
     return block >= MIN_GATHER_BLOCK and n_slots <= limit * n_blocks
 
 
-# Strips are gathered, and products written, into workspaces reused chunk after chunk, each at
-# most this many elements (or one block-row's worth): a fresh tensor per chunk would cost more in
+# Tokens are taken GATHER_TOKENS at a time, which bounds the transposed copies and the workspaces
+# whatever the batch (passes of 256 tokens ran as fast as one of 1024, or a little faster); slabs
+# are gathered, and products written, into workspaces reused chunk after chunk, each at most
+# GATHER_CHUNK_ELEMENTS (or one block-row's worth): a fresh tensor per chunk would cost more in
 # page faults than the copy itself.
+GATHER_TOKENS = 256
 GATHER_CHUNK_ELEMENTS = 1 << 20
 
 
@@ -139,59 +151,68 @@ def _groups(major: torch.Tensor, minor: torch.Tensor, n_major: int, max_slots: i
     return chunks
 
 
-def _slots_per_chunk(tokens: int, block: int) -> int:
-    """How many [T, b] strips fit in GATHER_CHUNK_ELEMENTS (at least one)."""
-    return max(1, GATHER_CHUNK_ELEMENTS // max(1, tokens * block))
+def _passes(a: torch.Tensor, block: int, major, minor, n_major):
+    """(tokens per pass, `_groups` chunks of at most GATHER_CHUNK_ELEMENTS of slabs, workspaces
+    for the slabs of a chunk's minors and of its majors), for activations a [T, ·]."""
+    span = max(1, min(a.shape[0], GATHER_TOKENS))
+    chunks = _groups(major, minor, n_major, max(1, GATHER_CHUNK_ELEMENTS // (span * block)))
+    minors = a.new_empty(span * block * max((minors.numel() for _, minors, _ in chunks), default=0))
+    majors = a.new_empty(span * block * max((len(majors) for majors, _, _ in chunks), default=0))
+    return span, chunks, minors, majors
 
 
-def _strips(a3: torch.Tensor, columns: torch.Tensor, workspace: torch.Tensor) -> torch.Tensor:
-    """[m, T, k·b] view of the workspace: for each row of `columns` [m, k], its k block-columns of
-    the activation a3 [T, n, b] side by side."""
-    tokens, block = a3.shape[0], a3.shape[2]
+def _transposed(a: torch.Tensor, block: int, workspace: torch.Tensor) -> torch.Tensor:
+    """[t, n·b] activations → [n, b, t] (in the workspace): block-column c is the slab [c], one
+    piece of memory."""
+    out = workspace[: a.numel()].view(a.shape[1], a.shape[0])
+    out.copy_(a.T)
+    return out.view(a.shape[1] // block, block, a.shape[0])
+
+
+def _slabs(a_t: torch.Tensor, columns: torch.Tensor, workspace: torch.Tensor) -> torch.Tensor:
+    """[m, k·b, t] view of the workspace: for each row of `columns` [m, k], its k slabs of a_t
+    [n, b, t] stacked."""
     m, k = columns.shape
-    out = workspace[: tokens * m * k * block].view(tokens, m * k, block)
-    torch.index_select(a3, 1, columns.view(-1), out=out)
-    return out.view(tokens, m, k * block).transpose(0, 1)
+    out = workspace[: m * k * a_t.shape[1] * a_t.shape[2]].view(m * k, *a_t.shape[1:])
+    torch.index_select(a_t, 0, columns.view(-1), out=out)
+    return out.view(m, k * a_t.shape[1], a_t.shape[2])
 
 
 def _gathered_product(a, blocks, major, minor, n_out) -> torch.Tensor:
-    """[T, n_out]: block-column i of the result is Σ a[:, minor[s]-block] @ blocks[s] over the slots
-    s with major[s] = i (zeros where there are none)."""
-    tokens, block = a.shape[0], blocks.shape[-1]
-    a3 = a.contiguous().view(tokens, a.shape[1] // block, block)
+    """[T, n_out]: block-column i of the result is Σ (blocks[s] · a[:, minor[s]-block]ᵀ)ᵀ over the
+    slots s with major[s] = i (zeros where there are none)."""
+    (tokens, n_in), block = a.shape, blocks.shape[-1]
     out = a.new_empty(tokens, n_out)
-    out3 = out.view(tokens, n_out // block, block)
-    empty = torch.ones(out3.shape[1], dtype=torch.bool, device=a.device)
+    span, chunks, slabs, products = _passes(a, block, major, minor, n_out // block)
+    lefts = [blocks[slots].transpose(1, 2).reshape(len(slots), block, -1) for _, _, slots in chunks]  # [W_s1 W_s2 …]
+    empty = torch.ones(n_out // block, dtype=torch.bool, device=a.device)
     empty[major] = False
-    out3.index_fill_(1, torch.nonzero(empty).view(-1), 0)
-    chunks = _groups(major, minor, out3.shape[1], _slots_per_chunk(tokens, block))
-    if not chunks:
-        return out
-    strips = a.new_empty(tokens * block * max(minors.numel() for _, minors, _ in chunks))
-    products = a.new_empty(tokens * block * max(len(majors) for majors, _, _ in chunks))
-    for majors, minors, slots in chunks:
-        m, k = minors.shape
-        product = products[: tokens * m * block].view(tokens, m, block)
-        torch.bmm(_strips(a3, minors, strips), blocks[slots].reshape(m, k * block, block), out=product.transpose(0, 1))
-        out3.index_copy_(1, majors, product)
+    empty = torch.nonzero(empty).view(-1)
+    a_ws, out_ws = a.new_empty(n_in * span), a.new_empty(n_out * span)
+    for t0 in range(0, tokens, span):
+        t = min(span, tokens - t0)
+        a_t = _transposed(a[t0 : t0 + t], block, a_ws)
+        out_t = out_ws[: n_out * t].view(n_out // block, block, t).index_fill_(0, empty, 0)
+        for (majors, minors, _), left in zip(chunks, lefts):
+            product = products[: len(majors) * block * t].view(len(majors), block, t)
+            torch.bmm(left, _slabs(a_t, minors, slabs), out=product)
+            out_t.index_copy_(0, majors, product)
+        out[t0 : t0 + t] = out_t.view(n_out, t).T
     return out
 
 
 def _gathered_sddmm(g, x, rows, cols, block) -> torch.Tensor:
     """[n, b, b]: g[:, rows[s]-block]ᵀ · x[:, cols[s]-block] for each slot s."""
     tokens = g.shape[0]
-    g3 = g.contiguous().view(tokens, g.shape[1] // block, block)
-    x3 = x.contiguous().view(tokens, x.shape[1] // block, block)
-    out = g.new_empty(len(rows), block, block)
-    chunks = _groups(rows, cols, g3.shape[1], _slots_per_chunk(tokens, block))
-    if not chunks:
-        return out
-    x_strips = x.new_empty(tokens * block * max(minors.numel() for _, minors, _ in chunks))
-    g_strips = g.new_empty(tokens * block * max(len(majors) for majors, _, _ in chunks))
-    for majors, minors, slots in chunks:
-        m, k = minors.shape
-        product = torch.bmm(_strips(g3, majors.view(m, 1), g_strips).transpose(1, 2), _strips(x3, minors, x_strips))
-        out[slots.view(-1)] = product.view(m, block, k, block).transpose(1, 2).reshape(m * k, block, block)
+    out = g.new_zeros(len(rows), block, block)
+    span, chunks, x_slabs, g_slabs = _passes(g, block, rows, cols, g.shape[1] // block)
+    g_ws, x_ws = g.new_empty(g.shape[1] * span), x.new_empty(x.shape[1] * span)
+    for t0 in range(0, tokens, span):
+        g_t, x_t = _transposed(g[t0 : t0 + span], block, g_ws), _transposed(x[t0 : t0 + span], block, x_ws)
+        for majors, minors, slots in chunks:
+            m, k = minors.shape
+            product = torch.bmm(_slabs(g_t, majors.view(m, 1), g_slabs), _slabs(x_t, minors, x_slabs).transpose(1, 2))
+            out.index_add_(0, slots.view(-1), product.view(m, block, k, block).transpose(1, 2).reshape(m * k, block, block))
     return out
 
 
@@ -218,7 +239,8 @@ def _tile_sddmm(g, x, index, shape, block, grad_values) -> None:
 
 
 def _product(a, values, forward_mask, index, shape, block, transpose: bool) -> torch.Tensor:
-    """a · W_Aᵀ (transpose: the forward) or a · W_A (the input gradient), by the path `use_blocks` picks."""
+    """a · W_Aᵀ (transpose: the forward) or a · W_A (the input gradient), by the path `use_blocks`
+    picks."""
     cols = shape[1] // block
     n_blocks = (shape[0] // block) * cols
     slots = torch.nonzero(forward_mask & (index < n_blocks)).view(-1)
@@ -227,9 +249,9 @@ def _product(a, values, forward_mask, index, shape, block, transpose: bool) -> t
         return _tile_product(a, effective, index, shape, block, transpose)
     blocks = values[slots].to(a.dtype)
     rows, columns = index[slots] // cols, index[slots] % cols
-    if transpose:  # y[:, r] = Σ_c x[:, c] · W_rcᵀ
-        return _gathered_product(a, blocks.transpose(1, 2), rows, columns, shape[0])
-    return _gathered_product(a, blocks, columns, rows, shape[1])  # grad_x[:, c] = Σ_r g[:, r] · W_rc
+    if transpose:  # yᵀ[r] = Σ_c W_rc · xᵀ[c]
+        return _gathered_product(a, blocks, rows, columns, shape[0])
+    return _gathered_product(a, blocks.transpose(1, 2), columns, rows, shape[1])  # grad_xᵀ[c] = Σ_r W_rcᵀ · gᵀ[r]
 
 
 class SparseMatmul(torch.autograd.Function):

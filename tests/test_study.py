@@ -1,0 +1,49 @@
+"""tools/study.py end to end on a tiny study (few steps): every artefact is produced and parses,
+the small dense model matches the sparse one's non-zeros, finished runs are skipped on re-run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import yaml
+
+from tests.cli_runs import REPO
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def test_study_pipeline_produces_every_artefact(data_dir, tmp_path):
+    study = {
+        "base": {"model": {"d_model": 64, "n_layers": 2, "n_heads": 4, "max_seq_len": 32},
+                 "data": {"path": str(data_dir)},
+                 "train": {"steps": 4, "seq_len": 32, "micro_batch": 4, "eval_every": 2, "eval_batches": 2, "warmup_steps": 1},
+                 "checkpoint": {"every": 4, "keep": 1}},
+        "variants": {"dense": {},
+                     "topkast-75": {"sparsity": {"method": "topkast", "density": 0.25, "exploration": 0.25, "reselect_every": 2}},
+                     "small-dense-75": {"small_dense": "topkast-75"}},
+    }
+    config = tmp_path / "study.yaml"
+    config.write_text(yaml.safe_dump(study, sort_keys=False))
+    out = tmp_path / "results"
+    command = [sys.executable, str(REPO / "tools" / "study.py"), "--config", str(config), "--out", str(out)]
+    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "results.json").read_text())
+    results = report["results"]
+    assert list(results) == ["dense", "topkast-75", "small-dense-75"]
+    for name, r in results.items():
+        assert r["eval"]["perplexity"] > 1 and r["eval"]["bits_per_byte"] > 0, name
+        assert [step for step, _ in r["heldout_curve"]] == [2, 4], name
+        assert r["tokens_seen"] == results["dense"]["tokens_seen"]  # same token budget
+    sparse, small = results["topkast-75"], results["small-dense-75"]
+    assert sparse["forward_nonzeros"] < results["dense"]["forward_nonzeros"]
+    assert abs(small["parameters"] - sparse["forward_nonzeros"]) < 0.1 * sparse["forward_nonzeros"]
+    assert small["overrides"]["model"]["d_model"] < 64
+    table = (out / "results.md").read_text()
+    assert all(f"| {name} |" in table for name in results)
+    for png in ("loss_vs_step.png", "ppl_vs_density.png"):
+        assert (out / png).read_bytes()[:8] == PNG_SIGNATURE
+    again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "training" not in again.stdout  # finished runs are skipped

@@ -1,0 +1,213 @@
+"""Quality study: dense vs Top-KAST vs Spartan vs static sparse vs a smaller dense model, at equal
+data order and token budget, each evaluated on the held-out split by `sparse-lm eval`.
+
+    python tools/study.py --config configs/study-cpu.yaml --out docs/results
+    python tools/study.py --config configs/study-cpu.yaml --corpus notes/ more.jsonl --out runs/study-mine
+
+The study config holds a `base` run config (model, train, data, ...) and `variants`: a name →
+overrides of the base (`sparsity`, `model`, ...). A variant `{small_dense: NAME}` is a dense model
+whose width is chosen so that its parameter count is closest to the forward non-zeros of variant
+NAME (its width `model.d_model` and FFN scaled together, heads kept). Every variant trains with
+the base's seed, steps and batches, so all see the same tokens in the same order.
+
+Each run is a `sparse-lm pretrain` subprocess writing under `<out>/runs/<name>`; a run whose summary
+exists is skipped, an interrupted one resumes from its last checkpoint. Then `sparse-lm eval` on
+the held-out split (token perplexity, bits per byte). Writes `<out>/results.json`, `<out>/results.md`
+(the table), `<out>/loss_vs_step.png` and `<out>/ppl_vs_density.png`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from sparse_lm.config import block_linear_shapes, config_from_dict  # noqa: E402
+from sparse_lm.errors import UserError  # noqa: E402
+from sparse_lm.sparsity.allocation import sparse_linear_shapes, uniform_budgets  # noqa: E402
+
+
+def _merge(base: dict, overrides: dict) -> dict:
+    out = copy.deepcopy(base)
+    for section, fields in overrides.items():
+        out.setdefault(section, {}).update(fields)
+    return out
+
+
+def parameter_counts(tree: dict, vocab_size: int) -> tuple[int, int]:
+    """(all parameters of the dense-equivalent model, forward non-zeros: A of the sparse linears
+    plus everything dense) for a run config tree."""
+    cfg = config_from_dict(_merge(tree, {"model": {"vocab_size": vocab_size}}))
+    m = cfg.model
+    block = sum(rows * cols for rows, cols in block_linear_shapes(m).values()) + 2 * m.d_model
+    total = m.vocab_size * m.d_model * (1 if m.tie_embeddings else 2) + m.n_layers * block + m.d_model
+    if cfg.sparsity.method == "dense":
+        return total, total
+    b2 = cfg.sparsity.block**2
+    sparse = sum(s.rows * s.cols for s in sparse_linear_shapes(cfg))
+    kept = sum(uniform_budgets(cfg).values()) * b2  # |A| of every method (Spartan's allocations keep the total)
+    return total, total - sparse + kept
+
+
+def small_dense(base: dict, target: int, vocab_size: int) -> dict:
+    """Overrides for a dense model of the base's shape scaled in width to ≈ `target` parameters."""
+    model = config_from_dict(base).model
+    step = 2 * model.n_heads  # keeps an even head dimension
+    best = None
+    for d_model in range(step, model.d_model + 1, step):
+        ffn = 64 * max(1, round(model.ffn_dim * d_model / model.d_model / 64))
+        tree = _merge(base, {"model": {"d_model": d_model, "ffn_hidden": ffn}, "sparsity": {"method": "dense"}})
+        count = parameter_counts(tree, vocab_size)[0]
+        if best is None or abs(count - target) < abs(best[0] - target):
+            best = (count, {"model": {"d_model": d_model, "ffn_hidden": ffn}, "sparsity": {"method": "dense"}})
+    return best[1]
+
+
+def _run(args: list[str], log: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    with log.open("a") as out:
+        proc = subprocess.run([sys.executable, "-m", "sparse_lm", *args], cwd=REPO, env=env, stdout=out,
+                              stderr=subprocess.STDOUT)
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(args[:1])} failed (exit {proc.returncode}); see {log}")
+
+
+def _records(run_dir: Path, kind: str) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, type=Path, help="study YAML (base + variants)")
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--corpus", nargs="+", help="prepare these sources instead of the base's data.path")
+    parser.add_argument("--only", nargs="+", help="run only these variants")
+    args = parser.parse_args()
+
+    study = yaml.safe_load(args.config.read_text())
+    base, variants = study["base"], study["variants"]
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.corpus:
+        data = args.out / "data"
+        _run(["prepare-data", "--corpus", *args.corpus, "--out", str(data),
+              "--vocab-size", str(base.get("data", {}).get("vocab_size", 4096))], args.out / "prepare.log")
+        base = _merge(base, {"data": {"path": str(data)}})
+    meta_path = Path(base["data"]["path"]) / "meta.json"
+    if not meta_path.is_file():
+        raise SystemExit(f"data.path {meta_path.parent}: not a prepared data directory; run `sparse-lm prepare-data "
+                         f"--corpus stdlib --out {meta_path.parent}` (README) or pass --corpus")
+    meta = json.loads(meta_path.read_text())
+    vocab = 64 * math.ceil(meta["vocab_size"] / 64)
+
+    names = [n for n in variants if not args.only or n in args.only]
+    results = {}
+    for name in names:
+        overrides = variants[name] or {}
+        if "small_dense" in overrides:
+            target = parameter_counts(_merge(base, variants[overrides["small_dense"]]), vocab)[1]
+            overrides = small_dense(base, target, vocab)
+        run_dir = args.out / "runs" / name
+        tree = _merge(base, overrides)
+        tree = _merge(tree, {"train": {"out_dir": str(run_dir)}, "checkpoint": {"dir": str(run_dir / "checkpoints")}})
+        try:
+            config_from_dict(tree).validate()
+        except UserError as exc:
+            raise SystemExit(f"{args.config}: variant {name}: {exc}") from None
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config_path = run_dir / "config.yaml"
+        config_path.write_text(yaml.safe_dump(tree, sort_keys=False))
+        summary_path, eval_path = run_dir / "summary.json", run_dir / "eval.json"
+        started = time.time()
+        if not summary_path.is_file():
+            print(f"[study] {name}: training", flush=True)
+            _run(["pretrain", "--config", str(config_path), "--summary-json", str(summary_path)], run_dir / "train.log")
+        if not eval_path.is_file():
+            print(f"[study] {name}: eval", flush=True)
+            _run(["eval", "--checkpoint", str(run_dir / "checkpoints"), "--corpus", "heldout", "--json", str(eval_path)],
+                 run_dir / "eval.log")
+        summary, evaluation = json.loads(summary_path.read_text()), json.loads(eval_path.read_text())
+        total, nonzero = parameter_counts(tree, vocab)
+        results[name] = {
+            "overrides": overrides, "parameters": total, "forward_nonzeros": nonzero, "nonzero_fraction": nonzero / total,
+            "method": tree.get("sparsity", {}).get("method", "dense"),
+            "heldout_curve": [(r["step"], r["loss"]) for r in _records(run_dir, "heldout")],
+            "train_wall_s": summary["wall_s"], "tokens_seen": summary["tokens_seen"],
+            "model_state_bytes": summary["model_state_bytes"], "eval": evaluation,
+            "this_invocation_s": time.time() - started,
+        }
+        print(f"[study] {name}: ppl {evaluation['perplexity']:.2f}, bits/byte {evaluation['bits_per_byte']:.4f}", flush=True)
+
+    report = {"config": str(args.config), "base": base, "results": results, "machine": _machine()}
+    (args.out / "results.json").write_text(json.dumps(report, indent=1) + "\n")
+    (args.out / "results.md").write_text(_table(results))
+    _plots(results, args.out)
+    print(_table(results))
+
+
+def _machine() -> dict:
+    import torch
+
+    return {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
+            "python": platform.python_version(), "torch": torch.__version__}
+
+
+def _table(results: dict) -> str:
+    lines = ["| run | method | params (dense-equiv.) | forward non-zeros | held-out ppl | bits/byte | loss | train time |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for name, r in results.items():
+        e = r["eval"]
+        lines.append(f"| {name} | {r['method']} | {r['parameters'] / 1e6:.2f}M | {r['forward_nonzeros'] / 1e6:.2f}M "
+                     f"({r['nonzero_fraction']:.2f}) | {e['perplexity']:.2f} | {e['bits_per_byte']:.4f} | "
+                     f"{e['loss']:.4f} | {r['train_wall_s'] / 60:.1f} min |")
+    return "\n".join(lines) + "\n"
+
+
+def _plots(results: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, r in results.items():
+        steps, losses = zip(*r["heldout_curve"]) if r["heldout_curve"] else ((), ())
+        ax.plot(steps, losses, marker=".", label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel("held-out loss (nats/token)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "loss_vs_step.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for method in sorted({r["method"] for r in results.values()}):
+        points = sorted((r["forward_nonzeros"] / 1e6, r["eval"]["perplexity"], n) for n, r in results.items()
+                        if r["method"] == method)
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
+        for x, y, n in points:
+            ax.annotate(n, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("forward non-zero parameters (M)")
+    ax.set_ylabel("held-out perplexity (sparse-lm eval)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "ppl_vs_density.png", dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
