@@ -62,17 +62,7 @@ def test_disk_full_during_save_is_one_line_and_loses_nothing(reference, data_dir
     partial step removed, step 6 still `latest` and verified; after freeing space, resume is exact."""
     config = write_config(tmp_path, data_dir, "run", **SPARSE)
     proc = run_cli("pretrain", "--config", str(config), check=False, env={"SPARSE_LM_FAULTS": f"disk_full_in_save@{STEPS}"})
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
-    assert len(errors) == 1 and "No space left on device" in errors[0] and "step_00000006) is untouched" in errors[0]
-    ckpt = tmp_path / "run" / "checkpoints"
-    assert (ckpt / "latest").read_text().strip() == "step_00000006"
-    assert not (ckpt / f"step_{STEPS:08d}").exists() and not list(ckpt.glob(".tmp-*"))
-    run_cli("checkpoint", "verify", str(ckpt))
-    run_cli("pretrain", "--config", str(config), "--resume")
-    losses = _losses_after_resume(tmp_path / "run")
-    for step in range(7, STEPS + 1):
-        assert losses[step] == pytest.approx(reference["topkast"][step], rel=1e-6, abs=1e-6), step
+    _assert_failed_save_lost_nothing(proc, "No space left on device", config, tmp_path / "run", reference)
 
 
 def test_a_real_write_failure_during_save_loses_nothing(reference, data_dir, tmp_path):
@@ -87,14 +77,21 @@ def test_a_real_write_failure_during_save_loses_nothing(reference, data_dir, tmp
     assert sizes["model-tp00-pp00.safetensors"] < 700 * 1024 < sizes["optim-tp00-pp00.safetensors"], sizes
     limited = ["bash", "-c", 'ulimit -f 700 && exec "$@"', "limited", sys.executable, "-m", "sparse_lm"]
     proc = run_cli("pretrain", "--config", str(config), "--resume", check=False, launcher=limited)
+    _assert_failed_save_lost_nothing(proc, "File too large", config, tmp_path / "run", reference)
+
+
+def _assert_failed_save_lost_nothing(proc, reason: str, config, run_dir, reference) -> None:
+    """Saving step 12 failed: one line naming `reason`, the partial step removed, step 6 still the
+    verified `latest`; a resume then reproduces the uninterrupted run's steps 7-12."""
     assert proc.returncode == 2, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if "error:" in line]
-    assert len(errors) == 1 and "File too large" in errors[0] and "step_00000006) is untouched" in errors[0], errors
+    assert len(errors) == 1 and reason in errors[0] and "step_00000006) is untouched" in errors[0], errors
+    ckpt = run_dir / "checkpoints"
     assert (ckpt / "latest").read_text().strip() == "step_00000006"
     assert not (ckpt / f"step_{STEPS:08d}").exists() and not list(ckpt.glob(".tmp-*"))
     run_cli("checkpoint", "verify", str(ckpt))
     run_cli("pretrain", "--config", str(config), "--resume")
-    losses = _losses_after_resume(tmp_path / "run")
+    losses = _losses_after_resume(run_dir)
     for step in range(7, STEPS + 1):
         assert losses[step] == pytest.approx(reference["topkast"][step], rel=1e-6, abs=1e-6), step
 

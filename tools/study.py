@@ -185,13 +185,7 @@ def _plots(results: dict, out: Path) -> None:
     for name, r in results.items():
         steps, losses = zip(*r["heldout_curve"]) if r["heldout_curve"] else ((), ())
         ax.plot(steps, losses, marker=".", label=name)
-    ax.set_xlabel("step")
-    ax.set_ylabel("held-out loss (nats/token)")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "loss_vs_step.png", dpi=110)
-    plt.close(fig)
+    _save(fig, ax, "step", "held-out loss (nats/token)", out / "loss_vs_step.png")
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for method in sorted({r["method"] for r in results.values()}):
@@ -200,12 +194,18 @@ def _plots(results: dict, out: Path) -> None:
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
         for x, y, n in points:
             ax.annotate(n, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.set_xlabel("forward non-zero parameters (M)")
-    ax.set_ylabel("held-out perplexity (sparse-lm eval)")
+    _save(fig, ax, "forward non-zero parameters (M)", "held-out perplexity (sparse-lm eval)", out / "ppl_vs_density.png")
+
+
+def _save(fig, ax, xlabel: str, ylabel: str, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out / "ppl_vs_density.png", dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
