@@ -23,6 +23,21 @@ TINY = {
 }
 
 
+# Single-process reference runs of TINY for STEPS steps (checkpoints at 6 and 12), shared by the test
+# files through the session fixture `reference_runs` (conftest.py).
+REFERENCE_VARIANTS = {
+    "dense": {},
+    "topkast": {"sparsity": {"method": "topkast", "density": 0.2, "exploration": 0.2, "reselect_every": 4}},
+    "topkast-offload-block": {"sparsity": {"method": "topkast", "density": 0.2, "exploration": 0.2, "reselect_every": 4,
+                                           "complement": "offload", "granularity": "block", "block_size": 16}},
+    # resumed at step 6: after the warmup (3 steps) and a reallocation (4), before another (8) and
+    # the frozen finetune (from step 10)
+    "spartan-global": {"sparsity": {"method": "spartan", "density": 0.2, "exploration": 0.2, "reselect_every": 4,
+                                    "granularity": "block", "block_size": 16, "allocation": "global",
+                                    "warmup_frac": 0.25, "finetune_frac": 0.2}},
+}
+
+
 def write_config(tmp: Path, data_dir: Path, name: str, **sections) -> Path:
     cfg = json.loads(json.dumps(TINY))
     cfg["data"] = {"path": str(data_dir)}

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 TOOL = Path(__file__).resolve().parents[1] / "tools" / "bench_step.py"
 
@@ -27,4 +30,7 @@ def test_bench_step_tiny(tmp_path):
         assert len(r["step_dense_s"]) == len(r["step_sparse_s"]) == 2
         assert r["step_speedup_min"] > 0 and r["forward_speedup_median"] > 0
         assert r["forward_path"] == ("gathered" if (r["block"], r["density"]) == (16, 0.1) else "tiles")
+        assert len(r["reselect_s"]) == 2 and r["reselect_every"] == 100
+        assert r["reselect_amortised_fraction"] == pytest.approx(
+            statistics.median(r["reselect_s"]) / (100 * statistics.median(r["step_sparse_s"])))
     assert "| d_model | mode |" in table.read_text() and table.read_text() in proc.stdout

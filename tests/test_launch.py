@@ -24,10 +24,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.cli_runs import REPO, STEPS, free_port, records, write_config
+from tests.cli_runs import REFERENCE_VARIANTS, REPO, STEPS, free_port, records, write_config
 
 TIMEOUT_S = 300  # one launch group; a run takes ~15 s on 2 idle cores
-SPARSITY = {"method": "topkast", "density": 0.2, "exploration": 0.2, "reselect_every": 4}
+SPARSITY = REFERENCE_VARIANTS["topkast"]["sparsity"]
 # 2 ranks × micro_batch 2 = the reference's global batch of 4; 4 held-out batches of 2 are its 2 of 4.
 DP2_TRAIN = {"micro_batch": 2, "eval_batches": 4}
 PRETRAIN = str(REPO / "launch" / "pretrain.py")
@@ -35,13 +35,9 @@ LAUNCHERS = ("deepspeed.launcher.runner", "deepspeed.launcher.launch", "torch.di
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, data_dir) -> Path:
+def reference(reference_runs) -> Path:
     """`python -m sparse_lm pretrain` in one process: the losses every launcher must reproduce."""
-    tmp = tmp_path_factory.mktemp("launch-ref")
-    config = write_config(tmp, data_dir, "ref", sparsity=SPARSITY)
-    command = [sys.executable, "-m", "sparse_lm", "pretrain", "--config", str(config)]
-    launch_all([command], str(config), tmp, free_port())
-    return tmp / "ref"
+    return reference_runs("topkast")
 
 
 def _env(port: str) -> dict[str, str]:

@@ -1,10 +1,10 @@
 """Tensor, pipeline and data parallelism over sparse shards, against the single-process run (real
 launcher, gloo ranks).
 
-Every comparison is with a single-process run of the same config and seed: TP=2, TP=2 × PP=2 (also
-for Spartan), TP=2 × DP=2 and PP=2 × DP=2 (ZeRO-1) must give the same loss at every step (20 steps, reselection at 6, 12 and
-18) to 1e-5 relative in fp32, select the same sets, and hold the same weights once their shards
-are merged.
+Every comparison is with a single-process run of the same config, seed and micro-batches: TP=2,
+TP=2 × PP=2 (also for Spartan), TP=2 × DP=2 and PP=2 × DP=2 (ZeRO-1) must give the same loss at
+every step (12 steps, reselection at 4 and 8) to 1e-5 relative in fp32, select the same sets, and
+hold the same weights once their shards are merged.
 """
 
 from __future__ import annotations
@@ -19,24 +19,32 @@ import torch
 
 from tests.cli_runs import REPO, free_port, records, run_cli, write_config
 
-STEPS_TP = 20
+STEPS_TP = 12
+RESELECTS = [4, 8]  # every 4 steps, until the end (Top-KAST) or the finetune (Spartan, from step 12)
 LR = 3e-3  # at 1e-2, Adam turns rounding differences into near-tie flips of A within ~20 steps
 MODEL = {"d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 32}
 VARIANTS = {
-    "element": {"method": "topkast", "density": 0.2, "exploration": 0.2, "reselect_every": 6},
-    "block-offload": {"method": "topkast", "density": 0.25, "exploration": 0.25, "reselect_every": 6,
+    "element": {"method": "topkast", "density": 0.2, "exploration": 0.2, "reselect_every": 4},
+    "block-offload": {"method": "topkast", "density": 0.25, "exploration": 0.25, "reselect_every": 4,
                       "granularity": "block", "block_size": 8, "complement": "offload"},
     # Spartan with one threshold over every layer of both stages and shards; budget annealed over
-    # steps 1-6, A and B frozen from step 19 (after the last reselection).
-    "spartan-global": {"method": "spartan", "density": 0.25, "exploration": 0.25, "reselect_every": 6,
+    # steps 1-4, A and B frozen from step 12 (after the last reselection).
+    "spartan-global": {"method": "spartan", "density": 0.25, "exploration": 0.25, "reselect_every": 4,
                        "granularity": "block", "block_size": 8, "allocation": "global", "warmup_frac": 0.3,
                        "finetune_frac": 0.05},
 }
 
 
-def _sections(variant: str, tensor: int, **extra) -> dict:
-    return {"model": MODEL, "sparsity": VARIANTS[variant], "parallel": {"tensor": tensor, **extra},
-            "train": {"steps": STEPS_TP, "micro_batch": 4, "lr": LR}, "checkpoint": {"every": 10, "keep": 3}}
+def _sections(variant: str, tensor: int, data: int = 1, accum: int = 2, **parallel) -> dict:
+    """The config of a run on tensor × data × pipeline ranks with the same global batch of 4
+    sequences, in `accum` micro-batches per replica (a pipeline needs ≥ 2 for its stages to
+    overlap; the one-process reference splits its batch the same way, as summation order is part
+    of fp32)."""
+    if data > 1:
+        parallel.update(zero_stage=1, verify_replicas=True)
+    return {"model": MODEL, "sparsity": VARIANTS[variant], "parallel": {"tensor": tensor, **parallel},
+            "train": {"steps": STEPS_TP, "micro_batch": 4 // data // accum, "grad_accum": accum, "lr": LR},
+            "checkpoint": {"every": 6, "keep": 3}}
 
 
 def _launcher(ranks: int) -> list[str]:
@@ -45,20 +53,14 @@ def _launcher(ranks: int) -> list[str]:
 
 @pytest.fixture(scope="module")
 def tp_runs(tmp_path_factory, data_dir):
-    """Runs by (variant, tensor, data-parallel size), trained on first use."""
+    """Runs by (variant, tensor, data, pipeline size), trained on first use."""
     done: dict[tuple, Path] = {}
 
-    def get(variant: str, tensor: int, data: int = 1, pipeline: int = 1, accum: int = 1) -> Path:
-        """A run on tensor × data × pipeline ranks with the same global batch of 4 sequences, in
-        `accum` micro-batches per replica (a pipeline needs ≥ 2 for its stages to overlap; the
-        reference then splits its batch the same way, as summation order is part of fp32)."""
-        key = (variant, tensor, data, pipeline, accum)
+    def get(variant: str, tensor: int, data: int = 1, pipeline: int = 1) -> Path:
+        key = (variant, tensor, data, pipeline)
         if key not in done:
-            tmp = tmp_path_factory.mktemp(f"{variant}-tp{tensor}-dp{data}-pp{pipeline}-ga{accum}")
-            extra = {"zero_stage": 1, "verify_replicas": True} if data > 1 else {}
-            sections = _sections(variant, tensor, pipeline=pipeline, **extra)
-            sections["train"].update(micro_batch=4 // data // accum, grad_accum=accum)
-            config = write_config(tmp, data_dir, "run", **sections)
+            tmp = tmp_path_factory.mktemp(f"{variant}-tp{tensor}-dp{data}-pp{pipeline}")
+            config = write_config(tmp, data_dir, "run", **_sections(variant, tensor, data, pipeline=pipeline))
             if tensor * data * pipeline == 1:
                 run_cli("pretrain", "--config", str(config))
             else:
@@ -77,7 +79,7 @@ def _assert_same_run(got: Path, ref: Path, rel: float) -> None:
     for r in steps:
         assert r["loss"] == pytest.approx(ref_steps[r["step"]], rel=rel), r["step"]
     got_sel, ref_sel = records(got, "reselect"), records(ref, "reselect")
-    assert [r["step"] for r in got_sel] == [r["step"] for r in ref_sel] == [6, 12, 18]
+    assert [r["step"] for r in got_sel] == [r["step"] for r in ref_sel] == RESELECTS
     for a, b in zip(got_sel, ref_sel):  # the same blocks entered A and B, layer-wide
         assert a["changed_b"] == pytest.approx(b["changed_b"], abs=1e-9)
         assert a["changed_a"] == pytest.approx(b["changed_a"], abs=1e-9)
@@ -106,7 +108,7 @@ def _merged_weights(run: Path) -> dict[str, torch.Tensor]:
 def test_tensor_parallel_matches_one_process(tp_runs, variant):
     single, tp2 = tp_runs(variant, 1), tp_runs(variant, 2)
     _assert_same_run(tp2, single, rel=1e-5)
-    manifest = json.loads((tp2 / "checkpoints" / "step_00000020" / "manifest.json").read_text())
+    manifest = json.loads((tp2 / "checkpoints" / "step_00000012" / "manifest.json").read_text())
     assert manifest["topology"] == {"tensor": 2, "pipeline": 1, "data": 1}
     assert {"model-tp00-pp00.safetensors", "model-tp01-pp00.safetensors"} <= set(manifest["files"])
     want, got = _merged_weights(single), _merged_weights(tp2)
@@ -124,15 +126,15 @@ def test_tensor_and_data_parallel_with_zero1_match_one_process(tp_runs):
 def test_pipeline_and_data_parallel_with_zero1_match_one_process(tp_runs):
     """PP 2 × DP 2 with ZeRO-1: DeepSpeed's pipeline engine partitions Adam's state over the
     replicas and clips itself; reselection rewrites slots through its fp32 master partitions."""
-    _assert_same_run(tp_runs("element", 1, data=2, pipeline=2, accum=2), tp_runs("element", 1, accum=2), rel=1e-5)
+    _assert_same_run(tp_runs("element", 1, data=2, pipeline=2), tp_runs("element", 1), rel=1e-5)
 
 
 def test_tensor_and_pipeline_parallel_match_one_process(tp_runs):
     """TP 2 × PP 2 on 4 ranks (DeepSpeed's pipeline engine, two micro-batches per step): same
     losses and selections; the four shard files merge into the single-process weights."""
-    single, both = tp_runs("element", 1, accum=2), tp_runs("element", 2, pipeline=2, accum=2)
+    single, both = tp_runs("element", 1), tp_runs("element", 2, pipeline=2)
     _assert_same_run(both, single, rel=1e-5)
-    manifest = json.loads((both / "checkpoints" / "step_00000020" / "manifest.json").read_text())
+    manifest = json.loads((both / "checkpoints" / "step_00000012" / "manifest.json").read_text())
     assert manifest["topology"] == {"tensor": 2, "pipeline": 2, "data": 1}
     assert {f"model-tp{t:02d}-pp{p:02d}.safetensors" for t in (0, 1) for p in (0, 1)} <= set(manifest["files"])
     want, got = _merged_weights(single), _merged_weights(both)
@@ -145,7 +147,7 @@ def test_spartan_on_tensor_and_pipeline_parallel_matches_one_process(tp_runs):
     """Spartan, `global` allocation, TP 2 × PP 2: the soft top-k's μ over each layer's shards, the
     hard threshold of the allocation over all four ranks — same losses, the same blocks moving at
     every reselection, the same per-layer budgets (exact in total) and weights."""
-    single, both = tp_runs("spartan-global", 1, accum=2), tp_runs("spartan-global", 2, pipeline=2, accum=2)
+    single, both = tp_runs("spartan-global", 1), tp_runs("spartan-global", 2, pipeline=2)
     _assert_same_run(both, single, rel=1e-5)
     want, got = _merged_weights(single), _merged_weights(both)
     for key in want:
@@ -169,7 +171,7 @@ def test_each_rank_stores_only_its_shard_of_b(tp_runs):
     """Per rank: the q_proj shard has capacity ⌈k_B / 2 · 1.25⌉ slots, never a dense weight."""
     from safetensors.torch import load_file
 
-    step = tp_runs("element", 2) / "checkpoints" / "step_00000020"
+    step = tp_runs("element", 2) / "checkpoints" / "step_00000012"
     q = "layers.0.self_attn.q_proj"
     k_b = int(0.4 * 64 * 64) + (0.4 * 64 * 64 % 1 > 0)
     used = 0
@@ -197,33 +199,33 @@ def test_tensor_parallel_resume_is_exact(tp_runs, data_dir, tmp_path):
     run = tp_runs("element", 2)
     ckpt = tmp_path / "resumed" / "checkpoints"
     ckpt.mkdir(parents=True)
-    shutil.copytree(run / "checkpoints" / "step_00000010", ckpt / "step_00000010")
-    (ckpt / "latest").write_text("step_00000010\n")
+    shutil.copytree(run / "checkpoints" / "step_00000006", ckpt / "step_00000006")
+    (ckpt / "latest").write_text("step_00000006\n")
     config = write_config(tmp_path, data_dir, "resumed", **_sections("element", 2))
     run_cli(str(REPO / "launch" / "pretrain.py"), "--config", str(config), "--resume", launcher=_launcher(2))
     full = {r["step"]: r["loss"] for r in records(run, "step")}
     resumed = records(tmp_path / "resumed", "step")
-    assert [r["step"] for r in resumed] == list(range(11, STEPS_TP + 1))
+    assert [r["step"] for r in resumed] == list(range(7, STEPS_TP + 1))
     for r in resumed:
         assert r["loss"] == pytest.approx(full[r["step"]], rel=1e-6, abs=1e-6), r["step"]
 
 
 def test_a_killed_rank_then_resume_reproduces_the_tensor_parallel_run(tp_runs, data_dir, tmp_path):
-    """Rank 1 of a TP 2 run is SIGKILLed as step 14 starts (after the step-10 checkpoint): rank 0
-    stops with one line within `parallel.timeout_s`, step 10 stays the latest checkpoint, and
-    `--resume` on two ranks gives the uninterrupted run's losses for steps 11-20."""
+    """Rank 1 of a TP 2 run is SIGKILLed as step 8 starts (after the step-6 checkpoint): rank 0
+    stops with one line within `parallel.timeout_s`, step 6 stays the latest checkpoint, and
+    `--resume` on two ranks gives the uninterrupted run's losses for steps 7-12."""
     sections = _sections("element", 2, timeout_s=20)
     config = write_config(tmp_path, data_dir, "killed", **sections)
     proc = run_cli(str(REPO / "launch" / "pretrain.py"), "--config", str(config), launcher=_launcher(2), check=False,
-                   env={"SPARSE_LM_FAULTS": "kill_rank1@14"})
+                   env={"SPARSE_LM_FAULTS": "kill_rank1@8"})
     assert proc.returncode != 0
     assert "another rank probably died or stalled" in proc.stdout + proc.stderr
     ckpt = tmp_path / "killed" / "checkpoints"
-    assert (ckpt / "latest").read_text().strip() == "step_00000010"
+    assert (ckpt / "latest").read_text().strip() == "step_00000006"
     run_cli(str(REPO / "launch" / "pretrain.py"), "--config", str(config), "--resume", launcher=_launcher(2))
     full = {r["step"]: r["loss"] for r in records(tp_runs("element", 2), "step")}
     resumed = {r["step"]: r["loss"] for r in records(tmp_path / "killed", "step")}  # the last attempt's
-    for step in range(11, STEPS_TP + 1):
+    for step in range(7, STEPS_TP + 1):
         assert resumed[step] == pytest.approx(full[step], rel=1e-6, abs=1e-6), step
 
 
@@ -265,20 +267,20 @@ def test_reshard_round_trip_is_exact(tp_runs, tmp_path):
     """TP2×PP2 → 1×1 → TP2×PP2: every weight, slot, mask and Adam moment comes back bit for bit."""
     from safetensors.torch import load_file
 
-    source = tp_runs("element", 2, pipeline=2, accum=2) / "checkpoints"
+    source = tp_runs("element", 2, pipeline=2) / "checkpoints"
     run_cli("convert", "--from", str(source), "--to", str(tmp_path / "one"), "--tensor", "1", "--pipeline", "1")
     proc = run_cli("convert", "--from", str(tmp_path / "one"), "--to", str(tmp_path / "back"), "--tensor", "2",
                    "--pipeline", "2")
-    assert "re-sharded step 20" in proc.stdout
-    assert json.loads((tmp_path / "one" / "step_00000020" / "manifest.json").read_text())["topology"]["tensor"] == 1
+    assert "re-sharded step 12" in proc.stdout
+    assert json.loads((tmp_path / "one" / "step_00000012" / "manifest.json").read_text())["topology"]["tensor"] == 1
     for kind in ("model", "optim"):
         for name in (f"{kind}-tp{t:02d}-pp{p:02d}.safetensors" for t in (0, 1) for p in (0, 1)):
-            want = load_file(source / "step_00000020" / name)
-            got = load_file(tmp_path / "back" / "step_00000020" / name)
+            want = load_file(source / "step_00000012" / name)
+            got = load_file(tmp_path / "back" / "step_00000012" / name)
             if kind == "optim":  # moments follow their slots: order them by the model shard's index
-                index = {k: v for k, v in load_file(source / "step_00000020" / name.replace("optim", "model")).items()
+                index = {k: v for k, v in load_file(source / "step_00000012" / name.replace("optim", "model")).items()
                          if k.endswith(".index")}
-                index_back = {k: v for k, v in load_file(tmp_path / "back" / "step_00000020" / name.replace("optim", "model")).items()
+                index_back = {k: v for k, v in load_file(tmp_path / "back" / "step_00000012" / name.replace("optim", "model")).items()
                               if k.endswith(".index")}
                 want, got = _sorted_shard(want | index), _sorted_shard(got | index_back)
             else:
@@ -290,19 +292,18 @@ def test_reshard_round_trip_is_exact(tp_runs, tmp_path):
 
 
 def test_training_resumes_on_another_layout_after_convert(tp_runs, data_dir, tmp_path):
-    """A one-process checkpoint at step 10, re-sharded to TP2 × PP2, resumes on 4 ranks with the
-    one-process run's losses for steps 11-20."""
-    single = tp_runs("element", 1, accum=2)
-    run_cli("convert", "--from", str(single / "checkpoints" / "step_00000010"), "--to", str(tmp_path / "ckpt"),
+    """A one-process checkpoint at step 6, re-sharded to TP2 × PP2, resumes on 4 ranks with the
+    one-process run's losses for steps 7-12."""
+    single = tp_runs("element", 1)
+    run_cli("convert", "--from", str(single / "checkpoints" / "step_00000006"), "--to", str(tmp_path / "ckpt"),
             "--tensor", "2", "--pipeline", "2")
     sections = _sections("element", 2, pipeline=2)
-    sections["train"].update(micro_batch=2, grad_accum=2)
     sections["checkpoint"]["dir"] = str(tmp_path / "ckpt")
     config = write_config(tmp_path, data_dir, "resumed", **sections)
     run_cli(str(REPO / "launch" / "pretrain.py"), "--config", str(config), "--resume", launcher=_launcher(4))
     full = {r["step"]: r["loss"] for r in records(single, "step")}
     resumed = records(tmp_path / "resumed", "step")
-    assert [r["step"] for r in resumed] == list(range(11, STEPS_TP + 1))
+    assert [r["step"] for r in resumed] == list(range(7, STEPS_TP + 1))
     for r in resumed:
         assert r["loss"] == pytest.approx(full[r["step"]], rel=1e-5), r["step"]
 

@@ -16,20 +16,15 @@ import time
 
 import pytest
 
-from tests.cli_runs import REPO, STEPS, free_port, records, run_cli, write_config
+from tests.cli_runs import REFERENCE_VARIANTS, REPO, STEPS, free_port, records, run_cli, write_config
 
-SPARSE = {"sparsity": {"method": "topkast", "density": 0.2, "exploration": 0.2, "reselect_every": 4}}
+SPARSE = REFERENCE_VARIANTS["topkast"]
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, data_dir):
+def reference(reference_runs):
     """Uninterrupted runs, dense and Top-KAST: the loss sequences a resumed run must reproduce."""
-    out = {}
-    for name, sections in (("dense", {}), ("topkast", SPARSE)):
-        tmp = tmp_path_factory.mktemp(name)
-        run_cli("pretrain", "--config", str(write_config(tmp, data_dir, "ref", **sections)))
-        out[name] = {r["step"]: r["loss"] for r in records(tmp / "ref", "step")}
-    return out
+    return {name: {r["step"]: r["loss"] for r in records(reference_runs(name), "step")} for name in ("dense", "topkast")}
 
 
 def _losses_after_resume(run_dir):

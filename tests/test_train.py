@@ -17,41 +17,11 @@ import numpy as np
 import pytest
 import torch
 
-from tests.cli_runs import REPO, STEPS, free_port, records, run_cli, write_config
-
-VARIANTS = {
-    "dense": {},
-    "topkast": {"sparsity": {"method": "topkast", "density": 0.2, "exploration": 0.2, "reselect_every": 4}},
-    "topkast-offload-block": {"sparsity": {"method": "topkast", "density": 0.2, "exploration": 0.2, "reselect_every": 4,
-                                           "complement": "offload", "granularity": "block", "block_size": 16}},
-    # resumed at step 6: after the warmup (3 steps) and a reallocation (4), before another (8) and
-    # the frozen finetune (from step 10)
-    "spartan-global": {"sparsity": {"method": "spartan", "density": 0.2, "exploration": 0.2, "reselect_every": 4,
-                                    "granularity": "block", "block_size": 16, "allocation": "global",
-                                    "warmup_frac": 0.25, "finetune_frac": 0.2}},
-}
-
+from tests.cli_runs import REFERENCE_VARIANTS, REPO, STEPS, free_port, records, run_cli, write_config
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, data_dir):
-    """Reference runs of STEPS steps (checkpoints at 6 and 12), trained on first use, by variant."""
-    done: dict[str, Path] = {}
-
-    def get(variant: str) -> Path:
-        if variant not in done:
-            tmp = tmp_path_factory.mktemp(variant)
-            config = write_config(tmp, data_dir, "ref", **VARIANTS[variant])
-            proc = run_cli("pretrain", "--config", str(config), "--summary-json", str(tmp / "ref" / "summary.json"))
-            assert "held-out loss" in proc.stdout
-            done[variant] = tmp / "ref"
-        return done[variant]
-
-    return get
-
-
-@pytest.fixture(scope="module")
-def trained(runs) -> Path:
-    return runs("dense")
+def trained(reference_runs) -> Path:
+    return reference_runs("dense")
 
 
 def test_training_lowers_loss_and_logs_every_step(trained):
@@ -83,13 +53,13 @@ def _resume_dir(trained: Path, tmp: Path, name: str) -> Path:
     return ckpt / "step_00000006"
 
 
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_resume_reproduces_the_uninterrupted_run_exactly(runs, variant, data_dir, tmp_path):
+@pytest.mark.parametrize("variant", sorted(REFERENCE_VARIANTS))
+def test_resume_reproduces_the_uninterrupted_run_exactly(reference_runs, variant, data_dir, tmp_path):
     """Weights (sparse values, indices, masks, offload store), Adam moments, data order and LR
     schedule all come back: the resumed steps have the reference's losses."""
-    trained = runs(variant)
+    trained = reference_runs(variant)
     _resume_dir(trained, tmp_path, "resumed")
-    config = write_config(tmp_path, data_dir, "resumed", **VARIANTS[variant])
+    config = write_config(tmp_path, data_dir, "resumed", **REFERENCE_VARIANTS[variant])
     proc = run_cli("pretrain", "--config", str(config), "--resume")
     assert "resumed from" in proc.stdout
     ref = {r["step"]: r for r in records(trained, "step")}
@@ -133,9 +103,9 @@ def test_resume_never_refuses_to_overwrite(trained, data_dir, tmp_path):
 
 
 @pytest.mark.parametrize("variant", ["dense", "topkast"])
-def test_eval_matches_a_direct_computation(runs, variant, tmp_path):
+def test_eval_matches_a_direct_computation(reference_runs, variant, tmp_path):
     """`sparse-lm eval` with stride = context scores disjoint windows: recompute that by hand."""
-    trained = runs(variant)
+    trained = reference_runs(variant)
     from sparse_lm.checkpoint.model_io import load_trained_model
     from sparse_lm.data.packed import PackedSplit
 
@@ -172,23 +142,8 @@ def test_eval_on_a_text_file_and_bad_corpus(trained, tmp_path):
     assert proc.returncode == 2 and str(empty) in proc.stderr
 
 
-def test_deepspeed_launcher_data_parallel_matches_one_process(trained, data_dir, tmp_path):
-    """2 data-parallel ranks with micro_batch 2 see the same samples as 1 rank with micro_batch 4
-    (rank r takes the r-th half), and DeepSpeed averages their gradients: same losses."""
-    config = write_config(tmp_path, data_dir, "dp2", train={"micro_batch": 2})
-    launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", free_port()]
-    run_cli(str(REPO / "launch" / "pretrain.py"), "--config", str(config), launcher=launcher)
-    ref = {r["step"]: r["loss"] for r in records(trained, "step")}
-    got = records(tmp_path / "dp2", "step")
-    assert [r["step"] for r in got] == list(range(1, STEPS + 1))
-    for r in got:  # fp32 sums in a different order: equal to rounding, drifting slowly with steps
-        assert r["loss"] == pytest.approx(ref[r["step"]], rel=1e-4), r["step"]
-    manifest = json.loads((tmp_path / "dp2" / "checkpoints" / "step_00000012" / "manifest.json").read_text())
-    assert manifest["topology"]["data"] == 2
-
-
-def test_topkast_run_reselects_and_stays_sparse(runs):
-    run = runs("topkast")
+def test_topkast_run_reselects_and_stays_sparse(reference_runs):
+    run = reference_runs("topkast")
     reselections = records(run, "reselect")
     assert [r["step"] for r in reselections] == [4, 8]
     assert all(0 < r["changed_b"] <= 1 and 0 <= r["changed_a"] <= 1 for r in reselections)
@@ -203,18 +158,18 @@ def test_topkast_run_reselects_and_stays_sparse(runs):
     assert shapes[f"{q}.values"][0] == math.ceil(0.4 * 64 * 64)  # |B| = (D + M) · N of the 64×64 q_proj
 
 
-def test_topkast_under_zero1_data_parallel_matches_one_process(runs, data_dir, tmp_path):
+def test_topkast_under_zero1_data_parallel_matches_one_process(reference_runs, data_dir, tmp_path):
     """Top-KAST with ZeRO-1 on 2 data-parallel ranks (`deepspeed` launcher): Adam state is
     partitioned, reselection rewrites slots through DeepSpeed's master weights and zeroes moments
     through its partitions, yet every step's loss equals the single-process run's. Then a resume
     from the ZeRO-1 run's step-6 checkpoint reproduces its steps 7-12."""
-    sections = json.loads(json.dumps(VARIANTS["topkast"]))
+    sections = json.loads(json.dumps(REFERENCE_VARIANTS["topkast"]))
     sections["train"] = {"micro_batch": 2}
     sections["parallel"] = {"zero_stage": 1}
     config = write_config(tmp_path, data_dir, "zero1", **sections)
     launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", free_port()]
     run_cli(str(REPO / "launch" / "pretrain.py"), "--config", str(config), launcher=launcher)
-    ref = {r["step"]: r["loss"] for r in records(runs("topkast"), "step")}
+    ref = {r["step"]: r["loss"] for r in records(reference_runs("topkast"), "step")}
     zero1 = tmp_path / "zero1"
     got = records(zero1, "step")
     assert [r["step"] for r in got] == list(range(1, STEPS + 1))
@@ -240,10 +195,10 @@ def test_corpus_smaller_than_one_batch_is_refused(data_dir, tmp_path):
     assert not (tmp_path / "big" / "checkpoints").exists()
 
 
-def test_eval_on_two_ranks_matches_one_and_reports_word_perplexity(runs, tmp_path):
+def test_eval_on_two_ranks_matches_one_and_reports_word_perplexity(reference_runs, tmp_path):
     """`torchrun -m sparse_lm eval` splits the windows over 2 ranks: same sums as one process.
     Word perplexity is exp(nats / words) with words counted on the decoded held-out text."""
-    trained = runs("topkast")
+    trained = reference_runs("topkast")
     args = ["eval", "--checkpoint", str(trained / "checkpoints"), "--corpus", "heldout", "--context", "32"]
     run_cli(*args, "--json", str(tmp_path / "one.json"))
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(), "-m",
@@ -299,10 +254,10 @@ def test_unwritable_output_directory_is_refused_at_start(data_dir, tmp_path):
     assert len([x for x in proc.stderr.splitlines() if "error:" in x]) == 1, proc.stderr[-2000:]
 
 
-def test_allocation_table_reads_a_spartan_checkpoint(runs, tmp_path):
+def test_allocation_table_reads_a_spartan_checkpoint(reference_runs, tmp_path):
     """tools/allocation_table.py: per-layer densities of every allocation from a trained Spartan
     checkpoint; each allocation spends the same total, the trained one's budgets are the checkpoint's."""
-    run = runs("spartan-global")
+    run = reference_runs("spartan-global")
     out = tmp_path / "allocation.json"
     subprocess.run([sys.executable, str(REPO / "tools" / "allocation_table.py"), "--checkpoint", str(run / "checkpoints"),
                     "--pipeline", "2", "--repeats", "1", "--json", str(out), "--markdown", str(tmp_path / "a.md")],

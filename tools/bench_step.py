@@ -7,7 +7,10 @@ The model is weight-dominated: `--layers` SwiGLU MLP blocks, x + down(silu(gate(
 hidden = `--hidden-mult` · d_model, on `--tokens` tokens. Sparse: every linear is a
 `storage.SparseLinear` with density D and exploration M = D (B = the top min(2D, 1) of the
 weight); dense: `nn.Linear` of the same shapes. A step is forward, backward of the mean square of
-the output, and an AdamW step; reselection is not part of it (tools/bench_reselect.py times it).
+the output, and an AdamW step. Reselection (Top-KAST's re-pick of B and A in every sparse layer,
+moments of entering slots zeroed) is timed separately on the same trained model and reported
+amortised over an interval of `--reselect-every` steps, as a fraction of the median sparse step
+(tools/bench_reselect.py measures the sharded top-k itself across ranks and layer sizes).
 Dense and sparse steps alternate in one process, so both see the same machine load; the speedup
 is dense time / sparse time from the min and from the median of `--repeat` steps after a warm-up.
 The forward-only speedup of one sparse linear (d_model → hidden) is reported beside it, with the
@@ -30,6 +33,7 @@ from torch import nn
 
 from sparse_lm.sparsity import kernels
 from sparse_lm.sparsity.storage import SparseLinear
+from sparse_lm.sparsity.topkast import reselect
 
 DENSITIES = (1.0, 0.5, 0.2, 0.1, 0.05)
 MODES = {"element": 1, "block16": 16, "block32": 32}
@@ -65,7 +69,7 @@ def build(d_model: int, hidden: int, layers: int, density: float | None, block: 
 
 
 def step_fn(model: nn.Module, x: torch.Tensor):
-    """One training step: forward, backward of the mean square output, AdamW."""
+    """One training step (forward, backward of the mean square output, AdamW), and its optimizer."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def step():
@@ -73,7 +77,13 @@ def step_fn(model: nn.Module, x: torch.Tensor):
         model(x).square().mean().backward()
         optimizer.step()
 
-    return step
+    return step, optimizer
+
+
+def reselect_seconds(model: nn.Module, optimizer, repeat: int) -> list[float]:
+    """Wall time of reselecting every sparse layer of `model`, `repeat` times."""
+    layers = [m for m in model.modules() if isinstance(m, SparseLinear)]
+    return [timed(lambda: [reselect(layer, optimizer) for layer in layers]) for _ in range(repeat)]
 
 
 def timed(fn) -> float:
@@ -102,7 +112,9 @@ def measure(d_model: int, mode: str, density: float, args) -> dict:
     hidden, block = args.hidden_mult * d_model, MODES[mode]
     x = torch.randn(args.tokens, d_model, generator=torch.Generator().manual_seed(1))
     dense, sparse = build(d_model, hidden, args.layers, None, block), build(d_model, hidden, args.layers, density, block)
-    steps = alternate({"dense": step_fn(dense, x), "sparse": step_fn(sparse, x)}, args.repeat)
+    (dense_step, _), (sparse_step, sparse_optimizer) = step_fn(dense, x), step_fn(sparse, x)
+    steps = alternate({"dense": dense_step, "sparse": sparse_step}, args.repeat)
+    reselects = reselect_seconds(sparse, sparse_optimizer, args.repeat)
     dense_linear, sparse_linear = dense[0].up, sparse[0].up
     with torch.no_grad():
         forwards = alternate({"dense": lambda: dense_linear(x), "sparse": lambda: sparse_linear(x)}, args.repeat)
@@ -115,6 +127,10 @@ def measure(d_model: int, mode: str, density: float, args) -> dict:
             result[f"{what}_{name}_s"] = times[name]
         result[f"{what}_speedup_min"] = min(times["dense"]) / min(times["sparse"])
         result[f"{what}_speedup_median"] = statistics.median(times["dense"]) / statistics.median(times["sparse"])
+    result["reselect_s"] = reselects
+    result["reselect_every"] = args.reselect_every
+    result["reselect_amortised_fraction"] = (statistics.median(reselects)
+                                             / (args.reselect_every * statistics.median(steps["sparse"])))
     return result
 
 
@@ -148,14 +164,18 @@ def markdown(report: dict) -> str:
         f"AdamW; exploration M = D. Speedup = dense time / sparse time over {cfg['repeat']} alternating steps "
         f"after a warm-up (min / median). Forward: one d_model → hidden linear alone, with the kernel path used.",
         "",
-        "| d_model | mode | D | step dense s (min) | step sparse s (min) | step speedup min | median | forward speedup min | median | forward path |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        f"Reselection: all sparse layers re-pick B and A (median of {cfg['repeat']}), amortised over "
+        f"{cfg['reselect_every']} steps as a fraction of the median sparse step.",
+        "",
+        "| d_model | mode | D | step dense s (min) | step sparse s (min) | step speedup min | median | forward speedup min | median | forward path | reselect s | amortised |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
     for r in report["results"]:
         lines.append(
             f"| {r['d_model']} | {r['mode']} | {r['density']:g} | {min(r['step_dense_s']):.3f} | {min(r['step_sparse_s']):.3f} "
             f"| {r['step_speedup_min']:.2f} | {r['step_speedup_median']:.2f} | {r['forward_speedup_min']:.2f} "
-            f"| {r['forward_speedup_median']:.2f} | {r['forward_path']} |")
+            f"| {r['forward_speedup_median']:.2f} | {r['forward_path']} | {statistics.median(r['reselect_s']):.3f} "
+            f"| {r['reselect_amortised_fraction']:.2%} |")
     lines += ["", f"Load average at start / end: {env['load_average_at_start'][0]:.2f} / "
               f"{env['load_average_at_end'][0]:.2f} (other work on the machine makes times noisier)."]
     return "\n".join(lines) + "\n"
@@ -193,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--repeat", type=int, default=3, help="timed steps per variant, after one warm-up")
+    parser.add_argument("--reselect-every", type=int, default=100, help="interval the reselection is amortised over")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--json", help="write the raw numbers here")
     parser.add_argument("--markdown", help="write the table here (it is also printed)")
@@ -209,7 +230,9 @@ def main(argv: list[str] | None = None) -> int:
                 results.append(measure(d_model, mode, density, args))
                 r = results[-1]
                 print(f"d_model {d_model} {mode} D={density:g}: step speedup {r['step_speedup_median']:.2f}, "
-                      f"forward {r['forward_speedup_median']:.2f} ({r['forward_path']})", file=sys.stderr, flush=True)
+                      f"forward {r['forward_speedup_median']:.2f} ({r['forward_path']}), reselection "
+                      f"{r['reselect_amortised_fraction']:.2%} of a step at every {args.reselect_every}",
+                      file=sys.stderr, flush=True)
     env["load_average_at_end"] = os.getloadavg()
     command = " ".join(["python tools/bench_step.py", *(sys.argv[1:] if argv is None else argv)])
     report = {"command": command, "config": vars(args), "environment": env, "results": results}

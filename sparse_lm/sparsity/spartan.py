@@ -125,7 +125,7 @@ class Spartan(TopKAST):
         record = None
         if step % self.every == 0 and self.reselects_b:
             old_a = [layer.index.long()[layer.forward_mask] for layer in self.layers]
-            record = self.reselect_all(optimizer)
+            record = self.reselect_all(optimizer, pick_forward=False)
             started = time.perf_counter()
             if self.dynamic:
                 reallocate(self.layers, self.total, self.group)

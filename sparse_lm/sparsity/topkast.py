@@ -48,8 +48,10 @@ class LayerChange:
 
 
 @torch.no_grad()
-def reselect(layer: SparseLinear, optimizer: torch.optim.Optimizer | None) -> LayerChange:
-    """Re-pick B and A from current magnitudes; see the module docstring for the steps.
+def reselect(layer: SparseLinear, optimizer: torch.optim.Optimizer | None, pick_forward: bool = True) -> LayerChange:
+    """Re-pick B and A from current magnitudes; see the module docstring for the steps. With
+    `pick_forward=False` A is left to the caller (Spartan re-picks it against the new budget) and
+    `entered_a` is 0: picking it here too would cost one more sharded top-k per layer for nothing.
 
     A shard's number of used slots may change (see `storage`): entering blocks fill the slots of
     leaving ones, then unused ones; slots left over become unused (value 0, moments 0)."""
@@ -70,6 +72,8 @@ def reselect(layer: SparseLinear, optimizer: torch.optim.Optimizer | None) -> La
         layer.index[filled] = entering.to(layer.index.dtype)
         layer.index[emptied] = layer.n_blocks
         zero_moments(optimizer, layer.values, free)
+    if not pick_forward:
+        return LayerChange(entered_b=len(entering), entered_a=0)
     layer.forward_mask.copy_(layer.select_forward())
     new_forward = layer.index.long()[layer.forward_mask]
     return LayerChange(entered_b=len(entering), entered_a=int((~torch.isin(new_forward, old_forward)).sum()))
@@ -107,12 +111,13 @@ class TopKAST:
         """After optimizer step `step`: reselect when due; returns the reselection's record."""
         return self.reselect_all(optimizer) if self.due(step) else None
 
-    def reselect_all(self, optimizer: torch.optim.Optimizer | None) -> dict[str, float]:
+    def reselect_all(self, optimizer: torch.optim.Optimizer | None, pick_forward: bool = True) -> dict[str, float]:
         """Reselect every layer; the fractions of the whole model's A and B that changed and the
         number of layers that hit a shard's slot capacity, summed over tensor-parallel shards and
-        pipeline stages (each layer's budget counted once, by its tensor-parallel rank 0)."""
+        pipeline stages (each layer's budget counted once, by its tensor-parallel rank 0). Without
+        `pick_forward` A is the caller's to pick, and to report."""
         started = time.perf_counter()
-        changes = [reselect(layer, optimizer) for layer in self.layers]
+        changes = [reselect(layer, optimizer, pick_forward) for layer in self.layers]
         first = [layer for layer in self.layers if layer.spec is None or layer.spec.rank == 0]
         counts = torch.tensor([sum(c.entered_b for c in changes), sum(c.entered_a for c in changes),
                                sum(layer.capped_ranks > 0 for layer in first),
@@ -121,8 +126,11 @@ class TopKAST:
         if self.group is not None:
             dist.all_reduce(counts, group=self.group)
         entered_b, entered_a, capped, k_b, k_a = counts.tolist()
-        return {"changed_b": entered_b / k_b, "changed_a": entered_a / k_a,
-                "capacity_bound_layers": int(capped), "seconds": time.perf_counter() - started}
+        record = {"changed_b": entered_b / k_b, "capacity_bound_layers": int(capped),
+                  "seconds": time.perf_counter() - started}
+        if pick_forward:
+            record["changed_a"] = entered_a / k_a
+        return record
 
 
 def verify_replicas(layers: list[SparseLinear], group, step: int) -> None:
