@@ -51,12 +51,13 @@ def _two_layer_run(complement: str, block: int, steps: int = 60, every: int = 5)
         yield step, loss_s.item(), loss_d.item(), sparse, dense, reselected
 
 
-@pytest.mark.parametrize("complement", ["offload", "regenerate"])
-@pytest.mark.parametrize("block", [1, 4])
+@pytest.mark.parametrize("complement, block", [
+    ("offload", 1), ("offload", 4), ("regenerate", 1), ("regenerate", 4), ("regenerate", 8)])
 def test_sparse_training_follows_the_dense_oracle(complement, block):
     """60 steps, 12 reselections: losses to rel 1e-5, selections exactly, θ (B and complement) to
     rtol 1e-5 / atol 1e-5 with θ ~ 0.3 (fp32; sums run in different orders, and Adam magnifies
-    the difference for entries whose gradient is near zero)."""
+    the difference for entries whose gradient is near zero). Block 8 with `regenerate` scores
+    reselections from θ₀'s kept block scores and regenerates only entering blocks."""
     changed = 0
     for step, loss_s, loss_d, sparse, dense, reselected in _two_layer_run(complement, block):
         assert loss_s == pytest.approx(loss_d, rel=1e-5, abs=1e-7), step
@@ -167,3 +168,19 @@ def test_dense_and_sparse_models_share_theta0():
             torch.testing.assert_close(module.dense_weight(forward_only=False), reference.detach())
             kept = module.dense_weight(forward_only=True)
             assert int((kept != 0).sum()) == module.k_forward
+
+
+@pytest.mark.parametrize("dim", [0, 1])
+def test_entering_blocks_are_regenerated_exactly_on_any_shard(dim):
+    """`initial_blocks` (θ₀ of single blocks, hashed element by element, as reselection reads
+    entering blocks and the kept block scores) equals the rows `initial_rows` regenerates, on the
+    second of two tensor-parallel shards split by rows or by columns."""
+    from sparse_lm.parallel.layout import ShardSpec
+    from sparse_lm.sparsity.kernels import to_blocks
+
+    layer = SparseLinear("q", 48, 32, 0.25, 0.25, block=8, spec=ShardSpec(dim=dim, rank=1, size=2))
+    layer.seed, layer.stream, layer.init_std = 5, 9, 0.1
+    positions = torch.tensor([0, 3, 7, layer.n_blocks - 1])
+    whole = to_blocks(layer.initial_rows(0, layer.block_rows), 8)
+    assert torch.equal(layer.initial_blocks(positions), whole[positions])
+    assert torch.equal(layer.initial_block_scores(), whole.abs().sum(dim=(1, 2)))

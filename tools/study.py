@@ -189,9 +189,20 @@ def _plots(results: dict, out: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for method in sorted({r["method"] for r in results.values()}):
-        points = sorted((r["forward_nonzeros"] / 1e6, r["eval"]["perplexity"], n) for n, r in results.items()
-                        if r["method"] == method)
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
+        points = [(r["forward_nonzeros"] / 1e6, r["eval"]["perplexity"], n) for n, r in results.items()
+                  if r["method"] == method]
+        # A method's line joins its first run (in study order) at each size; further runs at a size
+        # already on the line (controls: another learning rate, init, ...) are marked apart.
+        line, seen = [], set()
+        for p in points:
+            if p[0] not in seen:
+                seen.add(p[0])
+                line.append(p)
+        line.sort()
+        drawn = ax.plot([p[0] for p in line], [p[1] for p in line], marker="o", label=method)
+        extra = [p for p in points if p not in line]
+        if extra:
+            ax.plot([p[0] for p in extra], [p[1] for p in extra], marker="x", linestyle="none", color=drawn[0].get_color())
         for x, y, n in points:
             ax.annotate(n, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
     _save(fig, ax, "forward non-zero parameters (M)", "held-out perplexity (sparse-lm eval)", out / "ppl_vs_density.png")

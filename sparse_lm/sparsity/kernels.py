@@ -13,11 +13,12 @@ Two CPU paths in plain torch, picked per product by `use_blocks` (numbers: docs/
   (block-column, for the input gradient) holds, so every block-row of a batch reduces over the
   same number of blocks *inside* the bmm and writes its output once — no padding, no
   accumulation. The value gradient of B's slots is the same gather: a gᵀ slab times the stacked x
-  slabs, transposed, summed over the passes. Work and memory scale with the number of blocks, not
-  the dense size; the transposed activations (a pass's worth) and the chunks
-  (`GATHER_CHUNK_ELEMENTS`) live in workspaces reused pass after pass. Against strips this made
-  the sparse training step 1.1–1.25× faster (b = 16 and 32, D = 0.05–0.2); transposing is now a
-  good part of the cost.
+  slabs, accumulated over the passes in the bmm's own layout (`baddbmm_`) and rearranged into
+  blocks once. Backward makes one pass over the tokens for both of its products, so each pass of
+  g is transposed once. Work and memory scale with the number of blocks, not the dense size; the
+  transposed activations (a pass's worth) and the chunks (`GATHER_CHUNK_ELEMENTS`) live in
+  workspaces reused pass after pass. Against strips this made the sparse training step 1.1–1.25×
+  faster (b = 16 and 32, D = 0.05–0.2); transposing is still a good part of the cost.
 * *Dense tiles* (element mode, or most blocks present). The weight is visited in tiles of whole
   block-rows; a tile is scattered dense for one matmul and dropped — like an activation, it never
   outlives the call, and `MAX_TILE_ELEMENTS` bounds it whatever the layer size. The value gradient
@@ -129,8 +130,9 @@ def use_blocks(block: int, n_slots: int, n_blocks: int) -> bool:
 # Tokens are taken GATHER_TOKENS at a time, which bounds the transposed copies and the workspaces
 # whatever the batch (passes of 256 tokens ran as fast as one of 1024, or a little faster); slabs
 # are gathered, and products written, into workspaces reused chunk after chunk, each at most
-# GATHER_CHUNK_ELEMENTS (or one block-row's worth): a fresh tensor per chunk would cost more in
-# page faults than the copy itself.
+# GATHER_CHUNK_ELEMENTS and at most the layer's weight (or one block-row's worth): a fresh tensor
+# per chunk would cost more in page faults than the copy itself (2M or 4M-element chunks were no
+# faster than 1M, within this machine's ±10%, same process).
 GATHER_TOKENS = 256
 GATHER_CHUNK_ELEMENTS = 1 << 20
 
@@ -151,22 +153,34 @@ def _groups(major: torch.Tensor, minor: torch.Tensor, n_major: int, max_slots: i
     return chunks
 
 
-def _passes(a: torch.Tensor, block: int, major, minor, n_major):
-    """(tokens per pass, `_groups` chunks of at most GATHER_CHUNK_ELEMENTS of slabs, workspaces
-    for the slabs of a chunk's minors and of its majors), for activations a [T, ·]."""
-    span = max(1, min(a.shape[0], GATHER_TOKENS))
-    chunks = _groups(major, minor, n_major, max(1, GATHER_CHUNK_ELEMENTS // (span * block)))
+def _span(tokens: int) -> int:
+    """Tokens per pass."""
+    return max(1, min(tokens, GATHER_TOKENS))
+
+
+def _chunks(a: torch.Tensor, span: int, block: int, major, minor, n_major, weight_numel: int):
+    """(`_groups` chunks of at most GATHER_CHUNK_ELEMENTS (and `weight_numel`) of slabs,
+    workspaces for the slabs of a chunk's minors and of its majors), for passes of `span` tokens
+    of activations like `a`."""
+    limit = min(GATHER_CHUNK_ELEMENTS, weight_numel)
+    chunks = _groups(major, minor, n_major, max(1, limit // (span * block)))
     minors = a.new_empty(span * block * max((minors.numel() for _, minors, _ in chunks), default=0))
     majors = a.new_empty(span * block * max((len(majors) for majors, _, _ in chunks), default=0))
-    return span, chunks, minors, majors
+    return chunks, minors, majors
 
 
-def _transposed(a: torch.Tensor, block: int, workspace: torch.Tensor) -> torch.Tensor:
-    """[t, n·b] activations → [n, b, t] (in the workspace): block-column c is the slab [c], one
-    piece of memory."""
-    out = workspace[: a.numel()].view(a.shape[1], a.shape[0])
-    out.copy_(a.T)
-    return out.view(a.shape[1] // block, block, a.shape[0])
+class _Transposed:
+    """Passes of activations a [T, n·b] as [n, b, t]: block-column c is the slab [c], one piece of
+    memory. One workspace, reused pass after pass."""
+
+    def __init__(self, a: torch.Tensor, block: int, span: int):
+        self.a, self.block = a, block
+        self.workspace = a.new_empty(a.shape[1] * span)
+
+    def __call__(self, t0: int, t: int) -> torch.Tensor:
+        out = self.workspace[: t * self.a.shape[1]].view(self.a.shape[1], t)
+        out.copy_(self.a[t0 : t0 + t].T)
+        return out.view(self.a.shape[1] // self.block, self.block, t)
 
 
 def _slabs(a_t: torch.Tensor, columns: torch.Tensor, workspace: torch.Tensor) -> torch.Tensor:
@@ -178,42 +192,60 @@ def _slabs(a_t: torch.Tensor, columns: torch.Tensor, workspace: torch.Tensor) ->
     return out.view(m, k * a_t.shape[1], a_t.shape[2])
 
 
-def _gathered_product(a, blocks, major, minor, n_out) -> torch.Tensor:
-    """[T, n_out]: block-column i of the result is Σ (blocks[s] · a[:, minor[s]-block]ᵀ)ᵀ over the
-    slots s with major[s] = i (zeros where there are none)."""
-    (tokens, n_in), block = a.shape, blocks.shape[-1]
-    out = a.new_empty(tokens, n_out)
-    span, chunks, slabs, products = _passes(a, block, major, minor, n_out // block)
-    lefts = [blocks[slots].transpose(1, 2).reshape(len(slots), block, -1) for _, _, slots in chunks]  # [W_s1 W_s2 …]
-    empty = torch.ones(n_out // block, dtype=torch.bool, device=a.device)
-    empty[major] = False
-    empty = torch.nonzero(empty).view(-1)
-    a_ws, out_ws = a.new_empty(n_in * span), a.new_empty(n_out * span)
-    for t0 in range(0, tokens, span):
-        t = min(span, tokens - t0)
-        a_t = _transposed(a[t0 : t0 + t], block, a_ws)
-        out_t = out_ws[: n_out * t].view(n_out // block, block, t).index_fill_(0, empty, 0)
-        for (majors, minors, _), left in zip(chunks, lefts):
-            product = products[: len(majors) * block * t].view(len(majors), block, t)
-            torch.bmm(left, _slabs(a_t, minors, slabs), out=product)
+class _GatheredProduct:
+    """out [T, n_out] whose block-column i is Σ (blocks[s] · a[:, minor[s]-block]ᵀ)ᵀ over the slots
+    s with major[s] = i (zeros where there are none), computed pass by pass from transposed
+    activations (`add`)."""
+
+    def __init__(self, a, blocks, major, minor, n_out: int, span: int):
+        self.block = block = blocks.shape[-1]
+        self.n_out = n_out
+        self.out = a.new_empty(a.shape[0], n_out)
+        self.chunks, self.slabs, self.products = _chunks(a, span, block, major, minor, n_out // block,
+                                                         n_out * a.shape[1])
+        self.lefts = [blocks[slots].transpose(1, 2).reshape(len(slots), block, -1)  # [W_s1 W_s2 …]
+                      for _, _, slots in self.chunks]
+        empty = torch.ones(n_out // block, dtype=torch.bool, device=a.device)
+        empty[major] = False
+        self.empty = torch.nonzero(empty).view(-1)
+        self.out_ws = a.new_empty(n_out * span)
+
+    def add(self, t0: int, a_t: torch.Tensor) -> None:
+        """Tokens t0.. of the output from their transposed activations a_t [n_in/b, b, t]."""
+        block, t = self.block, a_t.shape[2]
+        out_t = self.out_ws[: self.n_out * t].view(self.n_out // block, block, t).index_fill_(0, self.empty, 0)
+        for (majors, minors, _), left in zip(self.chunks, self.lefts):
+            product = self.products[: len(majors) * block * t].view(len(majors), block, t)
+            torch.bmm(left, _slabs(a_t, minors, self.slabs), out=product)
             out_t.index_copy_(0, majors, product)
-        out[t0 : t0 + t] = out_t.view(n_out, t).T
-    return out
+        self.out[t0 : t0 + t] = out_t.view(self.n_out, t).T
 
 
-def _gathered_sddmm(g, x, rows, cols, block) -> torch.Tensor:
-    """[n, b, b]: g[:, rows[s]-block]ᵀ · x[:, cols[s]-block] for each slot s."""
-    tokens = g.shape[0]
-    out = g.new_zeros(len(rows), block, block)
-    span, chunks, x_slabs, g_slabs = _passes(g, block, rows, cols, g.shape[1] // block)
-    g_ws, x_ws = g.new_empty(g.shape[1] * span), x.new_empty(x.shape[1] * span)
-    for t0 in range(0, tokens, span):
-        g_t, x_t = _transposed(g[t0 : t0 + span], block, g_ws), _transposed(x[t0 : t0 + span], block, x_ws)
-        for majors, minors, slots in chunks:
+class _GatheredSddmm:
+    """[n, b, b]: g[:, rows[s]-block]ᵀ · x[:, cols[s]-block] for each slot s, summed pass by pass
+    (`add`) from transposed g and x.
+
+    Each chunk's products accumulate over the passes in place (`baddbmm_`), in the bmm's own
+    [m, b, k·b] layout, and are rearranged into blocks once (`result`): rearranging and adding
+    them pass by pass moved as many numbers as the transposes themselves (the SDDMM ran 1.5×
+    slower). The accumulators hold as many numbers as the result (B's slots), never a dense weight."""
+
+    def __init__(self, g, rows, cols, block: int, span: int, n_in: int):
+        self.block = block
+        self.chunks, self.x_slabs, self.g_slabs = _chunks(g, span, block, rows, cols, g.shape[1] // block,
+                                                          g.shape[1] * n_in)
+        self.sums = [g.new_zeros(len(majors), block, minors.shape[1] * block) for majors, minors, _ in self.chunks]
+        self.out = g.new_empty(len(rows), block, block)
+
+    def add(self, g_t: torch.Tensor, x_t: torch.Tensor) -> None:
+        for (majors, minors, _), acc in zip(self.chunks, self.sums):
+            acc.baddbmm_(_slabs(g_t, majors.view(-1, 1), self.g_slabs), _slabs(x_t, minors, self.x_slabs).transpose(1, 2))
+
+    def result(self) -> torch.Tensor:
+        for (_, minors, slots), acc in zip(self.chunks, self.sums):
             m, k = minors.shape
-            product = torch.bmm(_slabs(g_t, majors.view(m, 1), g_slabs), _slabs(x_t, minors, x_slabs).transpose(1, 2))
-            out.index_add_(0, slots.view(-1), product.view(m, block, k, block).transpose(1, 2).reshape(m * k, block, block))
-    return out
+            self.out[slots.view(-1)] = acc.view(m, self.block, k, self.block).transpose(1, 2).reshape(m * k, self.block, self.block)
+        return self.out
 
 
 def _tile_product(a, effective, index, shape, block, transpose: bool) -> torch.Tensor:
@@ -238,9 +270,9 @@ def _tile_sddmm(g, x, index, shape, block, grad_values) -> None:
             grad_values[slots] = grads.to(grad_values.dtype)
 
 
-def _product(a, values, forward_mask, index, shape, block, transpose: bool) -> torch.Tensor:
-    """a · W_Aᵀ (transpose: the forward) or a · W_A (the input gradient), by the path `use_blocks`
-    picks."""
+def _product(a, values, forward_mask, index, shape, block, transpose: bool):
+    """a · W_Aᵀ (transpose: the forward) or a · W_A (the input gradient): the result [T, ·] from
+    the tile path, or a `_GatheredProduct` to feed with passes, by the path `use_blocks` picks."""
     cols = shape[1] // block
     n_blocks = (shape[0] // block) * cols
     slots = torch.nonzero(forward_mask & (index < n_blocks)).view(-1)
@@ -249,9 +281,32 @@ def _product(a, values, forward_mask, index, shape, block, transpose: bool) -> t
         return _tile_product(a, effective, index, shape, block, transpose)
     blocks = values[slots].to(a.dtype)
     rows, columns = index[slots] // cols, index[slots] % cols
+    span = _span(a.shape[0])
     if transpose:  # yᵀ[r] = Σ_c W_rc · xᵀ[c]
-        return _gathered_product(a, blocks, rows, columns, shape[0])
-    return _gathered_product(a, blocks.transpose(1, 2), columns, rows, shape[1])  # grad_xᵀ[c] = Σ_r W_rcᵀ · gᵀ[r]
+        return _GatheredProduct(a, blocks, rows, columns, shape[0], span)
+    return _GatheredProduct(a, blocks.transpose(1, 2), columns, rows, shape[1], span)  # grad_xᵀ[c] = Σ_r W_rcᵀ · gᵀ[r]
+
+
+def _value_gradient(g, x, index, shape, block, grad_values):
+    """Fills grad_values with gᵀ·x at B's blocks by the tile path, or returns a `_GatheredSddmm`
+    (with the slots it covers) to feed with passes."""
+    n_blocks = (shape[0] // block) * (shape[1] // block)
+    used = torch.nonzero(index < n_blocks).view(-1)
+    if not use_blocks(block, len(used), n_blocks):
+        _tile_sddmm(g, x, index, shape, block, grad_values)
+        return None, used
+    rows, cols = index[used] // (shape[1] // block), index[used] % (shape[1] // block)
+    return _GatheredSddmm(g, rows, cols, block, _span(g.shape[0]), shape[1]), used
+
+
+def _run_passes(tensors: list[torch.Tensor], block: int, feed) -> None:
+    """feed(t0, *passes) for every pass of tokens t0.., where passes are that pass of each of the
+    activations `tensors` [T, ·], transposed (`_Transposed`)."""
+    tokens = tensors[0].shape[0]
+    span = _span(tokens)
+    views = [_Transposed(a, block, span) for a in tensors]
+    for t0 in range(0, tokens, span):
+        feed(t0, *(view(t0, min(span, tokens - t0)) for view in views))
 
 
 class SparseMatmul(torch.autograd.Function):
@@ -268,6 +323,10 @@ class SparseMatmul(torch.autograd.Function):
     def forward(ctx, x, values, forward_mask, stored_index, shape, block, penalty, density):
         x2 = x.reshape(-1, shape[1])
         out = _product(x2, values, forward_mask, stored_index.long(), shape, block, transpose=True)
+        if isinstance(out, _GatheredProduct):
+            product = out
+            _run_passes([x2], block, product.add)
+            out = product.out
         ctx.save_for_backward(x, values, forward_mask, stored_index)
         ctx.shape, ctx.block, ctx.penalty, ctx.density = shape, block, penalty, density
         return out.view(*x.shape[:-1], shape[0])
@@ -279,20 +338,30 @@ class SparseMatmul(torch.autograd.Function):
         shape, block = ctx.shape, ctx.block
         x2 = x.reshape(-1, shape[1])
         g2 = grad_out.reshape(-1, shape[0])
-        grad_x = grad_values = None
+        grad_x = grad_values = product = sddmm = None
         if ctx.needs_input_grad[0]:
-            grad_x = _product(g2, values, forward_mask, index, shape, block, transpose=False).view(x.shape)
+            grad_x = product = _product(g2, values, forward_mask, index, shape, block, transpose=False)
         if ctx.needs_input_grad[1]:
             grad_values = torch.zeros_like(values)
-            n_blocks = (shape[0] // block) * (shape[1] // block)
-            used = torch.nonzero(index < n_blocks).view(-1)
-            if use_blocks(block, len(used), n_blocks):
-                rows, cols = index[used] // (shape[1] // block), index[used] % (shape[1] // block)
-                grad_values[used] = _gathered_sddmm(g2, x2, rows, cols, block).to(values.dtype)
-            else:
-                _tile_sddmm(g2, x2, index, shape, block, grad_values)
-            if ctx.penalty:
-                scale = torch.where(forward_mask, ctx.penalty, ctx.penalty / ctx.density).to(values.dtype)
-                grad_values += scale.view(-1, 1, 1) * values
+            sddmm, used = _value_gradient(g2, x2, index, shape, block, grad_values)
+        gathered = isinstance(product, _GatheredProduct)
+        if gathered or sddmm is not None:  # one pass over the tokens for both: gᵀ is transposed once
+
+            def feed(t0, g_t, *x_t):
+                if gathered:
+                    product.add(t0, g_t)
+                if sddmm is not None:
+                    sddmm.add(g_t, *x_t)
+
+            _run_passes([g2, x2] if sddmm is not None else [g2], block, feed)
+        if gathered:
+            grad_x = product.out
+        if grad_x is not None:
+            grad_x = grad_x.view(x.shape)
+        if sddmm is not None:
+            grad_values[used] = sddmm.result().to(values.dtype)
+        if grad_values is not None and ctx.penalty:
+            scale = torch.where(forward_mask, ctx.penalty, ctx.penalty / ctx.density).to(values.dtype)
+            grad_values += scale.view(-1, 1, 1) * values
         return grad_x, grad_values, None, None, None, None, None, None
 

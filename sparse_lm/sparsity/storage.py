@@ -33,12 +33,18 @@ from torch import nn
 
 from sparse_lm.parallel.layers import enter_region, leave_region, mark_sharded, tensor_parallel_group
 from sparse_lm.parallel.layout import ShardSpec
-from sparse_lm.sparsity.init import counter_normal_rows
+from sparse_lm.sparsity.init import counter_normal_at, counter_normal_rows
 from sparse_lm.sparsity.kernels import SparseMatmul, from_blocks, scatter_blocks, to_blocks
 from sparse_lm.sparsity.threshold import ChunkedScores, select_topk_capped, select_topk_positions
 
 # Block-rows scored per chunk at (re)selection: bounds the transient dense rows it regenerates.
 SCORE_CHUNK_ELEMENTS = 1 << 20
+# With `complement: regenerate`, θ₀'s score per block never changes, so layers whose blocks hold at
+# least this many elements (b ≥ 8: the scores are ≤ 1/64 of the dense weight's size) keep them
+# after the first selection: a reselection then scores the layer from them and B's values, and
+# regenerates only the blocks that enter B, instead of all of θ₀ (which was 0.8 s of counter-based
+# hashing per 4M-element layer, ~5% of the step time amortised over 100 steps).
+CACHED_SCORES_MIN_BLOCK = 8
 
 
 def shard_capacity(k_backward: int, parts: int, shard_blocks: int, headroom: float) -> int:
@@ -87,6 +93,7 @@ class SparseLinear(nn.Module):
         if complement == "offload":
             self.register_buffer("complement", torch.zeros(out_features, in_features))
         self.seed, self.stream, self.init_std = 0, 0, 0.0
+        self._initial_scores, self._initial_scores_key = None, None  # see `initial_block_scores`
         self.capped_ranks = 0  # at the last selection: shards whose exact share exceeded capacity
 
     @property
@@ -138,6 +145,21 @@ class SparseLinear(nn.Module):
             return rows.to(self.values.device, copy=True)
         return self.initial_rows(r0, r1)
 
+    def initial_blocks(self, positions: torch.Tensor) -> torch.Tensor:
+        """[n, b, b] initial values of the blocks at grid positions `positions` of this shard,
+        regenerated element by element (the same numbers `initial_rows` gives)."""
+        b, positions = self.block, positions.long()
+        offsets = torch.arange(b, device=positions.device)
+        rows = (self.row0 + positions // self.block_cols * b).view(-1, 1, 1) + offsets.view(1, -1, 1)
+        cols = (self.col0 + positions % self.block_cols * b).view(-1, 1, 1) + offsets.view(1, 1, -1)
+        return counter_normal_at(self.seed, self.stream, rows * self.global_in + cols, self.init_std)
+
+    def complement_blocks(self, positions: torch.Tensor) -> torch.Tensor:
+        """[n, b, b] current values outside B of the blocks at `positions` (ascending)."""
+        if self.complement_policy == "offload":
+            return self.gather_blocks(positions, self.complement_rows)
+        return self.initial_blocks(positions).to(self.values.dtype)
+
     def current_rows(self):
         """A `rows_fn(r0, r1)` giving the weight's current values in block-rows r0..r1-1: the
         complement with B laid over it. It finds a chunk's slots by binary search in one sorted copy
@@ -169,10 +191,30 @@ class SparseLinear(nn.Module):
 
         def chunks():
             for r0, r1 in self.row_chunks():
-                rows = rows_fn(r0, r1).abs()
-                yield rows.view(r1 - r0, b, self.block_cols, b).sum(dim=(1, 3)).reshape(-1)
+                yield block_sums(to_blocks(rows_fn(r0, r1), b))
 
         return ChunkedScores(chunks, self.n_blocks, self.values.device)
+
+    def caches_scores(self) -> bool:
+        return self.complement_policy == "regenerate" and self.block >= CACHED_SCORES_MIN_BLOCK
+
+    def initial_block_scores(self) -> torch.Tensor:
+        """Σ|θ₀| per block of this shard, [n_blocks]: computed once from the seed and kept (not
+        saved — the seed, stream and std it depends on rebuild it on demand)."""
+        key = (self.seed, self.stream, self.init_std, self.values.device)
+        if self._initial_scores_key != key:
+            self._initial_scores = torch.cat(list(self.block_scores(self.initial_rows).chunks()))
+            self._initial_scores_key = key
+        return self._initial_scores
+
+    def current_scores(self) -> torch.Tensor | ChunkedScores:
+        """Σ|θ| per block of the current weight (B's values over the complement)."""
+        if not self.caches_scores():
+            return self.block_scores(self.current_rows())
+        scores = self.initial_block_scores().clone()
+        live = torch.nonzero(self.live).view(-1)
+        scores[self.index.long()[live]] = block_sums(self.values.detach()[live]).to(scores.dtype)
+        return scores
 
     def dense_weight(self, forward_only: bool = True) -> torch.Tensor:
         """The dense [out, in] weight: A only (what the forward pass uses) or all current values.
@@ -192,14 +234,20 @@ class SparseLinear(nn.Module):
             if self.complement_policy == "offload":  # fill the store first, then read B from it
                 for r0, r1 in self.row_chunks():
                     self.complement[r0 * self.block : r1 * self.block] = self.initial_rows(r0, r1).cpu()
-            self.place(self.choose(self.initial_rows))
+            self._initial_scores_key = None
+            scores = self.initial_block_scores() if self.caches_scores() else self.block_scores(self.initial_rows)
+            self.place(self.select_backward(scores))
             self.forward_mask.copy_(self.select_forward())
 
     def choose(self, rows_fn) -> torch.Tensor:
-        """This shard's positions of the layer's top-k_B blocks by Σ|rows_fn| (ascending), selected
+        """This shard's positions of the layer's top-k_B blocks by Σ|rows_fn| (ascending)."""
+        return self.select_backward(self.block_scores(rows_fn))
+
+    def select_backward(self, scores: torch.Tensor | ChunkedScores) -> torch.Tensor:
+        """This shard's positions of the layer's top-k_B blocks by `scores` (ascending), selected
         over the tensor-parallel group. Global order for ties: rank-major, row-major within a shard."""
         positions, self.capped_ranks = select_topk_capped(
-            self.block_scores(rows_fn), self.k_backward, self.capacity, self.group,
+            scores, self.k_backward, self.capacity, self.group,
             global_offset=(self.spec.rank if self.spec else 0) * self.n_blocks, global_numel=self.global_blocks)
         return positions
 
@@ -227,9 +275,15 @@ class SparseLinear(nn.Module):
         """A = the layer's top-k blocks (default k_A) by Σ|θ| within B (the top-D overall, as B
         holds the top D + M), selected over the tensor-parallel group among the used slots."""
         used = torch.nonzero(self.live).view(-1)
-        scores = self.values.detach()[used].abs().sum(dim=(1, 2)).float()
+        scores = block_sums(self.values.detach()[used]).float()
         rank = self.spec.rank if self.spec else 0
         picked = select_topk_positions(scores, self.k_forward if k is None else k, self.group, global_offset=rank * self.capacity)
         mask = torch.zeros(self.capacity, dtype=torch.bool, device=self.values.device)
         mask[used[picked]] = True
         return mask
+
+
+def block_sums(blocks: torch.Tensor) -> torch.Tensor:
+    """Σ|θ| of each [b, b] block of blocks [n, b, b]: the one reduction every block score uses, so
+    scores of the same numbers agree to the bit whichever way they were gathered."""
+    return blocks.abs().sum(dim=(1, 2))

@@ -57,7 +57,7 @@ def reselect(layer: SparseLinear, optimizer: torch.optim.Optimizer | None, pick_
     leaving ones, then unused ones; slots left over become unused (value 0, moments 0)."""
     old_positions = layer.index.long().clone()
     old_forward = old_positions[layer.forward_mask]
-    new_positions = layer.choose(layer.current_rows())
+    new_positions = layer.select_backward(layer.current_scores())
     staying = layer.live & torch.isin(old_positions, new_positions)
     entering = new_positions[~torch.isin(new_positions, old_positions)]  # ascending
     free = torch.nonzero(~staying).view(-1)  # slots of leaving blocks and unused slots, ascending
@@ -67,7 +67,7 @@ def reselect(layer: SparseLinear, optimizer: torch.optim.Optimizer | None, pick_
             _store_blocks(layer, old_positions[leaving], layer.values[leaving])
         filled, emptied = free[: len(entering)], free[len(entering) :]
         new_values = layer.values.new_zeros(len(free), layer.block, layer.block)
-        new_values[: len(entering)] = layer.gather_blocks(entering, layer.complement_rows)
+        new_values[: len(entering)] = layer.complement_blocks(entering)
         write_slots(layer.values, free, new_values)
         layer.index[filled] = entering.to(layer.index.dtype)
         layer.index[emptied] = layer.n_blocks
