@@ -33,7 +33,7 @@ from torch import nn
 
 from sparse_lm.sparsity import kernels
 from sparse_lm.sparsity.storage import SparseLinear
-from sparse_lm.sparsity.topkast import reselect
+from sparse_lm.sparsity.topkast import reselect, sparse_layers
 
 DENSITIES = (1.0, 0.5, 0.2, 0.1, 0.05)
 MODES = {"element": 1, "block16": 16, "block32": 32}
@@ -82,7 +82,7 @@ def step_fn(model: nn.Module, x: torch.Tensor):
 
 def reselect_seconds(model: nn.Module, optimizer, repeat: int) -> list[float]:
     """Wall time of reselecting every sparse layer of `model`, `repeat` times."""
-    layers = [m for m in model.modules() if isinstance(m, SparseLinear)]
+    layers = sparse_layers(model)
     return [timed(lambda: [reselect(layer, optimizer) for layer in layers]) for _ in range(repeat)]
 
 

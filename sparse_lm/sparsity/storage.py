@@ -234,7 +234,6 @@ class SparseLinear(nn.Module):
             if self.complement_policy == "offload":  # fill the store first, then read B from it
                 for r0, r1 in self.row_chunks():
                     self.complement[r0 * self.block : r1 * self.block] = self.initial_rows(r0, r1).cpu()
-            self._initial_scores_key = None
             scores = self.initial_block_scores() if self.caches_scores() else self.block_scores(self.initial_rows)
             self.place(self.select_backward(scores))
             self.forward_mask.copy_(self.select_forward())
@@ -253,12 +252,13 @@ class SparseLinear(nn.Module):
 
     def place(self, positions: torch.Tensor, rows_fn=None) -> None:
         """Fill the slots with the blocks at `positions`, their values read from `rows_fn` (default:
-        the complement); the remaining slots are unused."""
+        the complement, block by block — at initialisation θ₀ is then hashed once, for the scores,
+        not a second time row by row for the chosen blocks); the remaining slots are unused."""
         n = len(positions)
         self.index.fill_(self.n_blocks)
         self.index[:n] = positions.to(self.index.dtype)
         self.values.zero_()
-        self.values[:n] = self.gather_blocks(positions, rows_fn or self.complement_rows)
+        self.values[:n] = self.complement_blocks(positions) if rows_fn is None else self.gather_blocks(positions, rows_fn)
 
     def gather_blocks(self, positions: torch.Tensor, rows_fn) -> torch.Tensor:
         """[len(positions), b, b] values at grid positions (sorted ascending), read chunk by chunk."""
