@@ -24,12 +24,13 @@ def test_bench_step_tiny(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     assert {"cpu", "cpu_count", "threads", "torch", "rule"} <= report["environment"].keys()
+    assert report["environment"]["compiled_kernels"] is True
     assert [(r["mode"], r["density"]) for r in report["results"]] == [
         ("element", 1.0), ("element", 0.1), ("block16", 1.0), ("block16", 0.1)]
     for r in report["results"]:
         assert len(r["step_dense_s"]) == len(r["step_sparse_s"]) == 2
         assert r["step_speedup_min"] > 0 and r["forward_speedup_median"] > 0
-        assert r["forward_path"] == ("gathered" if (r["block"], r["density"]) == (16, 0.1) else "tiles")
+        assert r["forward_path"] == ("in_place" if (r["block"], r["density"]) == (16, 0.1) else "tiles")
         assert len(r["reselect_s"]) == 2 and r["reselect_every"] == 100
         assert r["reselect_amortised_fraction"] == pytest.approx(
             statistics.median(r["reselect_s"]) / (100 * statistics.median(r["step_sparse_s"])))

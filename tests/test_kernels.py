@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sparse_lm.sparsity import kernels
+from sparse_lm.sparsity import compiled, kernels
 from sparse_lm.sparsity.kernels import SparseMatmul, from_blocks, scatter_blocks
 
 
@@ -71,11 +71,14 @@ def _check(shape, block, n_used, n_a, spare=3, dtype=torch.float32, lead=(2, 5),
     assert leaf.grad.dtype == dtype and torch.all(leaf.grad[~used] == 0)
 
 
-@pytest.fixture(params=["gathered", "tiles"])
-def path(request, monkeypatch):
-    """Forces one path for every product (both must give the same numbers)."""
-    monkeypatch.setattr(kernels, "use_blocks", lambda block, n, total: request.param == "gathered")
-    return request.param
+@pytest.fixture(params=kernels.PATHS)
+def path(request):
+    """Forces one path for every product (all must give the same numbers). The in-place path must
+    really run: its compiled kernels have to build here."""
+    if request.param == "in_place":
+        assert compiled.ops() is not None, "the compiled block kernels did not build"
+    with kernels.forced_path(request.param):
+        yield request.param
 
 
 @pytest.mark.parametrize("block", [1, 4, 16, 32])
@@ -85,6 +88,19 @@ def test_matches_dense(path, block, dtype):
     n = (shape[0] // block) * (shape[1] // block)
     n_used = max(2, n // 3)
     _check(shape, block, n_used, n_used // 2, dtype=dtype, penalty=1e-2, empty_row=True, empty_col=True)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_shapes(path, seed):
+    """Shapes, blocks, fractions of the grid in B and A, and token counts drawn at random (fp64, so
+    that only a wrong kernel can fail)."""
+    gen = torch.Generator().manual_seed(100 + seed)
+    block = [8, 16, 32][int(torch.randint(3, (1,), generator=gen))]
+    rows, cols, tokens = (int(v) for v in torch.randint(1, 7, (3,), generator=gen))
+    n = rows * cols
+    n_used = int(torch.randint(0, n + 1, (1,), generator=gen))
+    n_a = int(torch.randint(0, n_used + 1, (1,), generator=gen))
+    _check((rows * block, cols * block), block, n_used, n_a, dtype=torch.float64, lead=(tokens * 50,), seed=seed)
 
 
 @pytest.mark.parametrize("block", [16, 64])
@@ -112,15 +128,47 @@ def test_small_chunks_do_not_change_the_numbers(monkeypatch, path, slabs):
     _check((128, 96), 16, 30, 20, lead=(2, 3))
 
 
-def test_rule_picks_gathered_blocks_only_for_large_sparse_blocks():
-    assert kernels.use_blocks(16, 35, 100) and not kernels.use_blocks(16, 37, 100)
-    assert kernels.use_blocks(32, 45, 100) and not kernels.use_blocks(32, 46, 100)
-    assert kernels.use_blocks(64, 45, 100) and not kernels.use_blocks(128, 46, 100)
-    assert not kernels.use_blocks(1, 1, 100) and not kernels.use_blocks(8, 1, 100)
+def test_many_tokens(path):
+    """600 tokens: the compiled kernels' passes of 256 tokens (the last one short) and the gathered
+    path's of GATHER_TOKENS (fp64: sums of 600 terms)."""
+    _check((96, 64), 32, 4, 2, lead=(2, 300), dtype=torch.float64)
 
 
-def test_default_rule_matches_dense():
-    """No forcing: this layer takes the gathered path through A and the tile path for B."""
+def test_rules_pick_blocks_only_for_large_sparse_blocks():
+    assert kernels.use_in_place(16, 60, 100) and not kernels.use_in_place(16, 61, 100)
+    assert kernels.use_in_place(32, 70, 100) and not kernels.use_in_place(48, 71, 100)
+    assert kernels.use_in_place(128, 80, 100) and not kernels.use_in_place(64, 81, 100)
+    assert not kernels.use_in_place(8, 1, 100) and not kernels.use_in_place(1, 1, 100)
+    assert kernels.use_blocks(8, 20, 100) and not kernels.use_blocks(8, 21, 100)
+    assert kernels.use_blocks(16, 40, 100) and not kernels.use_blocks(16, 41, 100)
+    assert kernels.use_blocks(32, 50, 100) and not kernels.use_blocks(128, 56, 100)
+    assert not kernels.use_blocks(4, 1, 100) and not kernels.use_blocks(1, 1, 100)
+
+
+@pytest.mark.parametrize("compiled_kernels", [True, False])
+def test_default_rule_matches_dense(monkeypatch, compiled_kernels):
+    """No forcing: A (5 of 32 blocks) takes the in-place path where the kernels are built, else the
+    gathered one; B (24 of 32) the tiles."""
+    if not compiled_kernels:
+        monkeypatch.setattr(compiled, "ops", lambda: None)
     shape, block = (256, 128), 32
-    assert kernels.use_blocks(block, 5, 32) and not kernels.use_blocks(block, 16, 32)
-    _check(shape, block, 16, 5, lead=(4, 3))
+    assert kernels.use_in_place(block, 5, 32) and not kernels.use_in_place(block, 24, 32)
+    assert kernels.use_blocks(block, 5, 32) and not kernels.use_blocks(block, 24, 32)
+    _check(shape, block, 24, 5, lead=(4, 3))
+
+
+def test_compiled_kernels_only_where_they_run():
+    """CPU fp32/fp64 only: bf16 and other devices keep the pure-torch paths."""
+    assert compiled.supports(torch.zeros(2, 2)) and compiled.supports(torch.zeros(2, 2, dtype=torch.float64))
+    assert not compiled.supports(torch.zeros(2, 2, dtype=torch.bfloat16))
+    assert not compiled.supports(torch.zeros(2, 2, device="meta"))
+
+
+def test_forced_path_is_checked():
+    with pytest.raises(ValueError, match="path must be one of"):
+        with kernels.forced_path("csr"):
+            pass
+    x = torch.zeros(3, 64, dtype=torch.bfloat16)
+    with kernels.forced_path("in_place"), pytest.raises(RuntimeError, match="cannot take torch.bfloat16"):
+        SparseMatmul.apply(x, torch.zeros(2, 32, 32, dtype=torch.bfloat16), torch.ones(2, dtype=torch.bool),
+                           torch.tensor([0, 1], dtype=torch.int32), (64, 64), 32, 0.0, 0.5)

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sparse_lm.sparsity import kernels
+from sparse_lm.sparsity import compiled, kernels
 from sparse_lm.sparsity.storage import SparseLinear
 from sparse_lm.sparsity.topkast import reselect, sparse_layers
 
@@ -103,9 +103,9 @@ def alternate(fns: dict, repeat: int) -> dict:
     return times
 
 
-def forward_path(layer: SparseLinear) -> str:
-    """The path `kernels.use_blocks` takes for this layer's forward product."""
-    return "gathered" if kernels.use_blocks(layer.block, int(layer.forward_mask.sum()), layer.n_blocks) else "tiles"
+def forward_path(layer: SparseLinear, x: torch.Tensor) -> str:
+    """The path `kernels.choose_path` takes for this layer's forward product on x."""
+    return kernels.choose_path(x, layer.block, int(layer.forward_mask.sum()), layer.n_blocks)
 
 
 def measure(d_model: int, mode: str, density: float, args) -> dict:
@@ -119,7 +119,7 @@ def measure(d_model: int, mode: str, density: float, args) -> dict:
     with torch.no_grad():
         forwards = alternate({"dense": lambda: dense_linear(x), "sparse": lambda: sparse_linear(x)}, args.repeat)
     result = {"d_model": d_model, "hidden": hidden, "mode": mode, "block": block, "density": density,
-              "exploration": density, "forward_path": forward_path(sparse_linear),
+              "exploration": density, "forward_path": forward_path(sparse_linear, x),
               "sparse_fraction_of_dense_params": sum(p.numel() for p in sparse.parameters())
               / sum(p.numel() for p in dense.parameters())}
     for what, times in (("step", steps), ("forward", forwards)):
@@ -148,8 +148,8 @@ def environment(threads: int) -> dict:
     return {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "threads": threads, "torch": torch.__version__,
             "python": platform.python_version(), "platform": platform.platform(),
             "load_average_at_start": os.getloadavg(),
-            "rule": {"min_gather_block": kernels.MIN_GATHER_BLOCK, "gather_block_scale": kernels.GATHER_BLOCK_SCALE,
-                     "max_gather_fraction": kernels.MAX_GATHER_FRACTION}}
+            "compiled_kernels": compiled.ops() is not None,
+            "rule": {"in_place_limits": kernels.IN_PLACE_LIMITS, "gather_limits": kernels.GATHER_LIMITS}}
 
 
 def markdown(report: dict) -> str:
@@ -162,7 +162,8 @@ def markdown(report: dict) -> str:
         f"{env['cpu']}, {env['cpu_count']} CPUs, {env['threads']} torch thread(s), torch {env['torch']}. "
         f"{cfg['layers']} SwiGLU MLP blocks (hidden = {cfg['hidden_mult']}·d_model), {cfg['tokens']} tokens, "
         f"AdamW; exploration M = D. Speedup = dense time / sparse time over {cfg['repeat']} alternating steps "
-        f"after a warm-up (min / median). Forward: one d_model → hidden linear alone, with the kernel path used.",
+        f"after a warm-up (min / median). Forward: one d_model → hidden linear alone, with the kernel path used. "
+        f"Compiled CPU block kernels: {'built' if env['compiled_kernels'] else 'unavailable (pure-torch paths)'}.",
         "",
         f"Reselection: all sparse layers re-pick B and A (median of {cfg['repeat']}), amortised over "
         f"{cfg['reselect_every']} steps as a fraction of the median sparse step.",

@@ -12,7 +12,8 @@ the same weights.
 The hash is Wellons' `lowbias32` (two xor-shift-multiply rounds, good avalanche) applied to the
 counter words in turn; two independent 24-bit uniforms per element go through Box–Muller.
 Arithmetic is on int64 tensors holding 32-bit words, masked after every multiply, so it is exact
-on CPU and CUDA alike.
+on CPU and CUDA alike; on CPU the compiled kernels (`compiled`) hash the same words in one pass
+(the ~20 tensor passes were most of an element-mode reselection).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import math
 import zlib
 
 import torch
+
+from sparse_lm.sparsity import compiled
 
 _MASK32 = 0xFFFFFFFF
 
@@ -54,15 +57,22 @@ def counter_normal_at(seed: int, stream: int, positions: torch.Tensor, std: floa
     """
     positions = positions.long()
     key = _mix(_mix((seed & _MASK32) ^ 0x9E3779B9) ^ (stream & _MASK32))
+    if compiled.runs_on(positions):  # the same uniforms, hashed in one pass (`compiled`)
+        u1, u2 = compiled.ops().counter_uniforms(positions, key)
+    else:
+        u1, u2 = _uniforms(positions, key)
+    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2) * std
+
+
+def _uniforms(positions: torch.Tensor, key: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(u1 in (0, 1), u2 in [0, 1)) float32 per position, from the hash in torch ops (any device)."""
     if positions.numel() and int(positions.max()) <= _MASK32 and int(positions.min()) >= 0:
         h1 = _mix(positions ^ _mix(key))
     else:
         h1 = _mix((positions & _MASK32) ^ _mix(key ^ (positions >> 32)))
     h2 = _mix(h1 ^ 0x85EBCA6B)
     scale = 1.0 / (1 << 24)
-    u1 = ((h1 >> 8).float() + 0.5) * scale  # in (0, 1): the log is finite
-    u2 = (h2 >> 8).float() * scale
-    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2) * std
+    return ((h1 >> 8).float() + 0.5) * scale, (h2 >> 8).float() * scale  # u1 > 0: the log is finite
 
 
 def counter_normal_rows(seed: int, stream: int, global_cols: int, row0: int, col0: int, rows: int, cols: int,

@@ -1,11 +1,25 @@
 """Products with a weight held only as B's blocks: forward through A, input gradient through A,
 value gradient sampled at B (SDDMM).
 
-Two CPU paths in plain torch, picked per product by `use_blocks` (numbers: docs/bench/step.md):
+Three paths, picked per product by `choose_path` from the fraction of the block grid it covers
+(`IN_PLACE_LIMITS`, `GATHER_LIMITS`; numbers: docs/bench/kernels.md and docs/bench/step.md):
 
-* *Gathered blocks* (b ≥ 16, at most a fraction of the grid: `use_blocks`). Tokens are taken
-  `GATHER_TOKENS` at a time and their activations transposed once to [features, t], so that the
-  block-column a block needs is one contiguous [b, t] slab: the slabs a chunk of block-rows needs
+* *In place* (CPU, fp32/fp64, b ≥ 16). The compiled kernels (`compiled`,
+  csrc/block_kernels.cpp) make one BLAS call per stored block. Each pass of 256 tokens of the
+  activations is copied into strips layout [n/b, t, b], where a block-column is one contiguous
+  [t, b] piece (rows of b numbers moved, not a transpose); a block-row's output is summed over
+  its blocks in a small buffer and written into the result once; the value gradient is one
+  b × b × t product per slot of B on the strips of g and x. Nothing is gathered per block and no
+  dense tile is formed; besides the result, the only allocations are the strips of one pass
+  (at most 256 rows of the activations, and never more than the layer's weight) and a [t, b]
+  sum buffer per thread. A product finds
+  A's slots by one scan of `index` and orders them by block-row (forward) or block-column (input
+  gradient) with one argsort of |A| numbers. Against the gathered path, b = 32 at 10% of the grid
+  (4096×1024, 1024 tokens, 1 thread): forward 2.0×, input gradient 1.7×, value gradient 1.7×
+  faster; the training step at D = 0.1 went from 2.4–2.9× to 4.4× dense speed.
+* *Gathered blocks* (any device, b ≥ 8): where the compiled kernels cannot run (GPU, bf16,
+  no C++ compiler), and for b = 8. Tokens are taken `GATHER_TOKENS` at a time and their
+  activations transposed once to [features, t], so that the block-column a block needs is one contiguous [b, t] slab: the slabs a chunk of block-rows needs
   are gathered by one `index_select` (one copy of b·t numbers each, where a [t, b] strip of the
   untransposed activations is t copies of b), and one `torch.bmm` multiplies the stacked blocks
   by them, giving the block-rows' outputs transposed, each written by one contiguous copy; the
@@ -38,7 +52,11 @@ blocks) take part in none.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
+
+from sparse_lm.sparsity import compiled
 
 # Largest transient dense tile, in elements (16M fp32 = 64 MiB); at least one block-row is used.
 MAX_TILE_ELEMENTS = 1 << 24
@@ -109,22 +127,63 @@ def _gather_tile(grad_tile, index, r0, r1, shape, block):
     return slots, gather_blocks(to_blocks(grad_tile, block), local)
 
 
-# The gathered path copies b·t contiguous numbers per slab and does b multiply-adds per number
-# copied, so its cost against the dense tile falls with b and grows with the fraction f of the grid
-# a product visits. Measured crossovers (a 4096×1024 weight, 1024 tokens, 1 CPU thread; forward /
-# input gradient / value gradient): f ≈ 0.45 / 0.4 / 0.37 at b = 16, 0.6 / 0.6 / 0.5 at b = 32,
-# 0.55 / > 0.6 / 0.4 at b = 64 (times vary by ±15% on a shared machine). The rule: b ≥
-# MIN_GATHER_BLOCK and f ≤ min(MAX_GATHER_FRACTION, b / GATHER_BLOCK_SCALE) — 0.36 at b = 16,
-# 0.45 from b = 32 on.
-MIN_GATHER_BLOCK = 16
-GATHER_BLOCK_SCALE = 45
-MAX_GATHER_FRACTION = 0.45
+# The largest fraction f of a layer's block grid each block path takes, by block size b (the entry
+# of the largest size ≤ b applies; smaller blocks take the tiles). Both paths do b multiply-adds
+# per number they move, so their cost against the dense tile falls with b and grows with f. Set
+# from the crossovers against the tile path in docs/bench/kernels.md (`tools/bench_kernels.py`: a
+# 4096×1024 weight, 1024 tokens, 1 CPU thread, forward / input gradient / value gradient; times
+# vary by ±15% on a shared machine): in place, b = 16 is level with the tiles at f ≈ 0.6, b = 32
+# at ≈ 0.75, b = 64 at ≈ 0.9, while b = 8 is slower than dense from f = 0.1 on (one BLAS call per
+# 8×8 block); gathered, b = 8 is level at f ≈ 0.25, b = 16 at ≈ 0.45, b = 32 at ≈ 0.55, b = 64 at
+# ≈ 0.6. The limits sit a little below, where the block path is still clearly ahead.
+IN_PLACE_LIMITS = {16: 0.6, 32: 0.7, 64: 0.8}
+GATHER_LIMITS = {8: 0.2, 16: 0.4, 32: 0.5, 64: 0.55}
+
+
+def _within(limits: dict, block: int, n_slots: int, n_blocks: int) -> bool:
+    sizes = [size for size in limits if size <= block]
+    return bool(sizes) and n_slots <= limits[max(sizes)] * n_blocks
+
+
+def use_in_place(block: int, n_slots: int, n_blocks: int) -> bool:
+    """Whether a product over `n_slots` of a layer's `n_blocks` blocks takes the in-place path
+    (where the compiled kernels can run at all: `compiled.supports`)."""
+    return _within(IN_PLACE_LIMITS, block, n_slots, n_blocks)
 
 
 def use_blocks(block: int, n_slots: int, n_blocks: int) -> bool:
-    """Whether a product over `n_slots` of a layer's `n_blocks` blocks takes the gathered path."""
-    limit = min(MAX_GATHER_FRACTION, block / GATHER_BLOCK_SCALE)
-    return block >= MIN_GATHER_BLOCK and n_slots <= limit * n_blocks
+    """Whether such a product takes the gathered path where the in-place one cannot run."""
+    return _within(GATHER_LIMITS, block, n_slots, n_blocks)
+
+
+PATHS = ("in_place", "gathered", "tiles")
+_forced_path: str | None = None
+
+
+@contextlib.contextmanager
+def forced_path(path: str):
+    """Every product inside the block takes `path` (one of PATHS), whatever the rules say: for the
+    benchmarks and tests that compare the paths on the same numbers."""
+    global _forced_path
+    if path not in PATHS:
+        raise ValueError(f"forced_path: path must be one of {PATHS}, got {path!r}")
+    previous, _forced_path = _forced_path, path
+    try:
+        yield
+    finally:
+        _forced_path = previous
+
+
+def choose_path(a: torch.Tensor, block: int, n_slots: int, n_blocks: int) -> str:
+    """One of PATHS: the path of a product over `n_slots` of a layer's `n_blocks` blocks, on
+    activations like `a`."""
+    if _forced_path is not None:
+        if _forced_path == "in_place" and not compiled.supports(a):
+            raise RuntimeError(f"forced_path: the compiled kernels cannot take {a.dtype} on {a.device} here")
+        return _forced_path
+    if use_in_place(block, n_slots, n_blocks) and compiled.supports(a):
+        return "in_place"
+    return "gathered" if use_blocks(block, n_slots, n_blocks) else "tiles"
 
 
 # Tokens are taken GATHER_TOKENS at a time, which bounds the transposed copies and the workspaces
@@ -222,16 +281,16 @@ class _GatheredProduct:
 
 
 class _GatheredSddmm:
-    """[n, b, b]: g[:, rows[s]-block]ᵀ · x[:, cols[s]-block] for each slot s, summed pass by pass
-    (`add`) from transposed g and x.
+    """[n, b, b]: g[:, rows[s]-block]ᵀ · x[:, cols[s]-block] for each of B's slots `slots` [n]
+    (rows, cols: their grid positions), summed pass by pass (`add`) from transposed g and x.
 
     Each chunk's products accumulate over the passes in place (`baddbmm_`), in the bmm's own
     [m, b, k·b] layout, and are rearranged into blocks once (`result`): rearranging and adding
     them pass by pass moved as many numbers as the transposes themselves (the SDDMM ran 1.5×
     slower). The accumulators hold as many numbers as the result (B's slots), never a dense weight."""
 
-    def __init__(self, g, rows, cols, block: int, span: int, n_in: int):
-        self.block = block
+    def __init__(self, g, slots, rows, cols, block: int, span: int, n_in: int):
+        self.block, self.slots = block, slots
         self.chunks, self.x_slabs, self.g_slabs = _chunks(g, span, block, rows, cols, g.shape[1] // block,
                                                           g.shape[1] * n_in)
         self.sums = [g.new_zeros(len(majors), block, minors.shape[1] * block) for majors, minors, _ in self.chunks]
@@ -270,13 +329,29 @@ def _tile_sddmm(g, x, index, shape, block, grad_values) -> None:
             grad_values[slots] = grads.to(grad_values.dtype)
 
 
+def _in_place_product(a, values, slots, index, shape, block, transpose: bool) -> torch.Tensor:
+    """a · W_Aᵀ (transpose) or a · W_A by the compiled kernel, A's `slots` ordered by the
+    block-row (block-column) they write."""
+    cols = shape[1] // block
+    rows, columns = index[slots] // cols, index[slots] % cols
+    major, minor, n_major = (rows, columns, shape[0] // block) if transpose else (columns, rows, cols)
+    order = torch.argsort(major, stable=True)
+    starts = torch.zeros(n_major + 1, dtype=torch.long)
+    torch.cumsum(torch.bincount(major, minlength=n_major), 0, out=starts[1:])
+    return compiled.ops().block_product(a.contiguous(), values.to(a.dtype).contiguous(), slots[order],
+                                        minor[order], starts, n_major * block, transpose)
+
+
 def _product(a, values, forward_mask, index, shape, block, transpose: bool):
     """a · W_Aᵀ (transpose: the forward) or a · W_A (the input gradient): the result [T, ·] from
-    the tile path, or a `_GatheredProduct` to feed with passes, by the path `use_blocks` picks."""
+    the in-place or tile path, or a `_GatheredProduct` to feed with passes (`choose_path`)."""
     cols = shape[1] // block
     n_blocks = (shape[0] // block) * cols
     slots = torch.nonzero(forward_mask & (index < n_blocks)).view(-1)
-    if not use_blocks(block, len(slots), n_blocks):
+    path = choose_path(a, block, len(slots), n_blocks)
+    if path == "in_place":
+        return _in_place_product(a, values, slots, index, shape, block, transpose)
+    if path == "tiles":
         effective = values * forward_mask.view(-1, 1, 1).to(values.dtype)
         return _tile_product(a, effective, index, shape, block, transpose)
     blocks = values[slots].to(a.dtype)
@@ -288,15 +363,21 @@ def _product(a, values, forward_mask, index, shape, block, transpose: bool):
 
 
 def _value_gradient(g, x, index, shape, block, grad_values):
-    """Fills grad_values with gᵀ·x at B's blocks by the tile path, or returns a `_GatheredSddmm`
-    (with the slots it covers) to feed with passes."""
-    n_blocks = (shape[0] // block) * (shape[1] // block)
+    """Fills grad_values with gᵀ·x at B's blocks by the in-place or tile path, or returns a
+    `_GatheredSddmm` to feed with passes (and None otherwise)."""
+    cols = shape[1] // block
+    n_blocks = (shape[0] // block) * cols
     used = torch.nonzero(index < n_blocks).view(-1)
-    if not use_blocks(block, len(used), n_blocks):
+    rows, columns = index[used] // cols, index[used] % cols
+    path = choose_path(g, block, len(used), n_blocks)
+    if path == "in_place":
+        grads = compiled.ops().block_sddmm(g.contiguous(), x.contiguous(), rows, columns, block)
+        grad_values[used] = grads.to(grad_values.dtype)
+        return None
+    if path == "tiles":
         _tile_sddmm(g, x, index, shape, block, grad_values)
-        return None, used
-    rows, cols = index[used] // (shape[1] // block), index[used] % (shape[1] // block)
-    return _GatheredSddmm(g, rows, cols, block, _span(g.shape[0]), shape[1]), used
+        return None
+    return _GatheredSddmm(g, used, rows, columns, block, _span(g.shape[0]), shape[1])
 
 
 def _run_passes(tensors: list[torch.Tensor], block: int, feed) -> None:
@@ -343,7 +424,7 @@ class SparseMatmul(torch.autograd.Function):
             grad_x = product = _product(g2, values, forward_mask, index, shape, block, transpose=False)
         if ctx.needs_input_grad[1]:
             grad_values = torch.zeros_like(values)
-            sddmm, used = _value_gradient(g2, x2, index, shape, block, grad_values)
+            sddmm = _value_gradient(g2, x2, index, shape, block, grad_values)
         gathered = isinstance(product, _GatheredProduct)
         if gathered or sddmm is not None:  # one pass over the tokens for both: gᵀ is transposed once
 
@@ -359,7 +440,7 @@ class SparseMatmul(torch.autograd.Function):
         if grad_x is not None:
             grad_x = grad_x.view(x.shape)
         if sddmm is not None:
-            grad_values[used] = sddmm.result().to(values.dtype)
+            grad_values[sddmm.slots] = sddmm.result().to(values.dtype)
         if grad_values is not None and ctx.penalty:
             scale = torch.where(forward_mask, ctx.penalty, ctx.penalty / ctx.density).to(values.dtype)
             grad_values += scale.view(-1, 1, 1) * values
