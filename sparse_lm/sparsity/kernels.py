@@ -329,12 +329,10 @@ def _tile_sddmm(g, x, index, shape, block, grad_values) -> None:
             grad_values[slots] = grads.to(grad_values.dtype)
 
 
-def _in_place_product(a, values, slots, index, shape, block, transpose: bool) -> torch.Tensor:
-    """a · W_Aᵀ (transpose) or a · W_A by the compiled kernel, A's `slots` ordered by the
-    block-row (block-column) they write."""
-    cols = shape[1] // block
-    rows, columns = index[slots] // cols, index[slots] % cols
-    major, minor, n_major = (rows, columns, shape[0] // block) if transpose else (columns, rows, cols)
+def _in_place_product(a, values, slots, rows, columns, shape, block, transpose: bool) -> torch.Tensor:
+    """a · W_Aᵀ (transpose) or a · W_A by the compiled kernel, A's `slots` (at grid `rows`,
+    `columns`) ordered by the block-row (block-column) they write."""
+    major, minor, n_major = (rows, columns, shape[0] // block) if transpose else (columns, rows, shape[1] // block)
     order = torch.argsort(major, stable=True)
     starts = torch.zeros(n_major + 1, dtype=torch.long)
     torch.cumsum(torch.bincount(major, minlength=n_major), 0, out=starts[1:])
@@ -349,13 +347,13 @@ def _product(a, values, forward_mask, index, shape, block, transpose: bool):
     n_blocks = (shape[0] // block) * cols
     slots = torch.nonzero(forward_mask & (index < n_blocks)).view(-1)
     path = choose_path(a, block, len(slots), n_blocks)
-    if path == "in_place":
-        return _in_place_product(a, values, slots, index, shape, block, transpose)
     if path == "tiles":
         effective = values * forward_mask.view(-1, 1, 1).to(values.dtype)
         return _tile_product(a, effective, index, shape, block, transpose)
-    blocks = values[slots].to(a.dtype)
     rows, columns = index[slots] // cols, index[slots] % cols
+    if path == "in_place":
+        return _in_place_product(a, values, slots, rows, columns, shape, block, transpose)
+    blocks = values[slots].to(a.dtype)
     span = _span(a.shape[0])
     if transpose:  # yᵀ[r] = Σ_c W_rc · xᵀ[c]
         return _GatheredProduct(a, blocks, rows, columns, shape[0], span)
@@ -368,14 +366,14 @@ def _value_gradient(g, x, index, shape, block, grad_values):
     cols = shape[1] // block
     n_blocks = (shape[0] // block) * cols
     used = torch.nonzero(index < n_blocks).view(-1)
-    rows, columns = index[used] // cols, index[used] % cols
     path = choose_path(g, block, len(used), n_blocks)
+    if path == "tiles":
+        _tile_sddmm(g, x, index, shape, block, grad_values)
+        return None
+    rows, columns = index[used] // cols, index[used] % cols
     if path == "in_place":
         grads = compiled.ops().block_sddmm(g.contiguous(), x.contiguous(), rows, columns, block)
         grad_values[used] = grads.to(grad_values.dtype)
-        return None
-    if path == "tiles":
-        _tile_sddmm(g, x, index, shape, block, grad_values)
         return None
     return _GatheredSddmm(g, used, rows, columns, block, _span(g.shape[0]), shape[1])
 
