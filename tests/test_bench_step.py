@@ -30,7 +30,7 @@ def test_bench_step_tiny(tmp_path):
     for r in report["results"]:
         assert len(r["step_dense_s"]) == len(r["step_sparse_s"]) == 2
         assert r["step_speedup_min"] > 0 and r["forward_speedup_median"] > 0
-        assert r["forward_path"] == ("in_place" if (r["block"], r["density"]) == (16, 0.1) else "tiles")
+        assert r["forward_path"] == ("in_place" if r["density"] == 0.1 else "tiles")  # elements, too
         assert len(r["reselect_s"]) == 2 and r["reselect_every"] == 100
         assert r["reselect_amortised_fraction"] == pytest.approx(
             statistics.median(r["reselect_s"]) / (100 * statistics.median(r["step_sparse_s"])))

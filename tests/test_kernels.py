@@ -41,9 +41,11 @@ def _dense(values, mask, index, shape, block):
     return from_blocks(blocks, shape[0] // block, shape[1] // block)
 
 
-def _check(shape, block, n_used, n_a, spare=3, dtype=torch.float32, lead=(2, 5), penalty=0.0, **kw):
+def _check(shape, block, n_used, n_a, spare=3, dtype=torch.float32, lead=(2, 5), penalty=0.0, rtol=None,
+           atol=None, **kw):
     values0, mask, index = _layer(*shape, block, n_used, n_a, spare, dtype, **kw)
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
+    tol = {name: given if given is not None else tol[name] for name, given in (("rtol", rtol), ("atol", atol))}
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(*lead, shape[1], generator=gen, dtype=dtype, requires_grad=True)
     weight = torch.randn(*lead, shape[0], generator=gen, dtype=dtype)  # loss = Σ weight · y
@@ -134,11 +136,69 @@ def test_many_tokens(path):
     _check((96, 64), 32, 4, 2, lead=(2, 300), dtype=torch.float64)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_random_element_layers(path, seed):
+    """Element mode on random shapes, fractions of B and A, and token counts that straddle the
+    element kernels' token tiles (64 fp32 / 32 fp64) and value-gradient passes (512), in both
+    dtypes."""
+    gen = torch.Generator().manual_seed(200 + seed)
+    out_f, in_f = (int(v) for v in torch.randint(1, 160, (2,), generator=gen))
+    n_used = int(torch.randint(0, out_f * in_f + 1, (1,), generator=gen))
+    n_a = int(torch.randint(0, n_used + 1, (1,), generator=gen))
+    tokens = int(torch.randint(1, 1100, (1,), generator=gen))
+    dtype = (torch.float32, torch.float64)[seed % 2]
+    _check((out_f, in_f), 1, n_used, n_a, dtype=dtype, lead=(tokens,), seed=seed,
+           **(dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else {}))
+
+
+@pytest.mark.parametrize("block", [1, 32])
+def test_threads_do_not_change_the_numbers(block):
+    """The in-place kernels give each output column (block-row) and each value gradient to one
+    thread, summed in one order: 1 or 3 threads, the same bits."""
+    values, mask, index = _layer(192, 128, block, (192 // block) * (128 // block) // 4, 10, 2, torch.float32)
+    gen = torch.Generator().manual_seed(3)
+    x, g = torch.randn(300, 128, generator=gen), torch.randn(300, 192, generator=gen)
+    threads, results = torch.get_num_threads(), []
+    try:
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            with kernels.forced_path("in_place"):
+                x_leaf, v_leaf = x.clone().requires_grad_(True), values.clone().requires_grad_(True)
+                y = SparseMatmul.apply(x_leaf, v_leaf, mask, index, (192, 128), block, 0.0, 1.0)
+                y.backward(g)
+            results.append((y.detach(), x_leaf.grad, v_leaf.grad))
+    finally:
+        torch.set_num_threads(threads)
+    for one, three in zip(*results):
+        assert torch.equal(one, three)
+
+
+def test_element_keys_fit_in_64_bits():
+    """(row, column, slot) must pack in one word for the element kernels' sort; larger layers take
+    the tiles."""
+    assert kernels.element_keys_fit((1 << 20, 1 << 20), (1 << 24) - 1)
+    assert not kernels.element_keys_fit((1 << 20, 1 << 20), 1 << 24)
+    assert kernels.element_keys_fit((1, 1), 0)
+    assert kernels._layer_path(torch.zeros(1, 2), 1, 1, ((1 << 31) - 1, (1 << 31) - 1), 4) == "tiles"
+    assert kernels._layer_path(torch.zeros(1, 2), 1, 1, (4, 4), 4) == "in_place"
+
+
+def test_element_kernels_check_their_positions():
+    """A position outside the layer is an error, not a read past the activations."""
+    ops = compiled.ops()
+    a, outside = torch.zeros(4, 8), torch.tensor([17])  # grid 2 × 8: 16 means unused, 17 is outside
+    with pytest.raises(RuntimeError, match="position out of range"):
+        ops.element_product(a, torch.ones(1), outside, torch.ones(1, dtype=torch.bool), 2, 8, True)
+    with pytest.raises(RuntimeError, match="position out of range"):
+        ops.element_sddmm(torch.zeros(4, 2), a, outside, 2, 8)
+
+
 def test_rules_pick_blocks_only_for_large_sparse_blocks():
     assert kernels.use_in_place(16, 60, 100) and not kernels.use_in_place(16, 61, 100)
     assert kernels.use_in_place(32, 70, 100) and not kernels.use_in_place(48, 71, 100)
     assert kernels.use_in_place(128, 80, 100) and not kernels.use_in_place(64, 81, 100)
-    assert not kernels.use_in_place(8, 1, 100) and not kernels.use_in_place(1, 1, 100)
+    assert kernels.use_in_place(1, 25, 100) and not kernels.use_in_place(1, 26, 100)
+    assert not kernels.use_in_place(8, 1, 100) and not kernels.use_in_place(2, 1, 100)
     assert kernels.use_blocks(8, 20, 100) and not kernels.use_blocks(8, 21, 100)
     assert kernels.use_blocks(16, 40, 100) and not kernels.use_blocks(16, 41, 100)
     assert kernels.use_blocks(32, 50, 100) and not kernels.use_blocks(128, 56, 100)

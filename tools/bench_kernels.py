@@ -5,7 +5,8 @@ the path rules in `sparsity/kernels.py` (`use_in_place`, `use_blocks`).
 
 One layer of `--shape` out × in, a fraction f of its b × b block grid stored (all of it in A, so
 the forward, the input gradient and the value gradient all cover f of the grid), `--tokens`
-tokens. For each block size and fraction, the dense products (x·Wᵀ, g·W, gᵀ·x) and each path's
+tokens. Block size 1 is element mode (no gathered path: it moves 4 bytes per index). For each
+block size and fraction, the dense products (x·Wᵀ, g·W, gᵀ·x) and each path's
 (`kernels.forced_path`) run in turn, one warm-up each, then `--repeat` rounds; speedup = dense
 median / path median. Each path's output is also compared with the dense one (largest absolute
 difference), so a fast wrong kernel shows.
@@ -61,7 +62,7 @@ def measure(shape, block: int, fraction: float, args) -> dict:
     x = torch.randn(args.tokens, shape[1], generator=generator)
     g = torch.randn(args.tokens, shape[0], generator=generator)
     dense = {"forward": lambda: x @ weight.T, "input_grad": lambda: g @ weight, "value_grad": lambda: g.T @ x}
-    paths = [p for p in kernels.PATHS if p != "in_place" or compiled.supports(x)]
+    paths = [p for p in kernels.PATHS if (p != "in_place" or compiled.supports(x)) and (p != "gathered" or block >= 8)]
     sparse = {}
     for path in paths:
         with kernels.forced_path(path):
@@ -107,7 +108,8 @@ def markdown(report: dict) -> str:
         "|---:|---:|" + "---:|" * (len(PRODUCTS) * len(paths)),
     ]
     for r in report["results"]:
-        cells = " | ".join(f"{r['products'][product][path]['speedup_median']:.2f}" for product in PRODUCTS for path in paths)
+        cells = " | ".join(f"{r['products'][product][path]['speedup_median']:.2f}" if path in r["products"][product] else "–"
+                           for product in PRODUCTS for path in paths)
         lines.append(f"| {r['block']} | {r['fraction']:g} | {cells} |")
     lines += ["", f"Load average at start / end: {env['load_average_at_start'][0]:.2f} / "
               f"{env['load_average_at_end'][0]:.2f} (other work on the machine makes times noisier)."]

@@ -4,6 +4,9 @@
   lie in memory, one BLAS call per block on a strips copy of the activations, where the pure-torch
   gathered path has to transpose activations and copy a [b, t] slab per block first (those copies
   were ~40% of a sparse step).
+* `element_kernels.cpp` — the in-place element products (b = 1): each stored element moves one row
+  of a transposed token tile into sums held in SIMD registers, where the tile path pays a whole
+  dense product for any density.
 * `counter_hash.cpp` — the integer half of `init.counter_normal_at` (θ₀ regenerated at
   reselection) in one pass instead of ~20 over int64 tensors, bit for bit the same numbers.
 
@@ -23,15 +26,16 @@ from pathlib import Path
 
 import torch
 
-SOURCES = [Path(__file__).with_name("csrc") / name for name in ("block_kernels.cpp", "counter_hash.cpp")]
+SOURCES = [Path(__file__).with_name("csrc") / name
+           for name in ("block_kernels.cpp", "element_kernels.cpp", "counter_hash.cpp")]
 SWITCH = "SPARSE_LM_COMPILED_KERNELS"
 DTYPES = (torch.float32, torch.float64)
 
 
 @functools.cache
 def ops():
-    """torch.ops.sparse_lm_cpu (`block_product`, `block_sddmm`, `counter_uniforms`), or None where
-    unavailable."""
+    """torch.ops.sparse_lm_cpu (`block_product`, `block_sddmm`, `element_product`, `element_sddmm`,
+    `counter_uniforms`), or None where unavailable."""
     if os.environ.get(SWITCH, "1") == "0":
         return None
     try:
@@ -56,5 +60,5 @@ def runs_on(t: torch.Tensor) -> bool:
 
 
 def supports(a: torch.Tensor) -> bool:
-    """Whether the block products can take activations like `a` (CPU, fp32/fp64, built)."""
+    """Whether the in-place products can take activations like `a` (CPU, fp32/fp64, built)."""
     return a.dtype in DTYPES and runs_on(a)

@@ -1,10 +1,11 @@
 """Products with a weight held only as B's blocks: forward through A, input gradient through A,
 value gradient sampled at B (SDDMM).
 
-Three paths, picked per product by `choose_path` from the fraction of the block grid it covers
-(`IN_PLACE_LIMITS`, `GATHER_LIMITS`; numbers: docs/bench/kernels.md and docs/bench/step.md):
+Three paths (in place with kernels for blocks and for elements, gathered, tiles), picked per product by `choose_path` from the fraction of the block grid it covers
+(`IN_PLACE_LIMITS`, `ELEMENT_IN_PLACE_LIMIT`, `GATHER_LIMITS`; numbers: docs/bench/kernels.md
+and docs/bench/step.md):
 
-* *In place* (CPU, fp32/fp64, b ≥ 16). The compiled kernels (`compiled`,
+* *In place, blocks* (CPU, fp32/fp64, b ≥ 16). The compiled kernels (`compiled`,
   csrc/block_kernels.cpp) make one BLAS call per stored block. Each pass of 256 tokens of the
   activations is copied into strips layout [n/b, t, b], where a block-column is one contiguous
   [t, b] piece (rows of b numbers moved, not a transpose); a block-row's output is summed over
@@ -33,15 +34,23 @@ Three paths, picked per product by `choose_path` from the fraction of the block 
   transposed activations (a pass's worth) and the chunks (`GATHER_CHUNK_ELEMENTS`) live in
   workspaces reused pass after pass. Against strips this made the sparse training step 1.1–1.25×
   faster (b = 16 and 32, D = 0.05–0.2); transposing is still a good part of the cost.
-* *Dense tiles* (element mode, or most blocks present). The weight is visited in tiles of whole
-  block-rows; a tile is scattered dense for one matmul and dropped — like an activation, it never
-  outlives the call, and `MAX_TILE_ELEMENTS` bounds it whatever the layer size. The value gradient
-  of a tile is a dense [rows × in] product of which only B's blocks are read out. Element mode
-  (b = 1, where a gather would move 4 bytes per index) always takes this path: it costs a dense
+* *In place, elements* (CPU, fp32/fp64, b = 1, f ≤ `ELEMENT_IN_PLACE_LIMIT`). The compiled
+  element kernels (csrc/element_kernels.cpp) group A's (B's) elements by the output column they
+  write with a radix sort, then move, per element, one row of a transposed 64-token tile into
+  sums held in SIMD registers; the value gradient is one dot product per element over 64-token
+  tiles of gᵀ and xᵀ. No dense tile: besides the result, a token tile of the activations and
+  ~30 bytes per element of grouping. Against dense at 10% of a 4096×1024 layer (1024 tokens,
+  1 thread): forward ~2×, input gradient ~1.6–2×, value gradient ~1.5×; level with the tiles at
+  f ≈ 0.25–0.3 (docs/bench/kernels.md).
+* *Dense tiles* (elements above that fraction or where the compiled kernels cannot run; blocks of
+  b < 8, or most blocks present). The weight is visited in tiles of whole block-rows; a tile is
+  scattered dense for one matmul and dropped — like an activation, it never outlives the call,
+  and `MAX_TILE_ELEMENTS` bounds it whatever the layer size. The value gradient of a tile is a
+  dense [rows × in] product of which only B's blocks are read out. For elements it costs a dense
   product plus the scatter (0.65–0.95× dense speed, from D = 1 down to 0.05). torch's sparse
-  products were no clear gain: `csr @ xᵀ` ran at 1.1× dense speed at D = 0.05 and 0.9× at 0.1,
-  `sparse.sampled_addmm` at 1.4× for 5% of entries and 0.9× for 10% — before building the CSR
-  tensors (a sort of the slots) that each call would need.
+  products were no clear gain over it: `csr @ xᵀ` ran at 1.1× dense speed at D = 0.05 and 0.9×
+  at 0.1, `sparse.sampled_addmm` at 1.4× for 5% of entries and 0.9× for 10% — before building
+  the CSR tensors (a sort of the slots) that each call would need.
 
 Layout, shared with `storage.SparseLinear`: a weight of shape [out, in] is a grid of
 (out/b) × (in/b) blocks of b×b (b = 1: elements); `index[s]` is the row-major grid position of
@@ -135,8 +144,10 @@ def _gather_tile(grad_tile, index, r0, r1, shape, block):
 # vary by ±15% on a shared machine): in place, b = 16 is level with the tiles at f ≈ 0.6, b = 32
 # at ≈ 0.75, b = 64 at ≈ 0.9, while b = 8 is slower than dense from f = 0.1 on (one BLAS call per
 # 8×8 block); gathered, b = 8 is level at f ≈ 0.25, b = 16 at ≈ 0.45, b = 32 at ≈ 0.55, b = 64 at
-# ≈ 0.6. The limits sit a little below, where the block path is still clearly ahead.
+# ≈ 0.6. The limits sit a little below, where the block path is still clearly ahead. Elements in
+# place are level with the tiles at f ≈ 0.25 (input and value gradients) to 0.3 (forward).
 IN_PLACE_LIMITS = {16: 0.6, 32: 0.7, 64: 0.8}
+ELEMENT_IN_PLACE_LIMIT = 0.25
 GATHER_LIMITS = {8: 0.2, 16: 0.4, 32: 0.5, 64: 0.55}
 
 
@@ -147,7 +158,10 @@ def _within(limits: dict, block: int, n_slots: int, n_blocks: int) -> bool:
 
 def use_in_place(block: int, n_slots: int, n_blocks: int) -> bool:
     """Whether a product over `n_slots` of a layer's `n_blocks` blocks takes the in-place path
-    (where the compiled kernels can run at all: `compiled.supports`)."""
+    (where the compiled kernels can run at all: `compiled.supports`). Elements (b = 1) have kernels
+    of their own; blocks of 2–15 have none worth taking (one BLAS call per small block)."""
+    if block == 1:
+        return n_slots <= ELEMENT_IN_PLACE_LIMIT * n_blocks
     return _within(IN_PLACE_LIMITS, block, n_slots, n_blocks)
 
 
@@ -329,8 +343,23 @@ def _tile_sddmm(g, x, index, shape, block, grad_values) -> None:
             grad_values[slots] = grads.to(grad_values.dtype)
 
 
+def element_keys_fit(shape: tuple[int, int], capacity: int) -> bool:
+    """Whether the element kernels can pack (row, column, slot) of a layer with `capacity` slots in
+    one 64-bit word (their radix sort's; true for any layer below ~2^40 elements)."""
+    return sum(max(n - 1, 0).bit_length() for n in (*shape, capacity + 1)) <= 64
+
+
+def _layer_path(a, block: int, n_slots: int, shape: tuple[int, int], capacity: int) -> str:
+    """`choose_path` for a product over `n_slots` of a [out, in] layer's blocks; elements of a layer
+    too large for the element kernels' keys take the tiles."""
+    path = choose_path(a, block, n_slots, (shape[0] // block) * (shape[1] // block))
+    if path == "in_place" and block == 1 and not element_keys_fit(shape, capacity):
+        return "tiles"
+    return path
+
+
 def _in_place_product(a, values, slots, rows, columns, shape, block, transpose: bool) -> torch.Tensor:
-    """a · W_Aᵀ (transpose) or a · W_A by the compiled kernel, A's `slots` (at grid `rows`,
+    """a · W_Aᵀ (transpose) or a · W_A by the compiled kernels, A's `slots` (at grid `rows`,
     `columns`) ordered by the block-row (block-column) they write."""
     major, minor, n_major = (rows, columns, shape[0] // block) if transpose else (columns, rows, shape[1] // block)
     order = torch.argsort(major, stable=True)
@@ -345,11 +374,15 @@ def _product(a, values, forward_mask, index, shape, block, transpose: bool):
     the in-place or tile path, or a `_GatheredProduct` to feed with passes (`choose_path`)."""
     cols = shape[1] // block
     n_blocks = (shape[0] // block) * cols
-    slots = torch.nonzero(forward_mask & (index < n_blocks)).view(-1)
-    path = choose_path(a, block, len(slots), n_blocks)
+    in_a = forward_mask & (index < n_blocks)
+    path = _layer_path(a, block, int(in_a.sum()), shape, len(index))
     if path == "tiles":
         effective = values * forward_mask.view(-1, 1, 1).to(values.dtype)
         return _tile_product(a, effective, index, shape, block, transpose)
+    if path == "in_place" and block == 1:  # the kernel groups the elements itself (a counting sort)
+        return compiled.ops().element_product(a.contiguous(), values.view(-1).to(a.dtype), index, in_a, *shape,
+                                              transpose)
+    slots = torch.nonzero(in_a).view(-1)
     rows, columns = index[slots] // cols, index[slots] % cols
     if path == "in_place":
         return _in_place_product(a, values, slots, rows, columns, shape, block, transpose)
@@ -365,11 +398,15 @@ def _value_gradient(g, x, index, shape, block, grad_values):
     `_GatheredSddmm` to feed with passes (and None otherwise)."""
     cols = shape[1] // block
     n_blocks = (shape[0] // block) * cols
-    used = torch.nonzero(index < n_blocks).view(-1)
-    path = choose_path(g, block, len(used), n_blocks)
+    in_b = index < n_blocks
+    path = _layer_path(g, block, int(in_b.sum()), shape, len(index))
     if path == "tiles":
         _tile_sddmm(g, x, index, shape, block, grad_values)
         return None
+    if path == "in_place" and block == 1:  # zeros for unused slots, like grad_values
+        grad_values.view(-1).copy_(compiled.ops().element_sddmm(g.contiguous(), x.contiguous(), index, *shape))
+        return None
+    used = torch.nonzero(in_b).view(-1)
     rows, columns = index[used] // cols, index[used] % cols
     if path == "in_place":
         grads = compiled.ops().block_sddmm(g.contiguous(), x.contiguous(), rows, columns, block)
