@@ -10,7 +10,7 @@
 * `counter_hash.cpp` — the integer half of `init.counter_normal_at` (θ₀ regenerated at
   reselection) in one pass instead of ~20 over int64 tensors, bit for bit the same numbers.
 
-torch's JIT extension builder compiles them once per machine and torch version (15–25 s with a C++
+torch's JIT extension builder compiles them once per machine and torch version (20–30 s with a C++
 compiler and ninja, cached under TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions);
 concurrent processes wait on its file lock. Where that cannot happen (no compiler, a torch without
 BLAS symbols) training still runs, on the pure-torch paths, after one warning.
