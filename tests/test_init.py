@@ -29,6 +29,17 @@ def test_compiled_hash_is_the_torch_expression_bit_for_bit(monkeypatch, seed, st
     torch.testing.assert_close(small, counter_normal_at(seed, stream, positions[:5000], 0.02), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("start", [0, (1 << 32) - 2500, (1 << 44) + 3])
+def test_compiled_ranges_are_the_torch_expression_bit_for_bit(monkeypatch, start):
+    """`counter_normal` hashes a range without building its positions (compiled) — the same bits as
+    the torch expression at those positions."""
+    assert compiled.ops() is not None, "the compiled CPU kernels did not build"
+    fast = counter_normal(77, 5, start, 5000, 0.3)
+    monkeypatch.setattr(compiled, "ops", lambda: None)
+    torch.testing.assert_close(fast, counter_normal(77, 5, start, 5000, 0.3), rtol=0, atol=0)
+    torch.testing.assert_close(fast, counter_normal_at(77, 5, torch.arange(start, start + 5000), 0.3), rtol=0, atol=0)
+
+
 def test_values_are_standard_normal_and_depend_on_seed_and_stream():
     x = counter_normal(seed=3, stream=5, start=0, count=1 << 20, std=1.0)
     assert abs(x.mean().item()) < 5e-3 and abs(x.std().item() - 1) < 5e-3  # 1M samples: se 1e-3

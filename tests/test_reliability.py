@@ -173,6 +173,47 @@ def test_a_dead_or_stalled_rank_stops_the_others_with_one_line(data_dir, tmp_pat
     assert elapsed < 200
 
 
+def test_sigterm_is_one_line_and_keeps_the_checkpoints(data_dir, tmp_path):
+    """SIGTERM (what the deepspeed launcher sends every surviving rank when one fails, and what a
+    scheduler sends on cancel) stops training with one line naming it and --resume; the checkpoint
+    written before it stays the verified latest."""
+    config = write_config(tmp_path, data_dir, "run", **SPARSE)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS="1", MASTER_PORT=free_port(), SPARSE_LM_FAULTS="stall_rank0@8")
+    proc = subprocess.Popen([sys.executable, "-m", "sparse_lm", "pretrain", "--config", str(config)], cwd=REPO,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not _has_step(metrics, 7):
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)  # stalled at step 8, after the step-6 checkpoint
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 2, stderr[-3000:]
+    error = [line for line in stderr.splitlines() if "error:" in line]
+    assert len(error) == 1 and "stopped by SIGTERM" in error[0] and "--resume" in error[0], stderr[-3000:]
+    ckpt = tmp_path / "run" / "checkpoints"
+    assert (ckpt / "latest").read_text().strip() == "step_00000006"
+    run_cli("checkpoint", "verify", str(ckpt))
+
+
+def _has_step(metrics, step: int) -> bool:
+    """Whether a running job's metrics already hold `step` (a last line still being written is
+    not yet there)."""
+    if not metrics.exists():
+        return False
+    for line in metrics.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if record["kind"] == "step" and record["step"] == step:
+            return True
+    return False
+
+
 def test_a_rank_that_never_joins_is_one_line(data_dir, tmp_path):
     """Rank 0 of a world of 2 whose peer never starts: one line after parallel.timeout_s."""
     config = write_config(tmp_path, data_dir, "run", parallel={"timeout_s": 10})

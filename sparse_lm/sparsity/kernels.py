@@ -371,17 +371,19 @@ def _in_place_product(a, values, slots, rows, columns, shape, block, transpose: 
 
 def _product(a, values, forward_mask, index, shape, block, transpose: bool):
     """a · W_Aᵀ (transpose: the forward) or a · W_A (the input gradient): the result [T, ·] from
-    the in-place or tile path, or a `_GatheredProduct` to feed with passes (`choose_path`)."""
+    the in-place or tile path, or a `_GatheredProduct` to feed with passes (`choose_path`).
+    `index`: the stored one (int32); the element kernels read it as it is."""
     cols = shape[1] // block
     n_blocks = (shape[0] // block) * cols
     in_a = forward_mask & (index < n_blocks)
     path = _layer_path(a, block, int(in_a.sum()), shape, len(index))
+    if path == "in_place" and block == 1:  # the kernel groups the elements itself (a radix sort)
+        return compiled.ops().element_product(a.contiguous(), values.view(-1).to(a.dtype), index, in_a, *shape,
+                                              transpose)
+    index = index.long()
     if path == "tiles":
         effective = values * forward_mask.view(-1, 1, 1).to(values.dtype)
         return _tile_product(a, effective, index, shape, block, transpose)
-    if path == "in_place" and block == 1:  # the kernel groups the elements itself (a counting sort)
-        return compiled.ops().element_product(a.contiguous(), values.view(-1).to(a.dtype), index, in_a, *shape,
-                                              transpose)
     slots = torch.nonzero(in_a).view(-1)
     rows, columns = index[slots] // cols, index[slots] % cols
     if path == "in_place":
@@ -400,11 +402,12 @@ def _value_gradient(g, x, index, shape, block, grad_values):
     n_blocks = (shape[0] // block) * cols
     in_b = index < n_blocks
     path = _layer_path(g, block, int(in_b.sum()), shape, len(index))
-    if path == "tiles":
-        _tile_sddmm(g, x, index, shape, block, grad_values)
-        return None
     if path == "in_place" and block == 1:  # zeros for unused slots, like grad_values
         grad_values.view(-1).copy_(compiled.ops().element_sddmm(g.contiguous(), x.contiguous(), index, *shape))
+        return None
+    index = index.long()
+    if path == "tiles":
+        _tile_sddmm(g, x, index, shape, block, grad_values)
         return None
     used = torch.nonzero(in_b).view(-1)
     rows, columns = index[used] // cols, index[used] % cols
@@ -438,7 +441,7 @@ class SparseMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, values, forward_mask, stored_index, shape, block, penalty, density):
         x2 = x.reshape(-1, shape[1])
-        out = _product(x2, values, forward_mask, stored_index.long(), shape, block, transpose=True)
+        out = _product(x2, values, forward_mask, stored_index, shape, block, transpose=True)
         if isinstance(out, _GatheredProduct):
             product = out
             _run_passes([x2], block, product.add)
@@ -449,8 +452,7 @@ class SparseMatmul(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, values, forward_mask, stored_index = ctx.saved_tensors
-        index = stored_index.long()
+        x, values, forward_mask, index = ctx.saved_tensors
         shape, block = ctx.shape, ctx.block
         x2 = x.reshape(-1, shape[1])
         g2 = grad_out.reshape(-1, shape[0])

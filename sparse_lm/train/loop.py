@@ -6,8 +6,11 @@ a plain `sparse-lm pretrain`, the `deepspeed` launcher and `torchrun` (see launc
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,7 +154,8 @@ def pretrain(cfg: RunConfig) -> dict[str, Any]:
     """Train per `cfg`; returns the final summary (rank 0's view)."""
     topo = init_distributed(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.timeout_s)
     try:
-        return _pretrain(cfg, topo)
+        with _sigterm_raises():
+            return _pretrain(cfg, topo)
     except RuntimeError as exc:  # a peer died or a collective timed out: say so in one line
         if not _collective_failure(exc):
             raise
@@ -160,8 +164,40 @@ def pretrain(cfg: RunConfig) -> dict[str, Any]:
             f"rank {topo.rank}: a collective failed ({first_line}); another rank probably died or stalled "
             f"(parallel.timeout_s={cfg.parallel.timeout_s}). Resume from the last checkpoint with --resume"
         ) from None
+    except Terminated:
+        raise UserError(
+            f"rank {topo.rank}: stopped by SIGTERM, which the deepspeed launcher sends to every rank when one "
+            "fails (another rank probably died or stalled; its own output says why) and a scheduler when the "
+            "job is cancelled. Resume from the last checkpoint with --resume"
+        ) from None
     finally:
         shutdown()
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived. A BaseException, like KeyboardInterrupt, so no `except Exception` on the way
+    up swallows it."""
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """SIGTERM raises `Terminated` in the main thread while training runs. The deepspeed launcher
+    SIGTERMs the surviving ranks (then SIGKILLs them 30 s later) as soon as it sees one exit with
+    an error, often before they notice the dead peer themselves; without this they vanished
+    without a word. Checkpoints stay whole either way: they are written to a temporary name and
+    renamed."""
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live there only
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # Text of the errors gloo / NCCL raise (as plain RuntimeError on CPU) when a peer is gone or stuck.

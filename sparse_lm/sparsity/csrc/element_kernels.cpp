@@ -189,9 +189,11 @@ void check_activations(const at::Tensor& a, int64_t width, const char* what) {
 }
 
 void check_index(const at::Tensor& index, const char* what) {
-  TORCH_CHECK(index.device().is_cpu() && index.scalar_type() == at::kLong && index.dim() == 1 && index.is_contiguous(),
-              what, ": index must be contiguous 1-d int64");
+  TORCH_CHECK(index.device().is_cpu() && (index.scalar_type() == at::kLong || index.scalar_type() == at::kInt) &&
+                  index.dim() == 1 && index.is_contiguous(),
+              what, ": index must be contiguous 1-d int32 or int64");
 }
+
 
 // Large workspaces on transparent huge pages where the kernel offers them (madvise mode): each
 // call's grouping needs ~16 bytes per element of fresh memory, and faulting it in 4 KiB pages
@@ -252,7 +254,8 @@ int bits_for(int64_t n) {
   return bits;
 }
 
-Grouped group_by_major(const int64_t* index, const bool* mask, int64_t n, int64_t rows, int64_t cols, bool by_row) {
+template <typename index_t>
+Grouped group_by_major(const index_t* index, const bool* mask, int64_t n, int64_t rows, int64_t cols, bool by_row) {
   const int64_t n_major = by_row ? rows : cols, n_minor = by_row ? cols : rows, grid = rows * cols;
   const int minor_bits = bits_for(n_minor), slot_bits = bits_for(n + 1);
   const int key_bits = minor_bits + bits_for(n_major), low_bits = minor_bits + slot_bits;
@@ -289,6 +292,14 @@ Grouped group_by_major(const int64_t* index, const bool* mask, int64_t n, int64_
   return grouped;
 }
 
+// The grouping of B's slots (all of them, or those with mask[s]) on the stored index as it is
+// (int32 in `storage`: an int64 copy per call would be the products' largest allocation).
+Grouped group(const at::Tensor& index, const bool* mask, int64_t rows, int64_t cols, bool by_row) {
+  return AT_DISPATCH_INDEX_TYPES(index.scalar_type(), "element kernels", [&] {
+    return group_by_major(index.const_data_ptr<index_t>(), mask, index.size(0), rows, cols, by_row);
+  });
+}
+
 // Tokens t0 .. of activations a [T, n] into `chunks` tiles [chunks, n, tile] (tiles[c, i] = tokens
 // t0 + c·tile .. of feature i); tokens past the end are zeros, which add nothing to a dot product.
 void to_tiles(const at::Tensor& a, int64_t t0, int64_t chunks, at::Tensor& tiles) {
@@ -314,8 +325,7 @@ at::Tensor element_product(const at::Tensor& a, const at::Tensor& values, const 
                   mask.scalar_type() == at::kBool && mask.is_contiguous() && values.size(0) == index.size(0) &&
                   mask.size(0) == index.size(0),
               "element_product: values (of the activations' dtype) and mask must be contiguous, one per slot");
-  const Grouped grouped = group_by_major(index.const_data_ptr<int64_t>(), mask.const_data_ptr<bool>(), index.size(0),
-                                         rows, cols, transpose);
+  const Grouped grouped = group(index, mask.const_data_ptr<bool>(), rows, cols, transpose);
   const int64_t tokens = a.size(0);
   auto out = at::empty({tokens, n_out}, a.options());
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "element_product", [&] {
@@ -347,7 +357,7 @@ at::Tensor element_sddmm(const at::Tensor& g, const at::Tensor& x, const at::Ten
   check_index(index, "element_sddmm");
   TORCH_CHECK(g.size(0) == x.size(0) && g.scalar_type() == x.scalar_type(),
               "element_sddmm: g and x must hold as many tokens, of one dtype");
-  const Grouped grouped = group_by_major(index.const_data_ptr<int64_t>(), nullptr, index.size(0), rows, cols, true);
+  const Grouped grouped = group(index, nullptr, rows, cols, true);
   const int64_t tokens = x.size(0);
   auto out = at::zeros({index.size(0)}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "element_sddmm", [&] {
