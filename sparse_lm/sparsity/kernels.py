@@ -376,7 +376,7 @@ def _product(a, values, forward_mask, index, shape, block, transpose: bool):
     cols = shape[1] // block
     n_blocks = (shape[0] // block) * cols
     in_a = forward_mask & (index < n_blocks)
-    path = _layer_path(a, block, int(in_a.sum()), shape, len(index))
+    path = _layer_path(a, block, int(torch.count_nonzero(in_a)), shape, len(index))  # .sum() would copy to int64
     if path == "in_place" and block == 1:  # the kernel groups the elements itself (a radix sort)
         return compiled.ops().element_product(a.contiguous(), values.view(-1).to(a.dtype), index, in_a, *shape,
                                               transpose)
@@ -401,7 +401,7 @@ def _value_gradient(g, x, index, shape, block, grad_values):
     cols = shape[1] // block
     n_blocks = (shape[0] // block) * cols
     in_b = index < n_blocks
-    path = _layer_path(g, block, int(in_b.sum()), shape, len(index))
+    path = _layer_path(g, block, int(torch.count_nonzero(in_b)), shape, len(index))
     if path == "in_place" and block == 1:  # zeros for unused slots, like grad_values
         grad_values.view(-1).copy_(compiled.ops().element_sddmm(g.contiguous(), x.contiguous(), index, *shape))
         return None
