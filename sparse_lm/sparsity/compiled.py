@@ -41,7 +41,12 @@ def ops():
     try:
         from torch.utils.cpp_extension import load
 
-        load(name="sparse_lm_cpu", sources=[str(s) for s in SOURCES], extra_cflags=["-O3"], is_python_module=False)
+        # -fopenmp: at::parallel_for is a header template that runs its loop serially unless the
+        # extension itself is built with OpenMP (torch's own build is); the runtime is torch's
+        # already-loaded libgomp.
+        openmp = ["-fopenmp"] if torch.backends.openmp.is_available() else []
+        load(name="sparse_lm_cpu", sources=[str(s) for s in SOURCES], extra_cflags=["-O3", *openmp],
+             extra_ldflags=openmp, is_python_module=False)
         library = torch.ops.sparse_lm_cpu
         if library.available():
             return library
