@@ -60,7 +60,7 @@ __attribute__((always_inline)) inline void rows_body(const T* w, const int32_t* 
     for (int64_t g = 0; g < gn; ++g) {
       V acc[VECTORS] = {};
       for (int64_t k = starts[g0 + g]; k < starts[g0 + g + 1]; ++k) {
-        const V* row = reinterpret_cast<const V*>(tiles + minors[k] * tile);
+        const V* row = reinterpret_cast<const V*>(tiles + int64_t(minors[k]) * tile);
         const T wk = w[k];
 #pragma GCC unroll 8
         for (int v = 0; v < VECTORS; ++v) acc[v] += wk * row[v];
