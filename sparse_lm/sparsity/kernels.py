@@ -1,9 +1,10 @@
 """Products with a weight held only as B's blocks: forward through A, input gradient through A,
 value gradient sampled at B (SDDMM).
 
-Three paths (in place with kernels for blocks and for elements, gathered, tiles), picked per product by `choose_path` from the fraction of the block grid it covers
-(`IN_PLACE_LIMITS`, `ELEMENT_IN_PLACE_LIMIT`, `GATHER_LIMITS`; numbers: docs/bench/kernels.md
-and docs/bench/step.md):
+Three paths (in place, with kernels for blocks and for elements; gathered; tiles), picked per
+product by `choose_path` from the fraction of the block grid it covers (`IN_PLACE_LIMITS`,
+`ELEMENT_IN_PLACE_LIMIT`, `GATHER_LIMITS`; numbers: docs/bench/kernels.md,
+docs/bench/kernels_element.md and docs/bench/step.md):
 
 * *In place, blocks* (CPU, fp32/fp64, b ≥ 16). The compiled kernels (`compiled`,
   csrc/block_kernels.cpp) make one BLAS call per stored block. Each pass of 256 tokens of the
@@ -39,9 +40,9 @@ and docs/bench/step.md):
   write with a radix sort, then move, per element, one row of a transposed 64-token tile into
   sums held in SIMD registers; the value gradient is one dot product per element over 64-token
   tiles of gᵀ and xᵀ. No dense tile: besides the result, a token tile of the activations and
-  ~30 bytes per element of grouping. Against dense at 10% of a 4096×1024 layer (1024 tokens,
-  1 thread): forward ~2×, input gradient ~1.6–2×, value gradient ~1.5×; level with the tiles at
-  f ≈ 0.25–0.3 (docs/bench/kernels.md).
+  16 bytes per element while grouping (12 after). Against dense at 10% of a 4096×1024 layer
+  (1024 tokens, 1 thread): forward 2.1×, input gradient 2.1×, value gradient 1.9×; level with the
+  tiles at f ≈ 0.22–0.4 (docs/bench/kernels_element.md).
 * *Dense tiles* (elements above that fraction or where the compiled kernels cannot run; blocks of
   b < 8, or most blocks present). The weight is visited in tiles of whole block-rows; a tile is
   scattered dense for one matmul and dropped — like an activation, it never outlives the call,
