@@ -1,15 +1,18 @@
 """`sparse-lm <command>`: one CLI for every user task.
 
 Each command lives with the code it drives and registers itself through `register_cli(subparsers)`;
-this module only wires them and turns a `UserError` into one clear line and exit status 2.
+this module only wires them and turns a `UserError`, or a SIGTERM, into one clear line and exit
+status 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from sparse_lm.errors import UserError
+from sparse_lm.termination import SigtermGuard, Terminated, stopped_by_sigterm
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,10 +34,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except UserError as exc:
-        print(f"sparse-lm {args.command}: error: {exc}", file=sys.stderr)
+    with SigtermGuard() as guard:
+        try:
+            return int(args.func(args) or 0)
+        except UserError as exc:
+            guard.quiet()
+            message = str(exc)
+        except Terminated:
+            message = stopped_by_sigterm(os.environ.get("RANK", "0"))
+        print(f"sparse-lm {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

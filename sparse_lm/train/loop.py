@@ -9,8 +9,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import signal
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +22,7 @@ from sparse_lm.checkpoint.store import (find_checkpoint, load_checkpoint, read_l
 from sparse_lm.config import RunConfig
 from sparse_lm.data.packed import PackedSplit, load_meta
 from sparse_lm.errors import UserError
+from sparse_lm.termination import Terminated, stopped_by_sigterm
 from sparse_lm.model import resolve_vocab
 from sparse_lm.optim_state import link_partitions
 from sparse_lm.model.build import build_model
@@ -151,11 +150,12 @@ def _resume_point(cfg: RunConfig) -> Path | None:
 
 
 def pretrain(cfg: RunConfig) -> dict[str, Any]:
-    """Train per `cfg`; returns the final summary (rank 0's view)."""
+    """Train per `cfg`; returns the final summary (rank 0's view). A dead or stalled peer and a
+    SIGTERM (under `cli.main`'s guard) become one-line `UserError`s; checkpoints stay whole either
+    way, being written to a temporary name and renamed."""
     topo = init_distributed(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.timeout_s)
     try:
-        with _sigterm_raises():
-            return _pretrain(cfg, topo)
+        return _pretrain(cfg, topo)
     except RuntimeError as exc:  # a peer died or a collective timed out: say so in one line
         if not _collective_failure(exc):
             raise
@@ -165,39 +165,12 @@ def pretrain(cfg: RunConfig) -> dict[str, Any]:
             f"(parallel.timeout_s={cfg.parallel.timeout_s}). Resume from the last checkpoint with --resume"
         ) from None
     except Terminated:
-        raise UserError(
-            f"rank {topo.rank}: stopped by SIGTERM, which the deepspeed launcher sends to every rank when one "
-            "fails (another rank probably died or stalled; its own output says why) and a scheduler when the "
-            "job is cancelled. Resume from the last checkpoint with --resume"
-        ) from None
+        raise UserError(f"{stopped_by_sigterm(topo.rank)}. Resume from the last checkpoint with --resume") from None
     finally:
-        shutdown()
-
-
-class Terminated(BaseException):
-    """SIGTERM arrived. A BaseException, like KeyboardInterrupt, so no `except Exception` on the way
-    up swallows it."""
-
-
-@contextlib.contextmanager
-def _sigterm_raises():
-    """SIGTERM raises `Terminated` in the main thread while training runs. The deepspeed launcher
-    SIGTERMs the surviving ranks (then SIGKILLs them 30 s later) as soon as it sees one exit with
-    an error, often before they notice the dead peer themselves; without this they vanished
-    without a word. Checkpoints stay whole either way: they are written to a temporary name and
-    renamed."""
-    if threading.current_thread() is not threading.main_thread():  # signal handlers live there only
-        yield
-        return
-
-    def handler(signum, frame):
-        raise Terminated()
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+        # The launcher's SIGTERM often lands here, while a dead peer's error is on its way up: that
+        # error is the better report, so the signal must not replace it.
+        with contextlib.suppress(Terminated):
+            shutdown()
 
 
 # Text of the errors gloo / NCCL raise (as plain RuntimeError on CPU) when a peer is gone or stuck.
