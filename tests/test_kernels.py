@@ -229,6 +229,61 @@ def test_forced_path_is_checked():
         with kernels.forced_path("csr"):
             pass
     x = torch.zeros(3, 64, dtype=torch.bfloat16)
-    with kernels.forced_path("in_place"), pytest.raises(RuntimeError, match="cannot take torch.bfloat16"):
+    with kernels.forced_path("in_place"), pytest.raises(RuntimeError, match="no in-place kernels take torch.bfloat16"):
         SparseMatmul.apply(x, torch.zeros(2, 32, 32, dtype=torch.bfloat16), torch.ones(2, dtype=torch.bool),
                            torch.tensor([0, 1], dtype=torch.int32), (64, 64), 32, 0.0, 0.5)
+
+
+def _interpreted_triton(monkeypatch) -> None:
+    """Triton's interpreter on, from here: `triton_blocks` builds its kernels for each mode apart,
+    whichever mode triton itself was first imported in (another library may have imported it)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    pytest.importorskip("triton", reason="Triton is not installed (the test extra installs it on Linux)")
+
+
+@pytest.fixture
+def triton_in_place(monkeypatch):
+    """Every product on the in-place path with the Triton kernels (`triton_blocks`), run on CPU
+    tensors by Triton's interpreter: the GPU kernels' own code, checked on a CPU-only machine."""
+    _interpreted_triton(monkeypatch)
+    monkeypatch.setattr(compiled, "supports", lambda a: False)  # CPU tensors go to Triton, not csrc/
+    with kernels.forced_path("in_place"):
+        yield
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_triton_kernels_match_dense(triton_in_place, seed):
+    """Random shapes, fractions of B and A, and token counts (not multiples of the kernels' 64-token
+    tile), with an empty block-row and block-column; fp32 is multiplied in full fp32 (ieee)."""
+    gen = torch.Generator().manual_seed(200 + seed)
+    block = [16, 32][seed % 2]
+    rows, cols, tokens = (int(v) for v in torch.randint(2, 6, (3,), generator=gen))
+    n_used = int(torch.randint(2, rows * cols - rows - cols + 2, (1,), generator=gen))
+    n_a = int(torch.randint(1, n_used + 1, (1,), generator=gen))
+    _check((rows * block, cols * block), block, n_used, n_a, lead=(tokens * 37,), penalty=1e-2, seed=seed,
+           empty_row=True, empty_col=True)
+
+
+@pytest.mark.parametrize("n_used, n_a, lead", [(0, 0, (5,)), (12, 12, (3, 30)), (12, 5, (0, 4))])
+def test_triton_kernels_at_the_edges(triton_in_place, n_used, n_a, lead):
+    """Density 0 (no block used), 1 (all in A, no spare slot) and no tokens at all."""
+    _check((64, 96), 16, n_used, n_a, spare=0 if n_used == 12 else 3, lead=lead)
+
+
+def test_triton_kernels_in_half_precision(triton_in_place):
+    """fp16 activations and blocks, fp32 sums: within fp16's rounding of the fp32 reference.
+    (bf16 is for GPUs: Triton's interpreter computes it wrongly on the CPU.)"""
+    _check((96, 64), 32, 4, 3, dtype=torch.float16, lead=(70,), rtol=1e-2, atol=2e-2)
+
+
+def test_triton_kernels_only_where_they_run(monkeypatch):
+    """A GPU (or the interpreter), fp32/fp16/bf16, and blocks that tl.dot multiplies."""
+    from sparse_lm.sparsity import triton_blocks
+
+    _interpreted_triton(monkeypatch)
+    assert triton_blocks.supports(torch.zeros(2, 2), 16) and triton_blocks.supports(torch.zeros(2, 2), 64)
+    assert not triton_blocks.supports(torch.zeros(2, 2), 8) and not triton_blocks.supports(torch.zeros(2, 2), 48)
+    assert not triton_blocks.supports(torch.zeros(2, 2, dtype=torch.float64), 32)
+    assert kernels.in_place_ops(torch.zeros(2, 2), 32) is compiled.ops()  # the CPU prefers csrc/
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert not triton_blocks.supports(torch.zeros(2, 2), 32)  # a CPU tensor, no interpreter

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -330,3 +331,14 @@ def test_verify_replicas_catches_diverged_sets():
     assert run_distributed(_replica_body, 2, False, timeout=60) == [None, None]
     errors = run_distributed(_replica_body, 2, True, timeout=60)
     assert all(e and "step 7: data-parallel replicas selected different sparse sets" in e for e in errors)
+
+
+def test_megatron_core_is_imported_without_compiling_its_fusions():
+    """`parallel.mcore` imports megatron-core with its unused fusions left plain (no TorchDynamo or
+    Inductor pulled into every rank's start-up), and puts the real torch.compile back."""
+    code = ("import sys, torch; from sparse_lm.parallel import mcore; from megatron.core import jit; "
+            "print(jit.jit_fuser is jit.noop_decorator, torch.compile.__module__, "
+            "'torch._inductor.compile_fx' in sys.modules, mcore.parallel_state.__name__)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["True", "torch", "False", "megatron.core.parallel_state"]

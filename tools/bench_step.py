@@ -2,6 +2,8 @@
 
     python tools/bench_step.py --json docs/bench/step.json --markdown docs/bench/step.md --plot docs/bench/step.png
     python tools/bench_step.py --full ...        # every density × mode × d_model (tens of minutes on 2 cores)
+    python tools/bench_step.py --device cuda --dtype bfloat16 --d-models 4096 --modes block32 block64 \
+        --densities 1 0.2 0.1 0.05 --tokens 8192 --repeat 10   # a GPU: the Triton kernels (sparsity/triton_blocks.py)
 
 The model is weight-dominated: `--layers` SwiGLU MLP blocks, x + down(silu(gate(x)) · up(x)) with
 hidden = `--hidden-mult` · d_model, on `--tokens` tokens. Sparse: every linear is a
@@ -11,8 +13,8 @@ the output, and an AdamW step. Reselection (Top-KAST's re-pick of B and A in eve
 moments of entering slots zeroed) is timed separately on the same trained model and reported
 amortised over an interval of `--reselect-every` steps, as a fraction of the median sparse step
 (tools/bench_reselect.py measures the sharded top-k itself across ranks and layer sizes).
-Dense and sparse steps alternate in one process, so both see the same machine load; the speedup
-is dense time / sparse time from the min and from the median of `--repeat` steps after a warm-up.
+Dense and sparse steps alternate in one process, so both see the same machine load (on a GPU each
+timing waits for the device to finish); the speedup is dense time / sparse time from the min and from the median of `--repeat` steps after a warm-up.
 The forward-only speedup of one sparse linear (d_model → hidden) is reported beside it, with the
 kernel path the rule in `sparsity/kernels.py` picked for it.
 """
@@ -31,14 +33,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sparse_lm.sparsity import compiled, kernels
+from sparse_lm.sparsity import compiled, kernels, triton_blocks
 from sparse_lm.sparsity.storage import SparseLinear
 from sparse_lm.sparsity.topkast import reselect, sparse_layers
 
 DENSITIES = (1.0, 0.5, 0.2, 0.1, 0.05)
-MODES = {"element": 1, "block16": 16, "block32": 32}
+MODES = {"element": 1, "block16": 16, "block32": 32, "block64": 64}
 D_MODELS = (512, 1024, 2048)
-DEFAULT = {"densities": DENSITIES, "modes": tuple(MODES), "d_models": (1024,)}
+DEFAULT = {"densities": DENSITIES, "modes": ("element", "block16", "block32"), "d_models": (1024,)}
 
 
 class MLP(nn.Module):
@@ -87,9 +89,17 @@ def reselect_seconds(model: nn.Module, optimizer, repeat: int) -> list[float]:
 
 
 def timed(fn) -> float:
+    """Wall seconds of fn(), including the GPU work it queued."""
+    _wait_for_gpu()
     t0 = time.perf_counter()
     fn()
+    _wait_for_gpu()
     return time.perf_counter() - t0
+
+
+def _wait_for_gpu() -> None:
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def alternate(fns: dict, repeat: int) -> dict:
@@ -110,8 +120,10 @@ def forward_path(layer: SparseLinear, x: torch.Tensor) -> str:
 
 def measure(d_model: int, mode: str, density: float, args) -> dict:
     hidden, block = args.hidden_mult * d_model, MODES[mode]
-    x = torch.randn(args.tokens, d_model, generator=torch.Generator().manual_seed(1))
-    dense, sparse = build(d_model, hidden, args.layers, None, block), build(d_model, hidden, args.layers, density, block)
+    on = {"device": args.device, "dtype": getattr(torch, args.dtype)}
+    x = torch.randn(args.tokens, d_model, generator=torch.Generator().manual_seed(1)).to(**on)
+    dense = build(d_model, hidden, args.layers, None, block).to(**on)
+    sparse = build(d_model, hidden, args.layers, density, block).to(**on)
     (dense_step, _), (sparse_step, sparse_optimizer) = step_fn(dense, x), step_fn(sparse, x)
     steps = alternate({"dense": dense_step, "sparse": sparse_step}, args.repeat)
     reselects = reselect_seconds(sparse, sparse_optimizer, args.repeat)
@@ -144,12 +156,16 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def environment(threads: int) -> dict:
-    return {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "threads": threads, "torch": torch.__version__,
-            "python": platform.python_version(), "platform": platform.platform(),
-            "load_average_at_start": os.getloadavg(),
-            "compiled_kernels": compiled.ops() is not None,
-            "rule": {"in_place_limits": kernels.IN_PLACE_LIMITS, "gather_limits": kernels.GATHER_LIMITS}}
+def environment(threads: int, device: str, dtype: str) -> dict:
+    env = {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "threads": threads, "torch": torch.__version__,
+           "python": platform.python_version(), "platform": platform.platform(), "device": device, "dtype": dtype,
+           "load_average_at_start": os.getloadavg(),
+           "compiled_kernels": compiled.ops() is not None,
+           "rule": {"in_place_limits": kernels.IN_PLACE_LIMITS, "gather_limits": kernels.GATHER_LIMITS}}
+    if torch.device(device).type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+        env["triton"] = triton_blocks.version()
+    return env
 
 
 def markdown(report: dict) -> str:
@@ -159,7 +175,8 @@ def markdown(report: dict) -> str:
         "",
         f"`{report['command']}`",
         "",
-        f"{env['cpu']}, {env['cpu_count']} CPUs, {env['threads']} torch thread(s), torch {env['torch']}. "
+        f"{env['cpu']}, {env['cpu_count']} CPUs, {env['threads']} torch thread(s), torch {env['torch']}"
+        + (f"; {env['gpu']}, Triton {env['triton']}" if "gpu" in env else "") + f"; {env['dtype']}. "
         f"{cfg['layers']} SwiGLU MLP blocks (hidden = {cfg['hidden_mult']}·d_model), {cfg['tokens']} tokens, "
         f"AdamW; exploration M = D. Speedup = dense time / sparse time over {cfg['repeat']} alternating steps "
         f"after a warm-up (min / median). Forward: one d_model → hidden linear alone, with the kernel path used. "
@@ -216,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3, help="timed steps per variant, after one warm-up")
     parser.add_argument("--reselect-every", type=int, default=100, help="interval the reselection is amortised over")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda for the Triton kernels on a GPU")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                        help="of the weights, activations and optimizer (both models alike)")
     parser.add_argument("--json", help="write the raw numbers here")
     parser.add_argument("--markdown", help="write the table here (it is also printed)")
     parser.add_argument("--plot", help="write a PNG of step speedup against density (needs matplotlib: the bench extra)")
@@ -223,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.full:
         args.d_models = list(D_MODELS)
     torch.set_num_threads(args.threads)
-    env = environment(args.threads)
+    env = environment(args.threads, args.device, args.dtype)
     results = []
     for d_model in args.d_models:
         for mode in args.modes:

@@ -27,7 +27,7 @@ def tensor_parallel_rank_size() -> tuple[int, int]:
 
     if not dist.is_initialized():
         return 0, 1
-    from megatron.core import parallel_state
+    from sparse_lm.parallel.mcore import parallel_state
 
     if not parallel_state.model_parallel_is_initialized():
         return 0, 1
@@ -35,7 +35,7 @@ def tensor_parallel_rank_size() -> tuple[int, int]:
 
 
 def tensor_parallel_group():
-    from megatron.core import parallel_state
+    from sparse_lm.parallel.mcore import parallel_state
 
     return parallel_state.get_tensor_model_parallel_group()
 
@@ -51,27 +51,27 @@ def enter_region(x: torch.Tensor, spec: ShardSpec | None) -> torch.Tensor:
     """Input of a column-parallel product: its gradient is summed over the group."""
     if spec is None or spec.dim != 0:
         return x
-    from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
+    from sparse_lm.parallel.mcore import tensor_parallel
 
-    return copy_to_tensor_model_parallel_region(x)
+    return tensor_parallel.copy_to_tensor_model_parallel_region(x)
 
 
 def leave_region(y: torch.Tensor, spec: ShardSpec | None) -> torch.Tensor:
     """Output of a row-parallel product: partial sums added over the group."""
     if spec is None or spec.dim != 1:
         return y
-    from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
+    from sparse_lm.parallel.mcore import tensor_parallel
 
-    return reduce_from_tensor_model_parallel_region(y)
+    return tensor_parallel.reduce_from_tensor_model_parallel_region(y)
 
 
 def mark_sharded(param: nn.Parameter, spec: ShardSpec | None) -> None:
     """Megatron's attributes: DeepSpeed's gradient-norm counts such a parameter on every TP rank
     (a replicated one only once), and the initialiser knows which global slice it holds."""
     if spec is not None:
-        from megatron.core.tensor_parallel import set_tensor_model_parallel_attributes
+        from sparse_lm.parallel.mcore import tensor_parallel
 
-        set_tensor_model_parallel_attributes(param, True, spec.dim, 1)
+        tensor_parallel.set_tensor_model_parallel_attributes(param, True, spec.dim, 1)
 
 
 class ShardLinear(nn.Module):
@@ -90,12 +90,11 @@ class ShardLinear(nn.Module):
 def vocab_embedding(vocab: int, dim: int, spec: ShardSpec) -> nn.Module:
     """megatron-core's VocabParallelEmbedding (rows = this rank's vocabulary slice); its weights
     are written by our initialiser, so megatron's own initialisation is skipped."""
-    from megatron.core.model_parallel_config import ModelParallelConfig
-    from megatron.core.tensor_parallel import VocabParallelEmbedding
+    from sparse_lm.parallel.mcore import ModelParallelConfig, tensor_parallel
 
     config = ModelParallelConfig(tensor_model_parallel_size=spec.size, use_cpu_initialization=True,
                                  perform_initialization=False)
-    embedding = VocabParallelEmbedding(vocab, dim, init_method=nn.init.zeros_, config=config)
+    embedding = tensor_parallel.VocabParallelEmbedding(vocab, dim, init_method=nn.init.zeros_, config=config)
     mark_sharded(embedding.weight, spec)
     embedding.spec = spec
     return embedding
@@ -105,9 +104,9 @@ def vocab_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, spec: ShardS
     """Mean token loss from logits of the whole vocabulary, or of this rank's vocabulary slice."""
     if spec is None:
         return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
-    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+    from sparse_lm.parallel.mcore import tensor_parallel
 
-    return vocab_parallel_cross_entropy(logits.float(), labels).mean()
+    return tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels).mean()
 
 
 def sharded_modules(model: nn.Module):

@@ -82,7 +82,7 @@ def init_distributed(tensor: int = 1, pipeline: int = 1, timeout_s: int = 600) -
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     _single_process_env()
     import deepspeed
-    from megatron.core import parallel_state
+    from sparse_lm.parallel.mcore import parallel_state
 
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device("cuda", local_rank) if on_cuda else torch.device("cpu")
@@ -148,17 +148,17 @@ class DeepSpeedMPU:
     def __getattr__(self, name: str):
         if name not in self._SAME_AS_MEGATRON:
             raise AttributeError(name)
-        from megatron.core import parallel_state
+        from sparse_lm.parallel.mcore import parallel_state
 
         return getattr(parallel_state, name)
 
     def get_model_parallel_rank(self) -> int:
-        from megatron.core import parallel_state
+        from sparse_lm.parallel.mcore import parallel_state
 
         return parallel_state.get_tensor_model_parallel_rank()
 
     def get_model_parallel_world_size(self) -> int:
-        from megatron.core import parallel_state
+        from sparse_lm.parallel.mcore import parallel_state
 
         return parallel_state.get_tensor_model_parallel_world_size() * parallel_state.get_pipeline_model_parallel_world_size()
 
@@ -166,7 +166,7 @@ class DeepSpeedMPU:
 def shutdown() -> None:
     """Tear down groups; without it a `deepspeed`-launched rank may abort at exit (PLATFORM_NOTES)."""
     import torch.distributed as dist
-    from megatron.core import parallel_state
+    from sparse_lm.parallel.mcore import parallel_state
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()

@@ -19,8 +19,12 @@ docs/bench/kernels_element.md and docs/bench/step.md):
   gradient) with one argsort of |A| numbers. Against the gathered path, b = 32 at 10% of the grid
   (4096×1024, 1024 tokens, 1 thread): forward 2.0×, input gradient 1.7×, value gradient 1.7×
   faster; the training step at D = 0.1 went from 2.4–2.9× to 4.4× dense speed.
-* *Gathered blocks* (any device, b ≥ 8): where the compiled kernels cannot run (GPU, bf16,
-  no C++ compiler), and for b = 8. Tokens are taken `GATHER_TOKENS` at a time and their
+* *In place, blocks, on a GPU* (CUDA, fp32/fp16/bf16, b ≥ 16 a power of two): the Triton
+  kernels (`triton_blocks`) behind the same interface (`in_place_ops` picks by device) — one
+  program per (token tile, output block-column), blocks read where they lie. Same limits as on
+  CPU until a GPU measures its own.
+* *Gathered blocks* (any device, b ≥ 8): where no in-place kernels can run (bf16 on CPU, a GPU
+  without Triton, no C++ compiler), and for b = 8. Tokens are taken `GATHER_TOKENS` at a time and their
   activations transposed once to [features, t], so that the block-column a block needs is one contiguous [b, t] slab: the slabs a chunk of block-rows needs
   are gathered by one `index_select` (one copy of b·t numbers each, where a [t, b] strip of the
   untransposed activations is t copies of b), and one `torch.bmm` multiplies the stacked blocks
@@ -66,7 +70,7 @@ import contextlib
 
 import torch
 
-from sparse_lm.sparsity import compiled
+from sparse_lm.sparsity import compiled, triton_blocks
 
 # Largest transient dense tile, in elements (16M fp32 = 64 MiB); at least one block-row is used.
 MAX_TILE_ELEMENTS = 1 << 24
@@ -189,14 +193,24 @@ def forced_path(path: str):
         _forced_path = previous
 
 
+def in_place_ops(a: torch.Tensor, block: int):
+    """The kernels of the in-place path for activations like `a` and blocks of `block`: the
+    compiled CPU ones (`compiled`), the Triton ones (`triton_blocks`: a GPU, b ≥ 16), or None."""
+    if compiled.supports(a):
+        return compiled.ops()
+    if block > 1 and triton_blocks.supports(a, block):
+        return triton_blocks
+    return None
+
+
 def choose_path(a: torch.Tensor, block: int, n_slots: int, n_blocks: int) -> str:
     """One of PATHS: the path of a product over `n_slots` of a layer's `n_blocks` blocks, on
     activations like `a`."""
     if _forced_path is not None:
-        if _forced_path == "in_place" and not compiled.supports(a):
-            raise RuntimeError(f"forced_path: the compiled kernels cannot take {a.dtype} on {a.device} here")
+        if _forced_path == "in_place" and in_place_ops(a, block) is None:
+            raise RuntimeError(f"forced_path: no in-place kernels take {a.dtype} on {a.device} with blocks of {block}")
         return _forced_path
-    if use_in_place(block, n_slots, n_blocks) and compiled.supports(a):
+    if use_in_place(block, n_slots, n_blocks) and in_place_ops(a, block) is not None:
         return "in_place"
     return "gathered" if use_blocks(block, n_slots, n_blocks) else "tiles"
 
@@ -364,10 +378,10 @@ def _in_place_product(a, values, slots, rows, columns, shape, block, transpose: 
     `columns`) ordered by the block-row (block-column) they write."""
     major, minor, n_major = (rows, columns, shape[0] // block) if transpose else (columns, rows, shape[1] // block)
     order = torch.argsort(major, stable=True)
-    starts = torch.zeros(n_major + 1, dtype=torch.long)
+    starts = torch.zeros(n_major + 1, dtype=torch.long, device=a.device)
     torch.cumsum(torch.bincount(major, minlength=n_major), 0, out=starts[1:])
-    return compiled.ops().block_product(a.contiguous(), values.to(a.dtype).contiguous(), slots[order],
-                                        minor[order], starts, n_major * block, transpose)
+    return in_place_ops(a, block).block_product(a.contiguous(), values.to(a.dtype).contiguous(), slots[order],
+                                                minor[order], starts, n_major * block, transpose)
 
 
 def _product(a, values, forward_mask, index, shape, block, transpose: bool):
@@ -413,7 +427,7 @@ def _value_gradient(g, x, index, shape, block, grad_values):
     used = torch.nonzero(in_b).view(-1)
     rows, columns = index[used] // cols, index[used] % cols
     if path == "in_place":
-        grads = compiled.ops().block_sddmm(g.contiguous(), x.contiguous(), rows, columns, block)
+        grads = in_place_ops(g, block).block_sddmm(g.contiguous(), x.contiguous(), rows, columns, block)
         grad_values[used] = grads.to(grad_values.dtype)
         return None
     return _GatheredSddmm(g, used, rows, columns, block, _span(g.shape[0]), shape[1])

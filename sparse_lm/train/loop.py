@@ -94,7 +94,7 @@ def _model_parallel_group(topo: Topology):
     """megatron-core's tensor × pipeline group, or None for a one-rank model."""
     if topo.tensor * topo.pipeline == 1:
         return None
-    from megatron.core import parallel_state
+    from sparse_lm.parallel.mcore import parallel_state
 
     return parallel_state.get_model_parallel_group()
 
@@ -102,7 +102,7 @@ def _model_parallel_group(topo: Topology):
 def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_initialized() and dist.get_world_size() > 1:
-        from megatron.core import parallel_state
+        from sparse_lm.parallel.mcore import parallel_state
 
         dist.all_reduce(tensor, group=parallel_state.get_data_parallel_group())
     return tensor.tolist()
@@ -316,7 +316,7 @@ def _pretrain(cfg: RunConfig, topo: Topology) -> dict[str, Any]:
         change = schedule.after_step(state.step, optimizer)
         if change is not None:
             if cfg.parallel.verify_replicas and topo.data > 1:
-                from megatron.core import parallel_state
+                from sparse_lm.parallel.mcore import parallel_state
 
                 verify_replicas(schedule.layers, parallel_state.get_data_parallel_group(), state.step)
             log.write("reselect", step=state.step, **change)
