@@ -35,3 +35,8 @@ def test_bench_step_tiny(tmp_path):
         assert r["reselect_amortised_fraction"] == pytest.approx(
             statistics.median(r["reselect_s"]) / (100 * statistics.median(r["step_sparse_s"])))
     assert "| d_model | mode |" in table.read_text() and table.read_text() in proc.stdout
+
+
+def test_bench_step_refuses_a_device_it_cannot_use():
+    proc = subprocess.run([sys.executable, str(TOOL), "--device", "tpu0"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--device tpu0: expected cpu, cuda or cuda:N" in proc.stderr.splitlines()[-1]

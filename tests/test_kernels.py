@@ -6,6 +6,8 @@ Tolerances: rtol = atol = 1e-5 in fp32 with O(1) inputs and sums of at most a fe
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -259,10 +261,10 @@ def triton_in_place(monkeypatch):
 
 @pytest.mark.parametrize("seed", range(4))
 def test_triton_kernels_match_dense(triton_in_place, seed):
-    """Random shapes, fractions of B and A, and token counts (not multiples of the kernels' 64-token
-    tile), with an empty block-row and block-column; fp32 is multiplied in full fp32 (ieee)."""
+    """Random shapes, b = 16, 32, 64, fractions of B and A, and token counts (not multiples of the
+    64-token tile), with an empty block-row and block-column; fp32 is multiplied in full fp32."""
     gen = torch.Generator().manual_seed(200 + seed)
-    block = [16, 32][seed % 2]
+    block = [16, 32, 64][seed % 3]
     rows, cols, tokens = (int(v) for v in torch.randint(2, 6, (3,), generator=gen))
     n_used = int(torch.randint(2, rows * cols - rows - cols + 2, (1,), generator=gen))
     n_a = int(torch.randint(1, n_used + 1, (1,), generator=gen))
@@ -283,6 +285,24 @@ def test_triton_kernels_in_half_precision(triton_in_place, dtype):
     computed from the same 16-bit numbers)."""
     rtol, atol = (1e-2, 2e-2) if dtype == torch.float16 else (5e-2, 1e-1)
     _check((96, 64), 32, 4, 3, dtype=dtype, lead=(70,), rtol=rtol, atol=atol, device=triton_in_place)
+
+
+def test_triton_kernels_that_do_not_build_leave_the_products_to_the_gathered_path(monkeypatch):
+    """A Triton that cannot build the kernels for a GPU (or dtype) costs one warning, not the step."""
+    from sparse_lm.sparsity import triton_blocks
+
+    _interpreted_triton(monkeypatch)
+
+    def cannot_build(interpret):
+        raise RuntimeError("PassManager::run failed")
+
+    monkeypatch.setattr(triton_blocks, "_kernels", cannot_build)
+    monkeypatch.setattr(triton_blocks, "_works", functools.cache(triton_blocks._works.__wrapped__))  # untried
+    monkeypatch.setattr(compiled, "supports", lambda a: False)
+    with pytest.warns(UserWarning, match="Triton block kernels unavailable .*PassManager::run failed"):
+        assert kernels.in_place_ops(torch.zeros(2, 64), 32) is None
+    assert kernels.choose_path(torch.zeros(2, 64), 32, 5, 32) == "gathered"
+    _check((256, 128), 32, 24, 5, lead=(4, 3))
 
 
 def test_triton_kernels_only_where_they_run(monkeypatch):

@@ -14,7 +14,8 @@ moments of entering slots zeroed) is timed separately on the same trained model 
 amortised over an interval of `--reselect-every` steps, as a fraction of the median sparse step
 (tools/bench_reselect.py measures the sharded top-k itself across ranks and layer sizes).
 Dense and sparse steps alternate in one process, so both see the same machine load (on a GPU each
-timing waits for the device to finish); the speedup is dense time / sparse time from the min and from the median of `--repeat` steps after a warm-up.
+timing waits for the device to finish); the speedup is dense time / sparse time from the min and
+from the median of `--repeat` steps after a warm-up.
 The forward-only speedup of one sparse linear (d_model → hidden) is reported beside it, with the
 kernel path the rule in `sparsity/kernels.py` picked for it.
 """
@@ -242,6 +243,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.full:
         args.d_models = list(D_MODELS)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device {args.device}: expected cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: this torch sees no CUDA GPU")
     torch.set_num_threads(args.threads)
     env = environment(args.threads, args.device, args.dtype)
     results = []

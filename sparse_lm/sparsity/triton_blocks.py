@@ -12,15 +12,20 @@ its b × b block. Work is proportional to the number of stored blocks.
 (`input_precision="ieee"`), so results match the dense reference to fp32 rounding; bf16/fp16 ones
 take the tensor cores, with fp32 accumulation.
 
-Where no GPU is present, `TRITON_INTERPRET=1` (set before this module is imported) runs the same
-kernels on CPU tensors in Triton's interpreter: that is how tests/test_triton_blocks.py checks
-them against dense matmuls on a CPU-only machine. Speed on a GPU: `tools/bench_step.py --device cuda`.
+Where no GPU is present, `TRITON_INTERPRET=1` runs the same kernels on CPU tensors in Triton's
+interpreter: that is how tests/test_kernels.py checks them against dense matmuls on a CPU-only
+machine. Before the kernels first serve a device, dtype and block size they are tried once on one
+block (`_works`): where this Triton cannot build or run them (a GPU too old for bf16, say), the
+pure-torch gathered path takes over after one warning instead of the step failing. Speed on a
+GPU: `tools/bench_step.py --device cuda` (`tools/gpu_check.sh`) — not yet measured, no GPU having
+been lent to this project so far; TOKEN_TILE and the path limits are untuned there.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import warnings
 
 import torch
 
@@ -50,10 +55,30 @@ def interpreted() -> bool:
 
 def supports(a: torch.Tensor, block: int) -> bool:
     """Whether these kernels take activations like `a` for blocks of `block`: Triton installed,
-    `a` on a GPU (or anywhere under Triton's interpreter), a dtype `tl.dot` takes, and a block
-    size it multiplies (a power of two ≥ 16)."""
+    `a` on a GPU (or anywhere under Triton's interpreter), a dtype `tl.dot` takes, a block size it
+    multiplies (a power of two ≥ 16), and the kernels built and right there (`_works`)."""
     return ((a.is_cuda or interpreted()) and a.dtype in DTYPES and block >= 16 and block & (block - 1) == 0
-            and _triton() is not None)  # last: no import of triton for CPU tensors
+            and _triton() is not None  # after the cheap checks: no import of triton for CPU tensors
+            and _works(a.device, a.dtype, block, interpreted()))
+
+
+@functools.cache
+def _works(device: torch.device, dtype: torch.dtype, block: int, interpret: bool) -> bool:
+    """Whether both kernels build and give the right numbers on one block of ones (once per
+    device, dtype, block size and mode); if not, one warning says why."""
+    ones = torch.ones(1, block, device=device, dtype=dtype)
+    zero, starts = torch.zeros(1, dtype=torch.long, device=device), torch.tensor([0, 1], device=device)
+    try:
+        block_of_ones = torch.ones(1, block, block, device=device, dtype=dtype)
+        right = (bool(_product(ones, block_of_ones, zero, zero, starts, block, True).eq(block).all())
+                 and bool(_sddmm(ones, ones, zero, zero, block).eq(1).all()))
+        reason = "they gave wrong numbers on one block of ones"
+    except Exception as error:  # a compiler error of Triton's, an unsupported GPU: the fallback still works
+        right, reason = False, (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+    if not right:
+        warnings.warn(f"sparse_lm: Triton block kernels unavailable for {dtype} blocks of {block} on {device} "
+                      f"({reason}); using the pure-torch gathered path", stacklevel=2)
+    return right
 
 
 @functools.cache
@@ -124,16 +149,8 @@ def block_product(a: torch.Tensor, values: torch.Tensor, slots: torch.Tensor, mi
     activations' block-column minors[k]. Block-columns with no blocks come out zero."""
     block = values.shape[-1]
     _check(a, block, "block_product")
-    a, values = a.contiguous(), values.to(a.dtype).contiguous()
-    out = a.new_empty(a.shape[0], n_out)
-    if a.shape[0] == 0 or n_out == 0:
-        return out
-    product_kernel, _ = _kernels(interpreted())
-    grid = (-(-a.shape[0] // TOKEN_TILE), n_out // block)
-    product_kernel[grid](a, values, slots.contiguous(), minors.contiguous(), starts.contiguous(), out, a.shape[0],
-                         a.stride(0), out.stride(0), TRANSPOSE=transpose, B=block, TILE=TOKEN_TILE,
-                         IEEE=a.dtype == torch.float32)
-    return out
+    return _product(a.contiguous(), values.to(a.dtype).contiguous(), slots.contiguous(), minors.contiguous(),
+                    starts.contiguous(), n_out, transpose)
 
 
 def block_sddmm(g: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor,
@@ -141,11 +158,28 @@ def block_sddmm(g: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, columns: t
     """[n, b, b]: g[:, rows[s]-block]ᵀ · x[:, columns[s]-block] summed over the tokens, for each of
     the n slots given by their block-row and block-column."""
     _check(g, block, "block_sddmm")
-    g, x = g.contiguous(), x.contiguous()
+    return _sddmm(g.contiguous(), x.contiguous(), rows.contiguous(), columns.contiguous(), block)
+
+
+def _product(a, values, slots, minors, starts, n_out: int, transpose: bool) -> torch.Tensor:
+    """`block_product` on contiguous tensors, unchecked."""
+    block = values.shape[-1]
+    out = a.new_empty(a.shape[0], n_out)
+    if a.shape[0] == 0 or n_out == 0:
+        return out
+    product_kernel, _ = _kernels(interpreted())
+    grid = (-(-a.shape[0] // TOKEN_TILE), n_out // block)
+    product_kernel[grid](a, values, slots, minors, starts, out, a.shape[0], a.stride(0), out.stride(0),
+                         TRANSPOSE=transpose, B=block, TILE=TOKEN_TILE, IEEE=a.dtype == torch.float32)
+    return out
+
+
+def _sddmm(g, x, rows, columns, block: int) -> torch.Tensor:
+    """`block_sddmm` on contiguous tensors, unchecked."""
     out = g.new_empty(len(rows), block, block)
     if len(rows) == 0:
         return out
     _, sddmm_kernel = _kernels(interpreted())
-    sddmm_kernel[(len(rows),)](g, x, rows.contiguous(), columns.contiguous(), out, g.shape[0], g.stride(0),
-                               x.stride(0), B=block, TILE=TOKEN_TILE, IEEE=g.dtype == torch.float32)
+    sddmm_kernel[(len(rows),)](g, x, rows, columns, out, g.shape[0], g.stride(0), x.stride(0), B=block,
+                               TILE=TOKEN_TILE, IEEE=g.dtype == torch.float32)
     return out
