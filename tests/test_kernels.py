@@ -236,11 +236,15 @@ def test_forced_path_is_checked():
                            torch.tensor([0, 1], dtype=torch.int32), (64, 64), 32, 0.0, 0.5)
 
 
+def _need_triton() -> None:
+    pytest.importorskip("triton", reason="Triton is not installed (the test extra installs it on Linux)")
+
+
 def _interpreted_triton(monkeypatch) -> None:
     """Triton's interpreter on, from here: `triton_blocks` builds its kernels for each mode apart,
     whichever mode triton itself was first imported in (another library may have imported it)."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    pytest.importorskip("triton", reason="Triton is not installed (the test extra installs it on Linux)")
+    _need_triton()
 
 
 @pytest.fixture
@@ -249,7 +253,7 @@ def triton_in_place(monkeypatch):
     (`triton_blocks`): a GPU where there is one, else the CPU, by Triton's interpreter — the GPU
     kernels' own code, checked on a CPU-only machine."""
     if torch.cuda.is_available():
-        pytest.importorskip("triton", reason="Triton is not installed (the test extra installs it on Linux)")
+        _need_triton()
         device = "cuda"
     else:
         _interpreted_triton(monkeypatch)

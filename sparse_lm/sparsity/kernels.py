@@ -24,9 +24,10 @@ docs/bench/kernels_element.md and docs/bench/step.md):
   program per (token tile, output block-column), blocks read where they lie. Same limits as on
   CPU until a GPU measures its own.
 * *Gathered blocks* (any device, b ≥ 8): where no in-place kernels can run (bf16 on CPU, a GPU
-  without Triton, no C++ compiler), and for b = 8. Tokens are taken `GATHER_TOKENS` at a time and their
-  activations transposed once to [features, t], so that the block-column a block needs is one contiguous [b, t] slab: the slabs a chunk of block-rows needs
-  are gathered by one `index_select` (one copy of b·t numbers each, where a [t, b] strip of the
+  without Triton, no C++ compiler), and for b = 8. Tokens are taken `GATHER_TOKENS` at a time
+  and their activations transposed once to [features, t], so that the block-column a block needs
+  is one contiguous [b, t] slab: the slabs a chunk of block-rows needs are gathered by one
+  `index_select` (one copy of b·t numbers each, where a [t, b] strip of the
   untransposed activations is t copies of b), and one `torch.bmm` multiplies the stacked blocks
   by them, giving the block-rows' outputs transposed, each written by one contiguous copy; the
   pass's output is transposed back once. Slots are grouped by how many blocks their block-row
@@ -163,7 +164,7 @@ def _within(limits: dict, block: int, n_slots: int, n_blocks: int) -> bool:
 
 def use_in_place(block: int, n_slots: int, n_blocks: int) -> bool:
     """Whether a product over `n_slots` of a layer's `n_blocks` blocks takes the in-place path
-    (where the compiled kernels can run at all: `compiled.supports`). Elements (b = 1) have kernels
+    (where in-place kernels can run at all: `in_place_ops`). Elements (b = 1) have kernels
     of their own; blocks of 2–15 have none worth taking (one BLAS call per small block)."""
     if block == 1:
         return n_slots <= ELEMENT_IN_PLACE_LIMIT * n_blocks
@@ -374,8 +375,8 @@ def _layer_path(a, block: int, n_slots: int, shape: tuple[int, int], capacity: i
 
 
 def _in_place_product(a, values, slots, rows, columns, shape, block, transpose: bool) -> torch.Tensor:
-    """a · W_Aᵀ (transpose) or a · W_A by the compiled kernels, A's `slots` (at grid `rows`,
-    `columns`) ordered by the block-row (block-column) they write."""
+    """a · W_Aᵀ (transpose) or a · W_A by the in-place kernels (`in_place_ops`), A's `slots` (at
+    grid `rows`, `columns`) ordered by the block-row (block-column) they write."""
     major, minor, n_major = (rows, columns, shape[0] // block) if transpose else (columns, rows, shape[1] // block)
     order = torch.argsort(major, stable=True)
     starts = torch.zeros(n_major + 1, dtype=torch.long, device=a.device)

@@ -66,10 +66,10 @@ def supports(a: torch.Tensor, block: int) -> bool:
 def _works(device: torch.device, dtype: torch.dtype, block: int, interpret: bool) -> bool:
     """Whether both kernels build and give the right numbers on one block of ones (once per
     device, dtype, block size and mode); if not, one warning says why."""
-    ones = torch.ones(1, block, device=device, dtype=dtype)
-    zero, starts = torch.zeros(1, dtype=torch.long, device=device), torch.tensor([0, 1], device=device)
     try:
+        ones = torch.ones(1, block, device=device, dtype=dtype)
         block_of_ones = torch.ones(1, block, block, device=device, dtype=dtype)
+        zero, starts = torch.zeros(1, dtype=torch.long, device=device), torch.tensor([0, 1], device=device)
         right = (bool(_product(ones, block_of_ones, zero, zero, starts, block, True).eq(block).all())
                  and bool(_sddmm(ones, ones, zero, zero, block).eq(1).all()))
         reason = "they gave wrong numbers on one block of ones"
