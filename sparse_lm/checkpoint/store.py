@@ -72,11 +72,12 @@ def _restore_optimizer(optimizer, model: torch.nn.Module, tensors: dict, step: i
 
 
 # ---------------------------------------------------------------- save
-def _refuse_non_finite(model: torch.nn.Module, step: int) -> None:
+def _refuse_non_finite(model: torch.nn.Module, step: int, device: torch.device) -> None:
     """Never save NaN/inf weights over good checkpoints; decided on all ranks alike (all-reduce),
-    so no rank is left waiting in the save's barriers."""
+    so no rank is left waiting in the save's barriers. The count lives on the run's device: on a
+    GPU the process group is NCCL, which has no CPU tensors."""
     bad = sum(int((~torch.isfinite(t)).sum()) for t in model.state_dict().values() if t.is_floating_point())
-    flag = torch.tensor([float(bad)])
+    flag = torch.tensor([float(bad)], device=device)
     if dist.is_initialized():
         dist.all_reduce(flag)
     if flag.item():
@@ -95,7 +96,7 @@ def save_checkpoint(
     keep: int,
 ) -> Path:
     """Collectively write step `step`; returns the published directory. All ranks must call it."""
-    _refuse_non_finite(model, step)
+    _refuse_non_finite(model, step, topo.device)
     root = Path(root)
     final = root / step_dir_name(step)
     tmp = root / f".tmp-{final.name}"

