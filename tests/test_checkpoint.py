@@ -4,6 +4,7 @@ between the two renames of a re-published directory."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -88,3 +89,32 @@ def test_save_on_a_gpu_under_nccl(tmp_path):
         dist.destroy_process_group()
     assert (step_dir / "manifest.json").is_file()
 
+
+# ---------------------------------------------------------------- bf16: the fp32 masters
+def test_bf16_resume_keeps_the_fp32_masters(data_dir, tmp_path):
+    """A bf16 run (ZeRO-1: DeepSpeed keeps fp32 masters) resumed from its step-6 checkpoint repeats
+    the uninterrupted run's steps 7-12 exactly and ends with the same fp32 masters. Saving the
+    model's bf16 copy instead rounded the masters to bf16 at every resume (step 8's loss moved by
+    4e-4 here)."""
+    from safetensors.torch import load_file
+
+    from tests.cli_runs import STEPS, records, run_cli, write_config
+
+    sections = {"train": {"precision": "bf16"}, "parallel": {"zero_stage": 1},
+                "sparsity": {"method": "topkast", "density": 0.2, "exploration": 0.2, "reselect_every": 4}}
+    full = write_config(tmp_path, data_dir, "full", **sections)
+    resumed = write_config(tmp_path, data_dir, "resumed", **sections)
+    run_cli("pretrain", "--config", str(full))
+    ckpt = tmp_path / "resumed" / "checkpoints"
+    ckpt.mkdir(parents=True)
+    shutil.copytree(tmp_path / "full" / "checkpoints" / "step_00000006", ckpt / "step_00000006")
+    (ckpt / "latest").write_text("step_00000006\n")
+    run_cli("pretrain", "--config", str(resumed), "--resume")
+
+    want = {r["step"]: r["loss"] for r in records(tmp_path / "full", "step")}
+    got = {r["step"]: r["loss"] for r in records(tmp_path / "resumed", "step")}
+    assert [got[step] for step in range(7, STEPS + 1)] == [want[step] for step in range(7, STEPS + 1)]
+    name = f"step_{STEPS:08d}/model-tp00-pp00.safetensors"
+    want, got = load_file(tmp_path / "full" / "checkpoints" / name), load_file(ckpt / name)
+    assert want["layers.0.mlp.up_proj.values"].dtype == torch.float32  # the master, not the bf16 copy
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)

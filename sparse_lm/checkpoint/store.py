@@ -3,7 +3,8 @@
 Layout of `<root>/step_00000100/`:
   manifest.json                      format version, config, topology, step, tokens, data position,
                                      optimizer step, and size + sha256 of every other file
-  model-tp00-pp00.safetensors        this (tensor, pipeline) rank's parameters
+  model-tp00-pp00.safetensors        this (tensor, pipeline) rank's parameters and buffers; where
+                                     DeepSpeed keeps fp32 masters (ZeRO, bf16), the masters
   optim-tp00-pp00.safetensors        their Adam moments, keyed `<param>.exp_avg` / `<param>.exp_avg_sq`
   rng-rank00000.safetensors          each rank's RNG state
   tokenizer.model                    so a checkpoint evaluates and exports on its own
@@ -29,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from sparse_lm.atomic import publish_dir, sha256_file, write_json, write_text
 from sparse_lm.errors import UserError
 from sparse_lm.parallel.layout import canonical_name
-from sparse_lm.optim_state import MOMENTS, ensure_state, get_moment, set_moment, sync_masters
+from sparse_lm.optim_state import MOMENTS, ensure_state, get_moment, partitioned, set_moment
 from sparse_lm.parallel.state import Topology
 from sparse_lm.train import faults
 
@@ -60,10 +61,32 @@ def _optimizer_step(optimizer) -> int:
     return 0
 
 
-def _restore_optimizer(optimizer, model: torch.nn.Module, tensors: dict, step: int) -> None:
+def _masters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The fp32 master of every parameter DeepSpeed keeps one for (ZeRO, bf16), by canonical name:
+    in a bf16 run the model's own copy is the master rounded to bf16, and saving that would lose
+    every update below bf16's resolution at each resume. Collective under ZeRO (all ranks call it)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    return {canonical_name(name): safe_get_full_fp32_param(param).detach().float().cpu().contiguous()
+            for name, param in model.named_parameters() if partitioned(param)}
+
+
+@torch.no_grad()
+def _restore_masters(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Set DeepSpeed's fp32 masters (made from the initial weights, which would undo the load at
+    the next step) to the saved values — the saved masters of a bf16 run, not the model's
+    bf16-rounded copy of them."""
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    for name, param in model.named_parameters():
+        if partitioned(param):
+            safe_set_full_fp32_param(param, weights[canonical_name(name)].to(param.device, torch.float32))
+
+
+def _restore_optimizer(optimizer, model: torch.nn.Module, weights: dict, tensors: dict, step: int) -> None:
     """Rebuild Adam's per-parameter state before the first step (torch and DeepSpeed create it
     lazily), after pointing DeepSpeed's master weights at the loaded ones."""
-    sync_masters(model)
+    _restore_masters(model, weights)
     params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     ensure_state(optimizer, [p for _, p in params], step)
     for name, param in params:
@@ -113,9 +136,11 @@ def save_checkpoint(
         if param.requires_grad
         for key in MOMENTS
     }
+    masters = _masters(model)
     try:
         if topo.dp_rank == 0:
             weights = {canonical_name(k): v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+            weights.update(masters)
             save_file(weights, tmp / shard_name("model", topo.tp_rank, topo.pp_rank))
             faults.maybe_fill_disk_in_save(step, tmp)
             save_file(moments, tmp / shard_name("optim", topo.tp_rank, topo.pp_rank))
@@ -300,13 +325,6 @@ def load_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source:
         )
 
 
-def load_model_weights(
-    step_dir: Path, manifest: dict[str, Any], model: torch.nn.Module, tp_rank: int = 0, pp_rank: int = 0
-) -> None:
-    tensors = read_shard(step_dir, manifest, "model", tp_rank, pp_rank)
-    load_state(model, tensors, step_dir / shard_name("model", tp_rank, pp_rank))
-
-
 def load_checkpoint(
     path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, topo: Topology
 ) -> dict[str, Any]:
@@ -314,10 +332,11 @@ def load_checkpoint(
     step_dir = find_checkpoint(path)
     manifest = read_manifest(step_dir)
     check_topology(step_dir, manifest, topo.tensor, topo.pipeline)
-    load_model_weights(step_dir, manifest, model, topo.tp_rank, topo.pp_rank)
+    weights = read_shard(step_dir, manifest, "model", topo.tp_rank, topo.pp_rank)
+    load_state(model, weights, step_dir / shard_name("model", topo.tp_rank, topo.pp_rank))
     rng_name = f"rng-rank{topo.rank:05d}.safetensors"
     moments = read_shard(step_dir, manifest, "optim", topo.tp_rank, topo.pp_rank)
-    _restore_optimizer(optimizer, model, moments, manifest["optimizer_step"])
+    _restore_optimizer(optimizer, model, weights, moments, manifest["optimizer_step"])
     if rng_name in manifest["files"]:  # absent when resuming on more data-parallel ranks
         verify_files(step_dir, manifest, [rng_name])
         rng = _load_tensors(step_dir / rng_name)
