@@ -118,3 +118,44 @@ def test_bf16_resume_keeps_the_fp32_masters(data_dir, tmp_path):
     want, got = load_file(tmp_path / "full" / "checkpoints" / name), load_file(ckpt / name)
     assert want["layers.0.mlp.up_proj.values"].dtype == torch.float32  # the master, not the bf16 copy
     assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
+# ---------------------------------------------------------------- a checkpoint of another config
+def _load(step_dir: Path, cfg: RunConfig, config: dict | None = None):
+    from sparse_lm.checkpoint.store import load_checkpoint
+
+    model = build_model(cfg)
+    return load_checkpoint(step_dir, model, torch.optim.AdamW(model.parameters()), topology(), config)
+
+
+@pytest.mark.parametrize("field, value", [("sparsity.density", 0.4), ("sparsity.exploration", 0.1),
+                                          ("parallel.shard_headroom", 0.5), ("train.seed", 7),
+                                          ("model.d_model", 64)])
+def test_resume_under_another_config_is_one_line(tmp_path, field, value):
+    """A field the resume must share with the checkpoint is refused by name with both values; a
+    field that may change (train.lr) is not."""
+    cfg = tiny_config()
+    step_dir = save(tmp_path / "ckpt", cfg, *trained_step(cfg))
+    other = tiny_config()
+    section, name = field.split(".")
+    setattr(getattr(other, section), name, value)
+    old = getattr(getattr(cfg, section), name)
+    with pytest.raises(UserError) as err:
+        _load(step_dir, cfg, other.to_dict())
+    assert str(err.value) == (f"checkpoint {step_dir}: saved with {field}={old!r}, this run has {value!r}; "
+                              f"resuming needs the checkpoint's value (--set {field}={old})")
+    other = tiny_config()
+    other.train.lr = 0.5
+    assert _load(step_dir, cfg, other.to_dict())["step"] == 1
+
+
+def test_a_tensor_of_another_shape_is_one_line(tmp_path):
+    """Without the config check (its caller passes none), a size mismatch is still one line naming
+    the file and tensor with both shapes, not torch's multi-line RuntimeError."""
+    cfg = tiny_config()
+    step_dir = save(tmp_path / "ckpt", cfg, *trained_step(cfg))
+    with pytest.raises(UserError) as err:
+        _load(step_dir, tiny_config(density=0.4))
+    assert "\n" not in str(err.value)
+    assert str(err.value).startswith(f"checkpoint file {step_dir / 'model-tp00-pp00.safetensors'}: tensor layers.0.")
+    assert "has shape [" in str(err.value) and "this model's is [" in str(err.value)

@@ -299,6 +299,27 @@ def check_topology(step_dir: Path, manifest: dict[str, Any], tensor: int, pipeli
         )
 
 
+# What a resume must share with its checkpoint to continue exactly: the model and sparsity sections
+# fix every tensor's shape, which entries are stored and how they are selected; the headroom fixes
+# a tensor-parallel shard's slot count; the seed fixes θ₀ (regenerated complements) and data order.
+RESUME_FIELDS = ("model", "sparsity", "parallel.shard_headroom", "train.seed")
+
+
+def check_config(step_dir: Path, manifest: dict[str, Any], config: dict[str, Any]) -> None:
+    """Refuse to resume under a config whose RESUME_FIELDS differ from the checkpoint's, naming
+    the first differing field (the saved config is read with today's defaults for newer fields)."""
+    from sparse_lm.config import config_from_dict
+
+    saved = config_from_dict(manifest["config"]).to_dict()
+    for field in RESUME_FIELDS:
+        section, _, name = field.partition(".")
+        for key in [name] if name else list(saved[section]):
+            old, new = saved[section][key], config[section].get(key)
+            if old != new:
+                raise UserError(f"checkpoint {step_dir}: saved with {section}.{key}={old!r}, this run has {new!r}; "
+                                f"resuming needs the checkpoint's value (--set {section}.{key}={old})")
+
+
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(path)
@@ -316,7 +337,12 @@ def read_shard(step_dir: Path, manifest: dict[str, Any], kind: str, tp_rank: int
 def load_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: Path) -> None:
     """`model.load_state_dict` with a one-line error naming `source` when the keys do not fit.
     Keys are canonical (a pipeline stage's own names are mapped to them)."""
-    own = {canonical_name(key): key for key in model.state_dict()}
+    current = model.state_dict()
+    own = {canonical_name(key): key for key in current}
+    for key, value in tensors.items():  # load_state_dict would raise a multi-line RuntimeError
+        if key in own and value.shape != current[own[key]].shape:
+            raise UserError(f"checkpoint file {source}: tensor {key} has shape {list(value.shape)}, this model's is "
+                            f"{list(current[own[key]].shape)} (saved with another model or sparsity config)")
     missing, unexpected = model.load_state_dict({own.get(k, k): v for k, v in tensors.items()}, strict=False)
     if missing or unexpected:
         raise UserError(
@@ -326,12 +352,16 @@ def load_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source:
 
 
 def load_checkpoint(
-    path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, topo: Topology
+    path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, topo: Topology,
+    config: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Restore weights, Adam state and RNG for exact resume; returns the manifest."""
+    """Restore weights, Adam state and RNG for exact resume; returns the manifest. `config` (the
+    run's `RunConfig.to_dict()`) is checked against the checkpoint's first (`check_config`)."""
     step_dir = find_checkpoint(path)
     manifest = read_manifest(step_dir)
     check_topology(step_dir, manifest, topo.tensor, topo.pipeline)
+    if config is not None:
+        check_config(step_dir, manifest, config)
     weights = read_shard(step_dir, manifest, "model", topo.tp_rank, topo.pp_rank)
     load_state(model, weights, step_dir / shard_name("model", topo.tp_rank, topo.pp_rank))
     rng_name = f"rng-rank{topo.rank:05d}.safetensors"
