@@ -171,6 +171,46 @@ def test_export_replaces_only_an_earlier_export(tmp_path, sp_model, capsys):
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 
 
+def test_reshard_shard_headroom_and_rerun_over_its_output(tmp_path, sp_model, capsys):
+    """A shard that overflows names the option that fixes it; `--shard-headroom` is written into
+    the new checkpoint's config and the printed resume line; re-running over the untouched output
+    replaces it (the step the marker records is no training progress), a later step is refused."""
+    ckpt = make_checkpoint(tmp_path / "ckpt", sp_model)
+    out = tmp_path / "tp2"
+    capsys.readouterr()
+    assert convert("--from", str(ckpt), "--to", str(out), "--tensor", "2", "--shard-headroom", "0") == 2
+    assert "re-shard with a larger --shard-headroom (now 0.0)" in capsys.readouterr().err
+    assert convert("--from", str(ckpt), "--to", str(out), "--tensor", "2", "--shard-headroom", "0.5") == 0
+    assert "--set parallel.shard_headroom=0.5 --resume" in capsys.readouterr().out
+    manifest = json.loads((out / "step_00000003" / "manifest.json").read_text())
+    assert manifest["config"]["parallel"]["shard_headroom"] == 0.5 and manifest["topology"]["tensor"] == 2
+    assert convert("--from", str(ckpt), "--to", str(out), "--tensor", "2", "--shard-headroom", "0.5") == 0
+    (out / "step_00000009").mkdir()
+    capsys.readouterr()
+    assert convert("--from", str(ckpt), "--to", str(out), "--tensor", "2") == 2
+    assert "holds training progress made after the re-shard (step_00000009)" in capsys.readouterr().err
+
+
+def test_a_failed_write_is_one_line_and_changes_nothing(tmp_path, sp_model):
+    """The operating system refuses the export's weights (`ulimit -f`: files up to 64 KiB) and
+    another `--to` lies under a regular file: one line naming --to, exit 2, no output or temporary
+    left (the earlier export in the first case untouched)."""
+    ckpt = make_checkpoint(tmp_path / "ckpt", sp_model, method="dense")
+    out = tmp_path / "hf"
+    assert convert("--from", str(ckpt), "--to", str(out)) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    (tmp_path / "file").write_text("")
+    limited = ["bash", "-c", 'ulimit -f 64 && exec "$@"', "limited", sys.executable, "-m", "sparse_lm", "convert"]
+    for to, reason in ((out, "File too large"), (tmp_path / "file" / "hf", "File exists")):
+        done = subprocess.run([*limited, "--from", str(ckpt), "--to", str(to)], capture_output=True, text=True,
+                              cwd=REPO, timeout=300)
+        assert done.returncode == 2, done.stderr[-2000:]
+        assert done.stderr.startswith(f"sparse-lm convert: error: --to {to}: writing the export failed (")
+        assert reason in done.stderr and done.stderr.count("\n") == 1, done.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "file", "hf"]
+
+
 # ---------------------------------------------------------------- import
 def save_dense_hf(out: Path, sp_model: Path, tie: bool = False) -> Path:
     """A randomly initialised dense HF Llama (GQA), as transformers itself saves it."""
@@ -261,6 +301,22 @@ def test_imported_checkpoint_restores_into_an_optimizer(tmp_path, dense_hf):
     assert float(state["step"]) == 0 and not state["exp_avg"].any() and not state["exp_avg_sq"].any()
 
 
+def test_import_with_a_parallel_config_writes_a_one_process_config(tmp_path, dense_hf, capsys):
+    """The import is a 1×1 checkpoint: its config.yaml and manifest say so (else the printed
+    `pretrain --config` would refuse it), and the summary says how to re-shard for the layout
+    --config asked for."""
+    config = tmp_path / "tp2.yaml"
+    config.write_text("parallel:\n  tensor: 2\n")
+    out = tmp_path / "sparse"
+    capsys.readouterr()
+    assert convert("--from-hf", str(dense_hf), "--to", str(out), "--density", "0.5", "--exploration", "0.25",
+                   "--config", str(config)) == 0
+    assert f"first: sparse-lm convert --from {out / 'checkpoints'} --to DIR --tensor 2 --pipeline 1" in capsys.readouterr().out
+    assert (_import_config(out).parallel.tensor, _import_config(out).parallel.pipeline) == (1, 1)
+    manifest = json.loads((out / "checkpoints" / "step_00000000" / "manifest.json").read_text())
+    assert manifest["config"]["parallel"]["tensor"] == 1 and manifest["topology"]["tensor"] == 1
+
+
 def _import_config(root: Path) -> RunConfig:
     from sparse_lm.config import load_config
 
@@ -296,6 +352,8 @@ EXPORT_ERRORS = {
     "topology": (_set_topology, [], "model-tp01-pp00.safetensors is not listed in manifest.json"),
     "reshard layout": (None, ["--tensor", "3"], "config field parallel.tensor: expected a divisor of"),
     "import flag": (None, ["--density", "0.5"], "--density: applies to --from-hf only"),
+    "tensor zero": (None, ["--tensor", "0"], "--tensor 0 --pipeline 1: expected integers >= 1"),
+    "headroom without re-shard": (None, ["--shard-headroom", "0.5"], "--shard-headroom/--drop-optimizer: apply to a re-shard"),
 }
 
 

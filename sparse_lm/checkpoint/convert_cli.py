@@ -3,16 +3,19 @@ checkpoint → the same checkpoint for another tensor × pipeline layout (`--fro
 --pipeline P`), or a dense Hugging Face Llama → a fresh sparse checkpoint (`--from-hf HFDIR`) that
 `sparse-lm pretrain` resumes from.
 
-Both write into a temporary sibling of `--to` and rename it into place (`atomic.publish_dir`), so an
-interrupted convert never leaves a half-written output. An existing non-empty `--to` is replaced
-only when it is an earlier output of the same direction (its marker file is there) — never a
-directory of something else, and never an import root that training has since added steps to.
+All three write into a temporary sibling of `--to` and rename it into place (`atomic.publish_dir`),
+so an interrupted convert never leaves a half-written output, and a failed write is one line. An
+existing non-empty `--to` is replaced only when it is an earlier output of the same direction (its
+marker file is there) — never a directory of something else, and never an import or re-shard root
+that training has since added steps to.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import json
 import os
 import shutil
 from pathlib import Path
@@ -35,9 +38,12 @@ def _fsync_tree(root: Path) -> None:
 
 
 @contextlib.contextmanager
-def staged_output(out: Path, marker: str) -> Iterator[Path]:
-    """Yield a temporary directory that becomes `out` when the block succeeds."""
+def staged_output(out: Path, marker: str, what: str) -> Iterator[Path]:
+    """Yield a temporary directory that becomes `out` when the block succeeds. `what` (import,
+    re-shard, export) names the direction in messages; an earlier output's marker may record the
+    step it wrote (`step`, default 0): any other step under `out` is training progress since."""
     from sparse_lm.atomic import publish_dir
+    from sparse_lm.checkpoint.store import WRITE_ERRORS, step_dir_name
 
     if out.exists() and not out.is_dir():
         raise UserError(f"--to {out}: exists and is not a directory")
@@ -45,18 +51,26 @@ def staged_output(out: Path, marker: str) -> Iterator[Path]:
         if not (out / marker).is_file():
             raise UserError(f"--to {out}: exists, is not empty and is not an earlier `sparse-lm convert` output "
                             f"(no {marker}); choose a new directory or remove it")
-        later = sorted(p.name for p in out.rglob("step_*") if p.name != "step_00000000")
+        try:
+            written = step_dir_name(int(json.loads((out / marker).read_text()).get("step", 0)))
+        except (ValueError, TypeError, AttributeError, UnicodeDecodeError):  # JSONDecodeError is a ValueError
+            raise UserError(f"--to {out}: {marker} is not the JSON an earlier `sparse-lm convert` wrote; "
+                            "choose a new directory or remove it") from None
+        later = sorted(p.name for p in out.rglob("step_*") if p.name != written)
         if later or (out / "metrics.jsonl").exists():
-            raise UserError(f"--to {out}: holds training progress made after the import "
+            raise UserError(f"--to {out}: holds training progress made after the {what} "
                             f"({later[-1] if later else 'metrics.jsonl'}); refusing to overwrite it")
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
         yield tmp
         _fsync_tree(tmp)
         publish_dir(tmp, out)
+    except WRITE_ERRORS as exc:  # full disk, quota, no permission: `out` is as it was (publish_dir)
+        reason = getattr(exc, "strerror", None) or str(exc).strip().splitlines()[0]
+        raise UserError(f"--to {out}: writing the {what} failed ({reason}); nothing there was changed") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -82,7 +96,7 @@ def export_hf(source: str, out: Path) -> str:
         "forward_density": forward, "seq_len": cfg.train.seq_len, "data_path": cfg.data.path,
         "note": "sparse linears are written as their dense forward-set weight A (zeros outside A)",
     }
-    with staged_output(out, EXPORT_MARKER) as tmp:
+    with staged_output(out, EXPORT_MARKER, "export") as tmp:
         tensors = write_hf(model, cfg, step_dir / "tokenizer.model", tmp, provenance)
     n_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
     what = (f"{len(layers)} {cfg.sparsity.method} linears written as their forward set A (density {forward:.3f})"
@@ -95,7 +109,8 @@ def export_hf(source: str, out: Path) -> str:
 RESHARD_MARKER = "sparse_lm_reshard.json"  # marks a checkpoint root `convert --tensor/--pipeline` may replace
 
 
-def reshard(source: str, out: Path, tensor: int, pipeline: int, drop_optimizer: bool) -> str:
+def reshard(source: str, out: Path, tensor: int, pipeline: int, drop_optimizer: bool,
+            headroom: float | None = None) -> str:
     """Checkpoint → the same checkpoint for another tensor × pipeline layout; returns the summary line."""
     from sparse_lm.atomic import write_json
     from sparse_lm.checkpoint.reshard import reshard_checkpoint
@@ -106,15 +121,17 @@ def reshard(source: str, out: Path, tensor: int, pipeline: int, drop_optimizer: 
     step_dir = find_checkpoint(source)
     manifest = read_manifest(step_dir)
     verify_files(step_dir, manifest, ["tokenizer.model"])
-    with staged_output(out, RESHARD_MARKER) as tmp:
-        new = reshard_checkpoint(step_dir, tmp, tensor, pipeline, drop_optimizer)
-        write_json(tmp / RESHARD_MARKER, {"source": str(step_dir.resolve()), "tensor": tensor, "pipeline": pipeline,
-                                          "optimizer": "dropped" if drop_optimizer else "kept"})
+    with staged_output(out, RESHARD_MARKER, "re-shard") as tmp:
+        new = reshard_checkpoint(step_dir, tmp, tensor, pipeline, drop_optimizer, headroom)
+        write_json(tmp / RESHARD_MARKER, {"source": str(step_dir.resolve()), "step": manifest["step"], "tensor": tensor,
+                                          "pipeline": pipeline, "optimizer": "dropped" if drop_optimizer else "kept"})
     old = manifest["topology"]
+    headroom = manifest["config"]["parallel"]["shard_headroom"] if headroom is None else headroom
     return (f"re-sharded step {manifest['step']} of {step_dir} from tensor={old['tensor']} pipeline={old['pipeline']} "
             f"to tensor={tensor} pipeline={pipeline} in {out / new.name} (Adam state "
             f"{'dropped' if drop_optimizer else 'kept'}); continue with: sparse-lm pretrain --config CONFIG "
-            f"--set checkpoint.dir={out} --set parallel.tensor={tensor} --set parallel.pipeline={pipeline} --resume")
+            f"--set checkpoint.dir={out} --set parallel.tensor={tensor} --set parallel.pipeline={pipeline} "
+            f"--set parallel.shard_headroom={headroom} --resume")
 
 
 def import_hf(args: argparse.Namespace, out: Path) -> str:
@@ -147,6 +164,10 @@ def import_hf(args: argparse.Namespace, out: Path) -> str:
 
     cfg = load_config(args.config) if args.config else RunConfig()
     cfg.model = model_cfg
+    # The checkpoint is one process's (1×1): a config saying otherwise would make the printed
+    # `pretrain --config` refuse it. The asked-for layout is one re-shard away.
+    layout = (cfg.parallel.tensor, cfg.parallel.pipeline)
+    cfg.parallel = dataclasses.replace(cfg.parallel, tensor=1, pipeline=1)
     s = cfg.sparsity
     s.method, s.density, s.exploration, s.complement = "topkast", args.density, args.exploration, args.complement
     if args.block_size is not None:
@@ -167,7 +188,10 @@ def import_hf(args: argparse.Namespace, out: Path) -> str:
     model = build_model(cfg, initialize=False)  # every tensor comes from the HF weights
     load_hf_weights(model, hf_dir)
     layers = list(sparse_modules(model).values())
-    with staged_output(out, IMPORT_MARKER) as tmp:
+    reshard_hint = "" if layout == (1, 1) else (
+        f" (one process; for tensor={layout[0]} pipeline={layout[1]} as --config asks, first: sparse-lm convert "
+        f"--from {out / CHECKPOINTS} --to DIR --tensor {layout[0]} --pipeline {layout[1]})")
+    with staged_output(out, IMPORT_MARKER, "import") as tmp:
         step_dir = write_fresh_checkpoint(tmp / CHECKPOINTS, model, cfg, tokenizer_model)
         write_text(tmp / RUN_CONFIG, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         write_json(tmp / IMPORT_MARKER, {"source": str(hf_dir.resolve()), "density": s.density,
@@ -175,7 +199,7 @@ def import_hf(args: argparse.Namespace, out: Path) -> str:
     return (f"imported {hf_dir} into {out / CHECKPOINTS / step_dir.name}: {len(layers)} top-kast linears, A = top "
             f"{s.density:g}, B = top {s.density + s.exploration:g} of each by |θ| ({s.block}x{s.block} blocks), "
             f"complement {s.complement}, Adam moments zero; continue with: "
-            f"sparse-lm pretrain --config {out / RUN_CONFIG}")
+            f"sparse-lm pretrain --config {out / RUN_CONFIG}" + reshard_hint)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -186,13 +210,16 @@ def run(args: argparse.Namespace) -> int:
         extra = [f for f in ("density", "exploration", "block_size", "config", "tokenizer") if getattr(args, f) is not None]
         if extra:
             raise UserError(f"--{extra[0].replace('_', '-')}: applies to --from-hf only")
-        if args.tensor is not None or args.pipeline is not None:
-            print(reshard(args.source, out, args.tensor or 1, args.pipeline or 1, args.drop_optimizer))
+        if args.tensor is not None or args.pipeline is not None:  # an explicit 0 must reach the check
+            print(reshard(args.source, out, 1 if args.tensor is None else args.tensor,
+                          1 if args.pipeline is None else args.pipeline, args.drop_optimizer, args.shard_headroom))
+        elif args.shard_headroom is not None or args.drop_optimizer:
+            raise UserError("--shard-headroom/--drop-optimizer: apply to a re-shard (--tensor/--pipeline) only")
         else:
             print(export_hf(args.source, out))
     else:
-        if args.tensor is not None or args.pipeline is not None or args.drop_optimizer:
-            raise UserError("--tensor/--pipeline/--drop-optimizer: re-shard a checkpoint (--from CKPT); an import "
+        if args.tensor is not None or args.pipeline is not None or args.drop_optimizer or args.shard_headroom is not None:
+            raise UserError("--tensor/--pipeline/--drop-optimizer/--shard-headroom: re-shard a checkpoint (--from CKPT); an import "
                             "writes a one-process checkpoint that can be re-sharded afterwards")
         print(import_hf(args, out))
     return 0
@@ -209,6 +236,8 @@ def register_cli(subparsers) -> None:
     parser.add_argument("--tensor", type=int, help="re-shard CKPT for this tensor-parallel size (1 if only --pipeline is given)")
     parser.add_argument("--pipeline", type=int, help="re-shard CKPT for this pipeline-parallel size (1 if only --tensor is given)")
     parser.add_argument("--drop-optimizer", action="store_true", help="re-shard: write zero Adam moments instead of carrying them")
+    parser.add_argument("--shard-headroom", type=float, metavar="H", help="re-shard: parallel.shard_headroom of the new "
+                        "checkpoint (spare slots per tensor-parallel shard; default: the saved one); resume with the same")
     parser.add_argument("--density", type=float, help="import: forward density D (A = top D of each layer by |θ|)")
     parser.add_argument("--exploration", type=float, help="import: exploration M (B = top D + M, the stored part)")
     parser.add_argument("--block-size", type=int, help="import: b×b block granularity (default: the config's)")

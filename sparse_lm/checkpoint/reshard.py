@@ -10,7 +10,7 @@ A sparse shard's slot order is kept (shard by shard), so a merged model computes
 shards computed: slot order never changes a product, only which slot an entering block takes.
 Splitting gives each new shard the blocks whose global positions fall in it, in canonical order,
 followed by unused slots up to its capacity; a shard whose share exceeds its capacity is an error
-naming the layer (raise `parallel.shard_headroom`).
+naming the layer (raise the headroom: `convert --shard-headroom`).
 
 `reshard_checkpoint` is `sparse-lm convert --tensor T --pipeline P`: merge every stage and shard
 of a checkpoint (weights, Adam moments, offload store) in one process, split for the new layout,
@@ -137,7 +137,7 @@ def split_tensor_parallel(model: nn.Module, merged: dict[str, torch.Tensor], par
             mine = shard_of == rank
             if int(mine.sum()) > capacity:
                 raise UserError(f"layer {name}: shard {rank} of {parts} would hold {int(mine.sum())} blocks of B, more than "
-                                f"its {capacity} slots; re-shard with a larger parallel.shard_headroom (now {headroom})")
+                                f"its {capacity} slots; re-shard with a larger --shard-headroom (now {headroom})")
             per_shard.append((order[mine], local[mine]))
         placement[name] = per_shard, capacity
 
@@ -159,9 +159,12 @@ def split_tensor_parallel(model: nn.Module, merged: dict[str, torch.Tensor], par
     return shards
 
 
-def reshard_checkpoint(source: str | Path, out_root: Path, tensor: int, pipeline: int, drop_optimizer: bool) -> Path:
+def reshard_checkpoint(source: str | Path, out_root: Path, tensor: int, pipeline: int, drop_optimizer: bool,
+                       headroom: float | None = None) -> Path:
     """Write `source` for a tensor × pipeline layout under `out_root` (a staging directory); returns
-    the new step directory. The config, step, data position and optimizer step carry over."""
+    the new step directory. The config, step, data position and optimizer step carry over;
+    `headroom` (default: the saved one) replaces parallel.shard_headroom, which sizes each shard's
+    slots, in the new config."""
     import dataclasses
 
     from sparse_lm.checkpoint.store import find_checkpoint, read_manifest, read_shard, write_offline_checkpoint
@@ -171,8 +174,9 @@ def reshard_checkpoint(source: str | Path, out_root: Path, tensor: int, pipeline
     step_dir = find_checkpoint(source)
     manifest = read_manifest(step_dir)
     cfg = config_from_dict(manifest["config"])
-    cfg.parallel = dataclasses.replace(cfg.parallel, tensor=tensor, pipeline=pipeline)
-    cfg.validate()  # the new layout must divide heads, widths, vocabulary and blocks
+    headroom = cfg.parallel.shard_headroom if headroom is None else headroom
+    cfg.parallel = dataclasses.replace(cfg.parallel, tensor=tensor, pipeline=pipeline, shard_headroom=headroom)
+    cfg.validate()  # the new layout must divide heads, widths, vocabulary and blocks; headroom >= 0
     model = build_model(cfg, initialize=False)  # whole-layer shapes only
     old = manifest["topology"]
     # Weights and moments travel together: a moment's slot is placed by its layer's index.
