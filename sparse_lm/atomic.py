@@ -29,13 +29,19 @@ def fsync_file(path: Path) -> None:
 
 
 def write_bytes(path: str | Path, data: bytes) -> None:
+    """A failed write (full disk) leaves `path` as it was and removes its temporary file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if tmp.is_file():
+            tmp.unlink()
+        raise
     fsync_dir(path.parent)
 
 
@@ -50,21 +56,40 @@ def write_json(path: str | Path, obj: Any) -> None:
 def publish_dir(tmp: Path, final: Path) -> None:
     """Move a fully written, fsynced temporary directory to its final name.
 
-    An existing `final` (e.g. a re-saved step) is moved aside first and deleted only after the
-    new one is in place, so there is never a moment with neither.
+    An existing `final` (e.g. a re-saved step) is moved aside to `.NAME.old-PID` first and deleted
+    only after the new one is in place. Between the two renames `final` does not exist: a failed
+    second rename moves the old one back, and a crash there leaves the old one aside, which
+    `recover_dir` (called here and by readers of `final`) moves back.
     """
     for child in tmp.iterdir():
         if child.is_file():
             fsync_file(child)
     fsync_dir(tmp)
+    recover_dir(final)
     old = None
     if final.exists():
         old = final.with_name(f".{final.name}.old-{os.getpid()}")
         os.replace(final, old)
-    os.replace(tmp, final)
+    try:
+        os.replace(tmp, final)
+    except OSError:
+        if old is not None:
+            os.replace(old, final)
+        raise
     fsync_dir(final.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_dir(final: Path) -> None:
+    """Put back a directory `publish_dir` moved aside when a crash kept its replacement from
+    taking its place (`final` missing, `.NAME.old-PID` present)."""
+    if final.exists():
+        return
+    aside = sorted(final.parent.glob(f".{final.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if aside:
+        os.replace(aside[-1], final)
+        fsync_dir(final.parent)
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:

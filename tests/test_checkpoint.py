@@ -159,3 +159,93 @@ def test_a_tensor_of_another_shape_is_one_line(tmp_path):
     assert "\n" not in str(err.value)
     assert str(err.value).startswith(f"checkpoint file {step_dir / 'model-tp00-pp00.safetensors'}: tensor layers.0.")
     assert "has shape [" in str(err.value) and "this model's is [" in str(err.value)
+
+
+# ---------------------------------------------------------------- failed writes and crashes
+def test_a_failed_write_leaves_the_file_and_no_temporary(tmp_path):
+    """The operating system refuses the bytes (a file-size limit stands in for a full disk)."""
+    import resource
+
+    from sparse_lm.atomic import write_bytes
+
+    path = tmp_path / "latest"
+    write_bytes(path, b"step_00000006\n")
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1024, hard))
+    try:
+        with pytest.raises(OSError, match="File too large"):
+            write_bytes(path, b"x" * 4096)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert path.read_bytes() == b"step_00000006\n" and sorted(p.name for p in tmp_path.iterdir()) == ["latest"]
+
+
+def test_a_failed_latest_pointer_is_one_line(tmp_path):
+    """Publishing and moving `latest` are part of the save: their write errors are the save's one
+    line too (here the pointer's temporary name is taken by a directory)."""
+    import os
+
+    cfg = tiny_config()
+    model, optimizer = trained_step(cfg)
+    first = save(tmp_path / "ckpt", cfg, model, optimizer, step=1)
+    (tmp_path / "ckpt" / f".latest.tmp-{os.getpid()}").mkdir()
+    with pytest.raises(UserError) as err:
+        save(tmp_path / "ckpt", cfg, model, optimizer, step=2)
+    assert str(err.value) == (f"checkpoint.dir {tmp_path / 'ckpt'}: writing step 2 failed (Is a directory); the last "
+                              "complete checkpoint (step_00000001) is untouched — free space and resume")
+    assert (tmp_path / "ckpt" / "latest").read_text() == f"{first.name}\n"
+
+
+def _crash_between_renames(final: Path) -> Path:
+    """The state a crash inside publish_dir leaves: `final` moved aside, its replacement not yet in."""
+    aside = final.with_name(f".{final.name}.old-999")
+    final.rename(aside)
+    return aside
+
+
+def test_a_crash_while_republishing_is_recovered(tmp_path):
+    """`latest` names a step whose re-save crashed between publish_dir's renames: reading it puts
+    the old directory back; so does the next publish of the same name, which then replaces it."""
+    from sparse_lm.atomic import publish_dir
+    from sparse_lm.checkpoint.store import find_checkpoint, read_manifest
+
+    cfg = tiny_config()
+    step_dir = save(tmp_path / "ckpt", cfg, *trained_step(cfg), step=4)
+    aside = _crash_between_renames(step_dir)
+    assert find_checkpoint(tmp_path / "ckpt") == step_dir and read_manifest(step_dir)["step"] == 4
+    assert not aside.exists()
+
+    out = tmp_path / "out"
+    (out).mkdir()
+    (out / "old.txt").write_text("old")
+    _crash_between_renames(out)
+    new = tmp_path / ".tmp-out"
+    new.mkdir()
+    (new / "new.txt").write_text("new")
+    publish_dir(new, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "out", "tokenizer.model"]
+    assert [p.name for p in out.iterdir()] == ["new.txt"]
+
+
+def test_a_failed_second_rename_puts_the_old_directory_back(tmp_path, monkeypatch):
+    """Should moving the new directory in fail (e.g. EXDEV, ENOSPC on a journal), the old one is
+    moved back at once: `final` is never left missing by a failure publish_dir sees."""
+    import os
+
+    from sparse_lm import atomic
+
+    final, new = tmp_path / "out", tmp_path / ".tmp-out"
+    final.mkdir()
+    (final / "old.txt").write_text("old")
+    new.mkdir()
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if Path(src) == new:
+            raise OSError(28, "No space left on device")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(atomic.os, "replace", replace)
+    with pytest.raises(OSError, match="No space left"):
+        atomic.publish_dir(new, final)
+    assert (final / "old.txt").read_text() == "old" and not list(tmp_path.glob(".out.old-*"))

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from sparse_lm.atomic import publish_dir, sha256_file, write_json, write_text
+from sparse_lm.atomic import publish_dir, recover_dir, sha256_file, write_json, write_text
 from sparse_lm.errors import UserError
 from sparse_lm.parallel.layout import canonical_name
 from sparse_lm.optim_state import MOMENTS, ensure_state, get_moment, partitioned, set_moment
@@ -161,11 +161,11 @@ def save_checkpoint(
             }
             topology = {"tensor": topo.tensor, "pipeline": topo.pipeline, "data": topo.data}
             write_json(tmp / MANIFEST, _manifest(step, _optimizer_step(optimizer), topology, config, state, files))
+            publish_dir(tmp, final)
+            write_text(root / LATEST, final.name + "\n")
+            prune(root, keep)
         except WRITE_ERRORS as exc:
             _write_failed(root, step, tmp, exc)
-        publish_dir(tmp, final)
-        write_text(root / LATEST, final.name + "\n")
-        prune(root, keep)
     _barrier()
     return final
 
@@ -228,10 +228,13 @@ def prune(root: Path, keep: int) -> list[Path]:
 
 # ---------------------------------------------------------------- find and verify
 def read_latest(root: Path) -> Path | None:
+    """The step directory `latest` names, if complete (put back first if a crash while re-saving
+    it left it moved aside: `atomic.recover_dir`)."""
     pointer = root / LATEST
     if not pointer.is_file():
         return None
     path = root / pointer.read_text().strip()
+    recover_dir(path)
     return path if (path / MANIFEST).is_file() else None
 
 
