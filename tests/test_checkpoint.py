@@ -249,3 +249,19 @@ def test_a_failed_second_rename_puts_the_old_directory_back(tmp_path, monkeypatc
     with pytest.raises(OSError, match="No space left"):
         atomic.publish_dir(new, final)
     assert (final / "old.txt").read_text() == "old" and not list(tmp_path.glob(".out.old-*"))
+
+
+def test_a_manifest_without_a_required_field_is_one_line(tmp_path):
+    import json
+
+    from sparse_lm.checkpoint.store import read_manifest
+
+    cfg = tiny_config()
+    step_dir = save(tmp_path / "ckpt", cfg, *trained_step(cfg))
+    manifest = json.loads((step_dir / "manifest.json").read_text())
+    del manifest["files"]
+    (step_dir / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError) as err:
+        read_manifest(step_dir)
+    assert str(err.value) == (f"checkpoint file {step_dir / 'manifest.json'}: no 'files' field "
+                              "(expected step, optimizer_step, topology, config, state, files)")

@@ -211,6 +211,23 @@ def test_a_failed_write_is_one_line_and_changes_nothing(tmp_path, sp_model):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "file", "hf"]
 
 
+@pytest.mark.parametrize("damage, expected", [
+    (lambda hf: (hf / "model.safetensors").write_bytes((hf / "model.safetensors").read_bytes()[:1000]),
+     "transformers cannot load it"),
+    (lambda hf: (hf / "sparse_lm_export.json").write_text("{"), "sparse_lm_export.json: not valid JSON"),
+], ids=["truncated weights", "bad marker"])
+def test_eval_on_a_damaged_export_is_one_line(tmp_path, sp_model, transformers_llama, damage, expected):
+    from sparse_lm.checkpoint.hf import load_hf_for_eval
+    from sparse_lm.errors import UserError
+
+    ckpt = make_checkpoint(tmp_path / "ckpt", sp_model, method="dense")
+    assert convert("--from", str(ckpt), "--to", str(tmp_path / "hf")) == 0
+    damage(tmp_path / "hf")
+    with pytest.raises(UserError) as err:
+        load_hf_for_eval(tmp_path / "hf")
+    assert expected in str(err.value) and "\n" not in str(err.value), err.value
+
+
 # ---------------------------------------------------------------- import
 def save_dense_hf(out: Path, sp_model: Path, tie: bool = False) -> Path:
     """A randomly initialised dense HF Llama (GQA), as transformers itself saves it."""

@@ -259,9 +259,9 @@ def load_hf_for_eval(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, SafetensorError) as exc:  # a truncated model.safetensors: SafetensorError
         raise UserError(f"Hugging Face directory {path}: transformers cannot load it ({str(exc).splitlines()[0]})") from None
-    marker = json.loads((path / EXPORT_MARKER).read_text()) if (path / EXPORT_MARKER).is_file() else {}
+    marker = _read_json(path / EXPORT_MARKER, "Hugging Face directory") if (path / EXPORT_MARKER).is_file() else {}
     if (path / "tokenizer.model").is_file():
         from sparse_lm.data.tokenizer import Tokenizer
 

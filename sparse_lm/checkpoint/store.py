@@ -36,6 +36,7 @@ from sparse_lm.train import faults
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+MANIFEST_KEYS = ("step", "optimizer_step", "topology", "config", "state", "files")  # what readers index
 LATEST = "latest"
 
 
@@ -262,11 +263,14 @@ def read_manifest(step_dir: Path) -> dict[str, Any]:
         raise UserError(f"checkpoint {step_dir}: {MANIFEST} is missing (incomplete save?)") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise UserError(f"checkpoint file {path}: not valid JSON (corrupt or truncated)") from None
-    version = manifest.get("format_version")
+    version = manifest.get("format_version") if isinstance(manifest, dict) else None
     if version != FORMAT_VERSION:
         raise UserError(
             f"checkpoint file {path}: format version {version!r}, this sparse_lm reads version {FORMAT_VERSION}"
         )
+    missing = [key for key in MANIFEST_KEYS if key not in manifest]
+    if missing:
+        raise UserError(f"checkpoint file {path}: no {missing[0]!r} field (expected {', '.join(MANIFEST_KEYS)})")
     return manifest
 
 
