@@ -61,20 +61,48 @@ def _check_same_tokenizer(manifest: dict, data_dir: Path) -> None:
                         f"evaluate on text files instead, or prepare the data with its tokenizer.model")
 
 
+def eval_device(requested: str | None, hf: bool) -> torch.device:
+    """Where the model runs: `--device`, else this rank's GPU (cuda:LOCAL_RANK) where there is
+    CUDA, else the CPU. A Hugging Face directory always runs on the CPU: `load_hf_for_eval` keeps
+    its model inside the logits function, out of reach."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if requested is None:
+        if hf or not torch.cuda.is_available():
+            return torch.device("cpu")
+        requested = f"cuda:{local_rank}"
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {requested}: expected cpu, cuda (this rank's GPU) or cuda:N")
+    if device.type == "cuda":
+        if hf:
+            raise UserError(f"--device {requested}: a Hugging Face directory is evaluated on the CPU; pass --device cpu")
+        index = local_rank if device.index is None else device.index  # torch wraps cuda:999 to a negative index
+        if not 0 <= index < torch.cuda.device_count():
+            raise UserError(f"--device {requested}: no such device here ({torch.cuda.device_count()} CUDA devices); "
+                            "pass --device cpu or cuda:N")
+        device = torch.device("cuda", index)
+    return device
+
+
 def evaluate(checkpoint: str, corpus: list[str], context: int | None, stride: int | None,
-             batch_size: int, data_dir: str | None, progress: bool = True) -> dict:
+             batch_size: int, data_dir: str | None, progress: bool = True, device: str | None = None) -> dict:
     from sparse_lm.checkpoint.hf import is_hf_dir, load_hf_for_eval
     from sparse_lm.checkpoint.model_io import load_trained_model
     from sparse_lm.data.tokenizer import Tokenizer
 
-    if is_hf_dir(checkpoint):  # a Hugging Face Llama directory, e.g. from `sparse-lm convert`
+    hf_dir = is_hf_dir(checkpoint)
+    run_on = eval_device(device, hf_dir)
+    if hf_dir:  # a Hugging Face Llama directory, e.g. from `sparse-lm convert`
         hf = load_hf_for_eval(checkpoint)
         model, tokenizer, where, step = hf["logits_fn"], hf["tokenizer"], checkpoint, hf["step"]
         seq_len, max_seq_len, data_path = hf["seq_len"], hf["max_seq_len"], hf["data_path"]
         if data_dir is None and data_path is None and corpus == ["heldout"]:
             raise UserError(f"--data: needed for `--corpus heldout` with {checkpoint} (it records no data path)")
     else:
-        model, cfg, manifest = load_trained_model(checkpoint)
+        model, cfg, manifest = load_trained_model(checkpoint, run_on)
         where, step = manifest["path"], manifest["step"]
         if corpus == ["heldout"]:
             _check_same_tokenizer(manifest, Path(data_dir or cfg.data.path))
@@ -90,7 +118,7 @@ def evaluate(checkpoint: str, corpus: list[str], context: int | None, stride: in
     if len(ids) < 2:
         raise UserError(f"--corpus {description}: fewer than 2 tokens, nothing to score")
     rank, world = _ranks()
-    nats, count = sliding_window_nll(model, ids, context, stride, batch_size=batch_size,
+    nats, count = sliding_window_nll(model, ids, context, stride, batch_size=batch_size, device=run_on,
                                      progress=progress and rank == 0, shard=(rank, world))
     if world > 1:  # each rank scored every world-th window: add them up
         import torch.distributed as dist
@@ -104,14 +132,15 @@ def evaluate(checkpoint: str, corpus: list[str], context: int | None, stride: in
 
 def _ranks() -> tuple[int, int]:
     """(rank, world): a launcher (`torchrun`, `deepspeed`) sets WORLD_SIZE; windows are then split
-    over the ranks through a gloo (CPU) or NCCL group. Each rank holds the whole model."""
+    over the ranks. Each rank holds the whole model; the group is gloo even on GPUs, since all it
+    carries is one all-reduce of two numbers, on the CPU."""
     import torch.distributed as dist
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("gloo")
     return dist.get_rank(), world
 
 
@@ -119,7 +148,8 @@ def run(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
     try:
-        out = evaluate(args.checkpoint, args.corpus, args.context, args.stride, args.batch_size, args.data)
+        out = evaluate(args.checkpoint, args.corpus, args.context, args.stride, args.batch_size, args.data,
+                       device=args.device)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -148,5 +178,8 @@ def register_cli(subparsers) -> None:
     parser.add_argument("--context", type=int, default=None, help="window length in tokens (default: train.seq_len)")
     parser.add_argument("--stride", type=int, default=None, help="window step in tokens (default: context / 2)")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--device", default=None,
+                        help="cpu, cuda (this rank's GPU) or cuda:N (default: cuda:LOCAL_RANK where there is CUDA, else cpu; "
+                             "a Hugging Face directory runs on the CPU)")
     parser.add_argument("--json", default=None, help="write the result as JSON here")
     parser.set_defaults(func=run)
