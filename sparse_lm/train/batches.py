@@ -1,7 +1,8 @@
 """Deterministic training and held-out batches from packed token files.
 
 A batch is a pure function of (seed, global sample index): sample g lands in epoch g // W
-(W = number of non-overlapping windows of seq_len + 1 tokens) at a seeded permutation position.
+(W = number of windows of seq_len + 1 tokens starting every seq_len tokens: a window's last target
+is the next one's first input) at a seeded permutation position.
 Resume therefore needs only the count of samples consumed — no sampler state, no RNG to restore —
 and every data-parallel layout sees the same global stream of samples.
 """
@@ -52,9 +53,27 @@ def train_sampler(split: PackedSplit, seq_len: int, seed: int, global_batch: int
     return sampler
 
 
-def heldout_batches(split: PackedSplit, seq_len: int, micro_batch: int, max_batches: int) -> list[torch.Tensor]:
-    """The first `max_batches` × `micro_batch` held-out windows, in order: the same every evaluation."""
+_HELDOUT_HINT = "prepare the data with a larger --heldout-fraction, or use a smaller train.seq_len"
+
+
+def heldout_batches(split: PackedSplit, seq_len: int, micro_batch: int, max_batches: int,
+                    full_only: bool = False) -> list[torch.Tensor]:
+    """The first `max_batches` × `micro_batch` held-out windows, in order: the same every evaluation.
+
+    `full_only` (a pipeline: DeepSpeed's PipelineEngine sends activations through buffers shaped
+    by its first micro-batch) drops a last, partial batch. A split too short for one batch is an
+    error rather than a run that quietly never evaluates.
+    """
     sampler = WindowSampler(split, seq_len, seed=0)
     n = min(sampler.windows, micro_batch * max_batches)
+    if full_only:
+        n -= n % micro_batch
+    if n <= 0:
+        where = f"held-out data {split.data_dir} ({split.split} split): {split.n_tokens} tokens"
+        if sampler.windows < 1:
+            raise UserError(f"{where}, fewer than one window of train.seq_len+1={seq_len + 1}; {_HELDOUT_HINT}")
+        raise UserError(f"{where} make {sampler.windows} windows of train.seq_len+1={seq_len + 1}, fewer than one "
+                        f"micro-batch (train.micro_batch={micro_batch}), which a pipeline evaluates whole; "
+                        f"{_HELDOUT_HINT} or train.micro_batch")
     rows = [torch.from_numpy(sampler.window(i)) for i in range(n)]
     return [torch.stack(rows[i : i + micro_batch]) for i in range(0, n, micro_batch)]

@@ -116,7 +116,7 @@ def heldout_loss(engine, batches: list[torch.Tensor], topo: Topology) -> float:
         losses = [float(engine.eval_batch(iter([(rows[:, :-1].to(topo.device), rows[:, 1:].to(topo.device))]),
                                           num_micro_batches=1)) for rows in batches]
         engine.train()
-        return sum(losses) / len(losses) if losses else math.nan
+        return sum(losses) / len(losses)
     model = engine.module
     was_training = model.training
     model.eval()
@@ -208,7 +208,7 @@ def _pretrain(cfg: RunConfig, topo: Topology) -> dict[str, Any]:
     train_split, heldout_split = PackedSplit(data_dir, "train"), PackedSplit(data_dir, "heldout")
     global_batch = t.micro_batch * t.grad_accum * topo.data
     sampler = train_sampler(train_split, t.seq_len, t.seed, global_batch)
-    eval_batches = heldout_batches(heldout_split, t.seq_len, t.micro_batch, t.eval_batches)
+    eval_batches = heldout_batches(heldout_split, t.seq_len, t.micro_batch, t.eval_batches, full_only=topo.pipeline > 1)
 
     if topo.is_main:
         _check_writable(Path(t.out_dir), "train.out_dir")
@@ -335,7 +335,7 @@ def _pretrain(cfg: RunConfig, topo: Topology) -> dict[str, Any]:
             log.write("throughput", step=state.step, tokens_per_s=tokens_per_step / step_time, step_time_s=step_time,
                       peak_rss_bytes=peak_rss_bytes())
             window_start, window_steps = time.time(), 0
-        if eval_batches and (state.step % t.eval_every == 0 or state.step == t.steps):
+        if state.step % t.eval_every == 0 or state.step == t.steps:
             last_heldout = heldout_loss(engine, eval_batches, topo)
             log.say(f"step {state.step:>6}/{t.steps} | held-out loss {last_heldout:.4f} | ppl {math.exp(last_heldout):.2f}")
             log.write("heldout", step=state.step, loss=last_heldout, perplexity=math.exp(last_heldout))

@@ -1,0 +1,33 @@
+"""Held-out batches from a real prepared split: full micro-batches under a pipeline, and one-line
+errors for a split too short to evaluate (which used to disable held-out eval silently)."""
+
+import pytest
+import torch
+
+from sparse_lm.data.packed import PackedSplit
+from sparse_lm.errors import UserError
+from sparse_lm.train.batches import heldout_batches
+
+
+def test_heldout_batches_keep_order_and_drop_a_partial_batch_only_under_a_pipeline(data_dir):
+    split = PackedSplit(data_dir, "heldout")
+    windows = (split.n_tokens - 1) // 32
+    micro = next(m for m in range(3, 20) if windows % m)  # leaves a partial last batch
+    batches = heldout_batches(split, 32, micro, max_batches=windows)
+    assert [len(b) for b in batches] == [micro] * (windows // micro) + [windows % micro]
+    rows = torch.cat(batches)
+    tokens = torch.from_numpy(split.tokens[: windows * 32 + 1].astype("int64"))
+    assert all(torch.equal(row, tokens[i * 32 : i * 32 + 33]) for i, row in enumerate(rows))  # windows share one token
+    full = heldout_batches(split, 32, micro, max_batches=windows, full_only=True)
+    assert [len(b) for b in full] == [micro] * (windows // micro)
+    assert all(torch.equal(a, b) for a, b in zip(full, batches))
+
+
+def test_heldout_split_too_short_is_one_line(data_dir):
+    split = PackedSplit(data_dir, "heldout")
+    n = split.n_tokens
+    with pytest.raises(UserError, match=rf"\(heldout split\): {n} tokens, fewer than one window of train.seq_len\+1={n + 1};"):
+        heldout_batches(split, n, 4, 8)
+    assert len(heldout_batches(split, n - 1, 4, 8)) == 1  # exactly one window
+    with pytest.raises(UserError, match=rf"{n} tokens make 1 windows .* fewer than one micro-batch \(train.micro_batch=4\)"):
+        heldout_batches(split, n - 1, 4, 8, full_only=True)
