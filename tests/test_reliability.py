@@ -30,8 +30,10 @@ def reference(reference_runs):
 
 
 def _losses_after_resume(run_dir):
-    """Each step's loss from the last attempt that logged it (a resumed run re-logs steps)."""
-    return {r["step"]: r["loss"] for r in records(run_dir, "step")}
+    """Each step's loss; a resumed run keeps one record per step in metrics.jsonl."""
+    steps = records(run_dir, "step")
+    assert [r["step"] for r in steps] == list(range(1, STEPS + 1))
+    return {r["step"]: r["loss"] for r in steps}
 
 
 def test_killed_mid_save_resumes_exactly(reference, data_dir, tmp_path):
@@ -45,8 +47,14 @@ def test_killed_mid_save_resumes_exactly(reference, data_dir, tmp_path):
     assert (ckpt / "latest").read_text().strip() == "step_00000006"
     assert not (ckpt / f"step_{STEPS:08d}").exists()
     run_cli("checkpoint", "verify", str(ckpt))
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    assert [r["step"] for r in records(tmp_path / "run", "heldout")] == [6, 12]
+    with open(metrics, "a") as handle:  # as if killed in the middle of writing a record
+        handle.write('{"kind": "step", "st')
     proc = run_cli("pretrain", "--config", str(config), "--resume")
     assert "resumed from" in proc.stdout
+    assert [r["step"] for r in records(tmp_path / "run", "heldout")] == [6, 12]  # 12 from the resumed run
+    assert [r["step"] for r in records(tmp_path / "run", "resume")] == [6]
     losses = _losses_after_resume(tmp_path / "run")
     for step in range(7, STEPS + 1):
         assert losses[step] == pytest.approx(reference[step], rel=1e-6, abs=1e-6), step

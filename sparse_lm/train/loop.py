@@ -216,13 +216,14 @@ def _pretrain(cfg: RunConfig, topo: Topology) -> dict[str, Any]:
     cfg.model = resolve_vocab(cfg.model, meta["vocab_size"])  # stored resolved in checkpoints
     model = build_model(cfg, pipeline=topo.pipeline)
     engine, optimizer, guard = make_engine(model, cfg, topo)
-    log = MetricsLog(Path(t.out_dir) / "metrics.jsonl", enabled=topo.is_main)
     state = RunState()
     resume_from = _resume_point(cfg)
     if resume_from is not None:
         _check_same_tokenizer(find_checkpoint(resume_from), meta, data_dir)
         manifest = load_checkpoint(resume_from, engine.module, optimizer, topo)
         state = RunState(**manifest["state"])
+    log = MetricsLog(Path(t.out_dir) / "metrics.jsonl", enabled=topo.is_main, start_step=state.step)
+    if resume_from is not None:
         log.say(f"resumed from {manifest['path']} at step {state.step}")
         log.write("resume", step=state.step, path=manifest["path"])
 

@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sparse_lm.atomic import write_text
+
 
 def peak_rss_bytes() -> int:
     """Peak resident set size of this process (Linux reports KiB)."""
@@ -22,13 +24,21 @@ def format_eta(seconds: float) -> str:
 
 
 class MetricsLog:
-    """Appends one JSON object per event to `<out_dir>/metrics.jsonl` (line-buffered, survives a kill)."""
+    """Appends one JSON object per event to `<out_dir>/metrics.jsonl` (line-buffered, survives a kill).
 
-    def __init__(self, path: str | Path, enabled: bool):
+    A run starting at step S (S = 0 unless resumed) first drops the records of steps after S, which
+    an earlier attempt logged before it was killed: it is about to log those steps again, and the
+    file keeps one record per step, from the attempt that continues.
+    """
+
+    def __init__(self, path: str | Path, enabled: bool, start_step: int):
         self.enabled = enabled
         self._handle = None
         if enabled:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if path.is_file():
+                _drop_after(path, start_step)
             self._handle = open(path, "a", buffering=1)
 
     def write(self, kind: str, **fields: Any) -> None:
@@ -43,3 +53,18 @@ class MetricsLog:
         if self._handle is not None:
             self._handle.close()
             self._handle = None
+
+
+def _drop_after(path: Path, step: int) -> None:
+    """Rewrite `path` (atomically) without records of steps after `step`, nor a line torn by a kill."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not (isinstance(record, dict) and record.get("step", 0) > step):
+            kept.append(line + "\n")
+    if len(kept) < len(lines):
+        write_text(path, "".join(kept))
