@@ -156,6 +156,21 @@ def test_eval_device_option(trained, tmp_path):
         assert len([x for x in proc.stderr.splitlines() if "error:" in x]) == 1
 
 
+def test_throughput_leaves_out_heldout_eval_and_checkpoints(data_dir, tmp_path):
+    """With an evaluation and a checkpoint after every step, a log window's step time is the time
+    from each step's start (the previous step's checkpoint record) to its step record, not more."""
+    config = write_config(tmp_path, data_dir, "run", train={"eval_every": 1}, checkpoint={"every": 1, "keep": 1})
+    run_cli("pretrain", "--config", str(config))
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    start = {r["step"] + 1: r["time"] for r in lines if r["kind"] == "checkpoint"}
+    training = {r["step"]: r["time"] - start[r["step"]] for r in lines if r["kind"] == "step" and r["step"] in start}
+    paused = [b["time"] - a["time"] for a, b in zip(lines, lines[1:]) if b["kind"] == "checkpoint"]
+    assert sum(paused) / len(paused) > 0.01  # evaluating and saving take long enough to show
+    for r in records(tmp_path / "run", "throughput")[1:]:  # the first window has no step-0 checkpoint
+        window = [training[s] for s in range(r["step"] - 3, r["step"] + 1)]
+        assert r["step_time_s"] == pytest.approx(sum(window) / 4, rel=0.2, abs=0.005), (r, window)
+
+
 def test_topkast_run_reselects_and_stays_sparse(reference_runs):
     run = reference_runs("topkast")
     reselections = records(run, "reselect")

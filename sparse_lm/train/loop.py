@@ -336,12 +336,14 @@ def _pretrain(cfg: RunConfig, topo: Topology) -> dict[str, Any]:
             log.write("throughput", step=state.step, tokens_per_s=tokens_per_step / step_time, step_time_s=step_time,
                       peak_rss_bytes=peak_rss_bytes())
             window_start, window_steps = time.time(), 0
+        paused = time.time()
         if state.step % t.eval_every == 0 or state.step == t.steps:
             last_heldout = heldout_loss(engine, eval_batches, topo)
             log.say(f"step {state.step:>6}/{t.steps} | held-out loss {last_heldout:.4f} | ppl {math.exp(last_heldout):.2f}")
             log.write("heldout", step=state.step, loss=last_heldout, perplexity=math.exp(last_heldout))
         if state.step % cfg.checkpoint.every == 0 or state.step == t.steps:
             checkpoint()
+        window_start += time.time() - paused  # tok/s and the ETA measure training steps only
 
     summary = {
         "steps": state.step,
