@@ -6,12 +6,32 @@ checkpoints, prepared data, metrics summaries and eval results alike.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import shutil
 from pathlib import Path
 from typing import Any
+
+from sparse_lm.errors import UserError
+
+
+def check_writable(path: str | Path, field: str, is_file: bool = False) -> None:
+    """Fail at start-up, in one line, for an output that cannot be written — not at the first
+    checkpoint hours in, nor after an evaluation. A directory is created and a file written in it;
+    for an output file (`is_file`) that is done to its directory, and the file may not be one."""
+    path = Path(path)
+    folder = path.parent if is_file else path
+    try:
+        if is_file and path.is_dir():
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"{field} {path}: cannot write there ({exc.strerror or exc})") from None
 
 
 def fsync_dir(path: Path) -> None:

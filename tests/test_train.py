@@ -281,6 +281,15 @@ def test_unwritable_output_directory_is_refused_at_start(data_dir, tmp_path):
     proc = run_cli("pretrain", "--config", str(config), check=False)
     assert proc.returncode == 2 and f"train.out_dir {blocker / 'run'}: cannot write there" in proc.stderr
     assert len([x for x in proc.stderr.splitlines() if "error:" in x]) == 1, proc.stderr[-2000:]
+    # result files: refused before any training or scoring (the eval checkpoint does not even exist)
+    config = write_config(tmp_path, data_dir, "run")
+    for args, field in ((["pretrain", "--config", str(config), "--summary-json"], "--summary-json"),
+                        (["eval", "--checkpoint", str(tmp_path / "none"), "--json"], "--json")):
+        for target in (blocker / "out.json", tmp_path):
+            proc = run_cli(*args, str(target), check=False)
+            assert proc.returncode == 2 and f"{field} {target}: cannot write there" in proc.stderr, proc.stderr[-2000:]
+            assert len([x for x in proc.stderr.splitlines() if "error:" in x]) == 1, proc.stderr[-2000:]
+    assert not (tmp_path / "run").exists()
 
 
 def test_allocation_table_reads_a_spartan_checkpoint(reference_runs, tmp_path):

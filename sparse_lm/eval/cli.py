@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sparse_lm.atomic import write_json
+from sparse_lm.atomic import check_writable, write_json
 from sparse_lm.errors import UserError
 from sparse_lm.eval.perplexity import PerplexityResult, sliding_window_nll, summarize
 
@@ -147,13 +147,16 @@ def _ranks() -> tuple[int, int]:
 def run(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
+    reports = int(os.environ.get("RANK", "0")) == 0  # one report per launch
+    if args.json and reports:
+        check_writable(args.json, "--json", is_file=True)
     try:
         out = evaluate(args.checkpoint, args.corpus, args.context, args.stride, args.batch_size, args.data,
                        device=args.device)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    if int(os.environ.get("RANK", "0")) != 0:  # one report per launch
+    if not reports:
         return 0
     print(
         f"perplexity {out['perplexity']:.3f} | bits/byte {out['bits_per_byte']:.4f} | "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from sparse_lm.atomic import write_json
+from sparse_lm.atomic import check_writable, write_json
 from sparse_lm.config import load_config
 
 
@@ -24,8 +24,12 @@ def run(args: argparse.Namespace) -> int:
     from sparse_lm.train.loop import pretrain
 
     overrides = list(args.overrides) + (["checkpoint.resume=must"] if args.resume else [])
-    summary = pretrain(load_config(args.config, overrides))
-    if args.summary_json and os.environ.get("RANK", "0") == "0":
+    cfg = load_config(args.config, overrides)
+    writes_summary = args.summary_json and os.environ.get("RANK", "0") == "0"
+    if writes_summary:
+        check_writable(args.summary_json, "--summary-json", is_file=True)
+    summary = pretrain(cfg)
+    if writes_summary:
         write_json(args.summary_json, summary)
     return 0
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from sparse_lm.atomic import check_writable
 from sparse_lm.checkpoint.store import (find_checkpoint, load_checkpoint, read_latest, read_manifest, save_checkpoint,
                                         tokenized_alike)
 from sparse_lm.config import RunConfig
@@ -189,18 +189,6 @@ def _check_same_tokenizer(step_dir: Path, meta: dict[str, Any], data_dir: Path) 
         )
 
 
-def _check_writable(path: Path, field: str) -> None:
-    """Fail at start-up, in one line, for an output directory that cannot be created or written —
-    not at the first checkpoint, hours in."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise UserError(f"{field} {path}: cannot write there ({exc.strerror or exc})") from None
-
-
 def _pretrain(cfg: RunConfig, topo: Topology) -> dict[str, Any]:
     t = cfg.train
     data_dir = Path(cfg.data.path)
@@ -211,8 +199,8 @@ def _pretrain(cfg: RunConfig, topo: Topology) -> dict[str, Any]:
     eval_batches = heldout_batches(heldout_split, t.seq_len, t.micro_batch, t.eval_batches, full_only=topo.pipeline > 1)
 
     if topo.is_main:
-        _check_writable(Path(t.out_dir), "train.out_dir")
-        _check_writable(cfg.checkpoint_dir, "checkpoint.dir")
+        check_writable(t.out_dir, "train.out_dir")
+        check_writable(cfg.checkpoint_dir, "checkpoint.dir")
     cfg.model = resolve_vocab(cfg.model, meta["vocab_size"])  # stored resolved in checkpoints
     model = build_model(cfg, pipeline=topo.pipeline)
     engine, optimizer, guard = make_engine(model, cfg, topo)
