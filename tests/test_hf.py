@@ -417,6 +417,26 @@ def test_import_errors_are_one_line(tmp_path, dense_hf, capsys, case):
     assert err.count("\n") == 1 and expected in err, err
 
 
+def test_heldout_eval_of_a_directory_checks_its_tokenizer(tmp_path, sp_model, dense_hf, data_dir):
+    """`eval --corpus heldout` of an HF directory with tokenizer.model: data tokenised with another
+    tokenizer is refused in one line; data tokenised with its own is scored, every token after the first."""
+    from sparse_lm.data.packed import PackedSplit
+    from sparse_lm.data.prepare import prepare_data
+    from sparse_lm.errors import UserError
+    from sparse_lm.eval.cli import evaluate
+
+    with pytest.raises(UserError, match=f"--data {data_dir}: tokenised with a different tokenizer than {dense_hf};"):
+        evaluate(str(dense_hf), ["heldout"], 32, 32, 8, str(data_dir), progress=False)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for name in ("decoder.py", "encoder.py", "scanner.py", "tool.py", "__init__.py"):
+        (corpus / f"{name}.txt").write_text((STDLIB / "json" / name).read_text())
+    same = tmp_path / "same"
+    prepare_data([str(corpus)], same, vocab_size=512, heldout_fraction=0.4, tokenizer=str(sp_model))
+    result = evaluate(str(dense_hf), ["heldout"], 32, 32, 8, str(same), progress=False)
+    assert result["tokens"] == PackedSplit(same, "heldout").n_tokens - 1 > 0 and math.isfinite(result["loss"])
+
+
 def test_import_refuses_to_overwrite_training_progress(tmp_path, dense_hf, capsys):
     out = tmp_path / "out"
     args = ["--from-hf", str(dense_hf), "--to", str(out), "--density", "0.5", "--exploration", "0.25"]

@@ -52,12 +52,15 @@ def corpus_tokens(corpus: list[str], data_dir: Path, tokenizer) -> tuple[torch.T
     return torch.tensor(ids, dtype=torch.long), stats.bytes, words, " ".join(corpus)
 
 
-def _check_same_tokenizer(manifest: dict, data_dir: Path) -> None:
-    from sparse_lm.checkpoint.store import tokenized_alike
+def _check_same_tokenizer(tokenizer, checkpoint: str, data_dir: Path) -> None:
+    """Held-out ids from another tokenizer than the model's would be scored as scrambled text.
+    The model's tokenizer.model (a checkpoint's; a Hugging Face directory's, where it has one: an
+    HF tokenizer alone gives nothing to compare) must be the one the data's meta.json records."""
     from sparse_lm.data.packed import load_meta
+    from sparse_lm.data.tokenizer import Tokenizer
 
-    if not tokenized_alike(manifest, load_meta(data_dir)):
-        raise UserError(f"--data {data_dir}: tokenised with a different tokenizer than {manifest['path']}; "
+    if isinstance(tokenizer, Tokenizer) and tokenizer.sha256 != load_meta(data_dir)["tokenizer_sha256"]:
+        raise UserError(f"--data {data_dir}: tokenised with a different tokenizer than {checkpoint}; "
                         f"evaluate on text files instead, or prepare the data with its tokenizer.model")
 
 
@@ -104,17 +107,18 @@ def evaluate(checkpoint: str, corpus: list[str], context: int | None, stride: in
     else:
         model, cfg, manifest = load_trained_model(checkpoint, run_on)
         where, step = manifest["path"], manifest["step"]
-        if corpus == ["heldout"]:
-            _check_same_tokenizer(manifest, Path(data_dir or cfg.data.path))
         tokenizer = Tokenizer(Path(where) / "tokenizer.model")
         seq_len, max_seq_len, data_path = cfg.train.seq_len, cfg.model.max_seq_len, cfg.data.path
+    data = Path(data_dir or data_path or ".")
+    if corpus == ["heldout"]:
+        _check_same_tokenizer(tokenizer, where, data)
     context = context or seq_len
     if context > max_seq_len:
         raise UserError(f"--context {context}: longer than the model's context (model.max_seq_len={max_seq_len})")
     stride = stride or max(1, context // 2)
     if not 0 < stride <= context:
         raise UserError(f"--stride {stride}: expected 1..{context} (the context)")
-    ids, n_bytes, n_words, description = corpus_tokens(corpus, Path(data_dir or data_path or "."), tokenizer)
+    ids, n_bytes, n_words, description = corpus_tokens(corpus, data, tokenizer)
     if len(ids) < 2:
         raise UserError(f"--corpus {description}: fewer than 2 tokens, nothing to score")
     rank, world = _ranks()
