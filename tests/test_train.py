@@ -156,6 +156,26 @@ def test_eval_device_option(trained, tmp_path):
         assert len([x for x in proc.stderr.splitlines() if "error:" in x]) == 1
 
 
+def test_eval_window_options_are_checked_each_by_its_name(trained, tmp_path):
+    """0 is not taken as "the default", and each bad value is blamed on its own option."""
+    from sparse_lm.errors import UserError
+    from sparse_lm.eval.cli import evaluate
+
+    text = tmp_path / "doc.txt"
+    text.write_text("def add(a, b):\n    return a + b\n" * 20)
+    ckpt, corpus = str(trained / "checkpoints"), [str(text)]
+    for context, stride, batch, says in ((0, None, 8, "--context 0: expected an integer >= 1"),
+                                         (-5, None, 8, "--context -5: expected an integer >= 1"),
+                                         (16, 0, 8, "--stride 0: expected an integer >= 1"),
+                                         (16, 17, 8, "--stride 17: expected 1..16"),
+                                         (64, None, 8, "--context 64: longer than the model's context"),
+                                         (16, 8, 0, "--batch-size 0: expected an integer >= 1"),
+                                         (16, 8, -1, "--batch-size -1: expected an integer >= 1")):
+        with pytest.raises(UserError, match=f"^{says}"):
+            evaluate(ckpt, corpus, context, stride, batch, None, progress=False)
+    assert evaluate(ckpt, corpus, 1, 1, 3, None, progress=False)["context"] == 1
+
+
 def test_throughput_leaves_out_heldout_eval_and_checkpoints(data_dir, tmp_path):
     """With an evaluation and a checkpoint after every step, a log window's step time is the time
     from each step's start (the previous step's checkpoint record) to its step record, not more."""

@@ -96,6 +96,9 @@ def evaluate(checkpoint: str, corpus: list[str], context: int | None, stride: in
     from sparse_lm.checkpoint.model_io import load_trained_model
     from sparse_lm.data.tokenizer import Tokenizer
 
+    for name, value in (("--context", context), ("--stride", stride), ("--batch-size", batch_size)):
+        if value is not None and value < 1:
+            raise UserError(f"{name} {value}: expected an integer >= 1")
     hf_dir = is_hf_dir(checkpoint)
     run_on = eval_device(device, hf_dir)
     if hf_dir:  # a Hugging Face Llama directory, e.g. from `sparse-lm convert`
@@ -112,11 +115,11 @@ def evaluate(checkpoint: str, corpus: list[str], context: int | None, stride: in
     data = Path(data_dir or data_path or ".")
     if corpus == ["heldout"]:
         _check_same_tokenizer(tokenizer, where, data)
-    context = context or seq_len
+    context = seq_len if context is None else context
     if context > max_seq_len:
         raise UserError(f"--context {context}: longer than the model's context (model.max_seq_len={max_seq_len})")
-    stride = stride or max(1, context // 2)
-    if not 0 < stride <= context:
+    stride = max(1, context // 2) if stride is None else stride
+    if stride > context:
         raise UserError(f"--stride {stride}: expected 1..{context} (the context)")
     ids, n_bytes, n_words, description = corpus_tokens(corpus, data, tokenizer)
     if len(ids) < 2:
