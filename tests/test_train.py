@@ -156,6 +156,18 @@ def test_eval_device_option(trained, tmp_path):
         assert len([x for x in proc.stderr.splitlines() if "error:" in x]) == 1
 
 
+def test_eval_text_field(trained, tmp_path):
+    """`--text-field` picks the .jsonl field, as the error for a missing one says."""
+    corpus = tmp_path / "docs.jsonl"
+    docs = ["def add(a, b):\n    return a + b\n" * 10, "x = [1, 2, 3]\nprint(sum(x))\n" * 10]
+    corpus.write_text("".join(json.dumps({"body": d}) + "\n" for d in docs))
+    base = ["eval", "--checkpoint", str(trained / "checkpoints"), "--corpus", str(corpus)]
+    proc = run_cli(*base, check=False)
+    assert proc.returncode == 2 and "no string field 'text'" in proc.stderr and "--text-field" in proc.stderr
+    run_cli(*base, "--text-field", "body", "--json", str(tmp_path / "eval.json"))
+    assert json.loads((tmp_path / "eval.json").read_text())["bytes"] == sum(len(d.encode()) for d in docs)
+
+
 def test_eval_window_options_are_checked_each_by_its_name(trained, tmp_path):
     """0 is not taken as "the default", and each bad value is blamed on its own option."""
     from sparse_lm.errors import UserError

@@ -21,9 +21,10 @@ def count_words(text: str) -> int:
     return len(text.split())
 
 
-def corpus_tokens(corpus: list[str], data_dir: Path, tokenizer) -> tuple[torch.Tensor, int, int, str]:
+def corpus_tokens(corpus: list[str], data_dir: Path, tokenizer, text_field: str = "text") -> tuple[torch.Tensor, int, int, str]:
     """(token stream, UTF-8 bytes, words, description) for `heldout` of the prepared data, or
-    files, directories and `hf:NAME[:CONFIG]` datasets.
+    files, directories and `hf:NAME[:CONFIG]` datasets (the text in `text_field` of .jsonl,
+    .parquet and hub records).
 
     Documents are joined exactly as in training: each followed by EOS. The held-out split's words
     are counted on its text, decoded document by document with the data's own tokenizer (lossless).
@@ -43,7 +44,7 @@ def corpus_tokens(corpus: list[str], data_dir: Path, tokenizer) -> tuple[torch.T
     stats = CorpusStats()
     ids: list[int] = []
     words = 0
-    for text, _ in iter_documents(parse_corpus(corpus), stats):
+    for text, _ in iter_documents(parse_corpus(corpus, text_field), stats):
         ids.extend(tokenizer.encode(text))
         ids.append(tokenizer.eos_id)
         words += count_words(text)
@@ -91,7 +92,8 @@ def eval_device(requested: str | None, hf: bool) -> torch.device:
 
 
 def evaluate(checkpoint: str, corpus: list[str], context: int | None, stride: int | None,
-             batch_size: int, data_dir: str | None, progress: bool = True, device: str | None = None) -> dict:
+             batch_size: int, data_dir: str | None, progress: bool = True, device: str | None = None,
+             text_field: str = "text") -> dict:
     from sparse_lm.checkpoint.hf import is_hf_dir, load_hf_for_eval
     from sparse_lm.checkpoint.model_io import load_trained_model
     from sparse_lm.data.tokenizer import Tokenizer
@@ -121,7 +123,7 @@ def evaluate(checkpoint: str, corpus: list[str], context: int | None, stride: in
     stride = max(1, context // 2) if stride is None else stride
     if stride > context:
         raise UserError(f"--stride {stride}: expected 1..{context} (the context)")
-    ids, n_bytes, n_words, description = corpus_tokens(corpus, data, tokenizer)
+    ids, n_bytes, n_words, description = corpus_tokens(corpus, data, tokenizer, text_field)
     if len(ids) < 2:
         raise UserError(f"--corpus {description}: fewer than 2 tokens, nothing to score")
     rank, world = _ranks()
@@ -159,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
         check_writable(args.json, "--json", is_file=True)
     try:
         out = evaluate(args.checkpoint, args.corpus, args.context, args.stride, args.batch_size, args.data,
-                       device=args.device)
+                       device=args.device, text_field=args.text_field)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -191,5 +193,6 @@ def register_cli(subparsers) -> None:
     parser.add_argument("--device", default=None,
                         help="cpu, cuda (this rank's GPU) or cuda:N (default: cuda:LOCAL_RANK where there is CUDA, else cpu; "
                              "a Hugging Face directory runs on the CPU)")
+    parser.add_argument("--text-field", default="text", help="jsonl field / parquet or hub column holding the text")
     parser.add_argument("--json", default=None, help="write the result as JSON here")
     parser.set_defaults(func=run)
