@@ -268,6 +268,7 @@ def _validate(cfg: RunConfig) -> None:
     _require(t.eps > 0, "train.eps", "a positive number", t.eps)
     _require(t.grad_clip >= 0, "train.grad_clip", "a number >= 0 (0 disables clipping)", t.grad_clip)
     _require(t.max_bad_steps >= 1, "train.max_bad_steps", "an integer >= 1", t.max_bad_steps)
+    _require(0 <= t.seed < 2**31, "train.seed", "an integer in [0, 2^31)", t.seed)  # seeds torch generators
     _require(t.precision in ("auto", "fp32", "bf16"), "train.precision", "one of: auto, fp32, bf16", t.precision)
     _require(bool(t.out_dir), "train.out_dir", "a directory path", t.out_dir)
 
@@ -291,6 +292,7 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
                 pass
         _require(isinstance(value, (int, float)) and not isinstance(value, bool), name, "a number", value)
         value = float(value)
+        _require(math.isfinite(value), name, "a finite number", value)  # YAML's .inf / .nan, "inf", "nan"
     elif kind is str:
         _require(isinstance(value, str), name, "a string", value)
     elif kind is list:
