@@ -457,6 +457,13 @@ def test_damaged_output_is_rebuilt(tmp_path, tok_model, capsys):
     prepare_data([str(corpus)], out, VOCAB, 0.5, tokenizer=str(tok_model))
     assert "up to date" not in capsys.readouterr().out
     assert read_splits(out) == expected_splits(DOCS[:10], 0.5)
+    for damaged in (b"", (out / "train.idx.npy").read_bytes()[:-3]):  # emptied, cut short
+        (out / "train.idx.npy").write_bytes(damaged)
+        with pytest.raises(UserError, match=r"train.idx.npy: missing or not a .npy array; run `sparse-lm prepare-data"):
+            PackedSplit(out, "train")
+        prepare_data([str(corpus)], out, VOCAB, 0.5, tokenizer=str(tok_model))
+        assert "up to date" not in capsys.readouterr().out
+        assert read_splits(out) == expected_splits(DOCS[:10], 0.5)
 
 
 def test_failed_rebuild_keeps_the_previous_dataset(tmp_path, tok_model):

@@ -88,7 +88,7 @@ def _map_tokens(path: Path, dtype: np.dtype, n_tokens: int) -> np.ndarray:
 def _load_offsets(path: Path, n_docs: int, n_tokens: int) -> np.ndarray:
     try:
         offsets = np.load(path, allow_pickle=False)
-    except (OSError, ValueError):
+    except (OSError, ValueError, EOFError):  # EOFError: an empty file
         raise UserError(f"{path}: missing or not a .npy array; {HINT}") from None
     valid = (
         offsets.dtype == np.int64
