@@ -1,7 +1,8 @@
 """Crash-safe file writes: write to a temporary name, fsync, rename.
 
 A reader then sees either the old file or the complete new one, never a torn write. Used for
-checkpoints, prepared data, metrics summaries and eval results alike.
+checkpoints, prepared data, metrics summaries and eval results alike. `to_json` writes standard
+JSON, here and in metrics.jsonl.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -69,8 +71,24 @@ def write_text(path: str | Path, text: str) -> None:
     write_bytes(path, text.encode("utf-8"))
 
 
+def to_json(obj: Any, **options: Any) -> str:
+    """`json.dumps`, but standard JSON: a non-finite float (a held-out loss of nan, a word
+    perplexity of inf) is written as null, since NaN and Infinity are Python's, not JSON's."""
+    return json.dumps(_finite(obj), allow_nan=False, **options)
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {key: _finite(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(value) for value in obj]
+    return obj
+
+
 def write_json(path: str | Path, obj: Any) -> None:
-    write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    write_text(path, to_json(obj, indent=2, sort_keys=True) + "\n")
 
 
 def publish_dir(tmp: Path, final: Path) -> None:

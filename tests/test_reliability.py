@@ -128,6 +128,7 @@ def test_non_finite_steps_are_skipped(data_dir, tmp_path):
     run_cli("pretrain", "--config", str(config), env={"SPARSE_LM_FAULTS": "nan_loss@3-4"})
     steps = {r["step"]: r for r in records(tmp_path / "run", "step")}
     assert [s for s, r in steps.items() if r["skipped"]] == [3, 4]
+    assert [steps[s]["loss"] for s in (3, 4)] == [None, None]  # NaN is not JSON: written as null
     assert all(r["loss"] == r["loss"] for s, r in steps.items() if s not in (3, 4))  # not NaN
     # a skipped update does not count as an Adam step: 6 steps, 4 updates by the step-6 checkpoint
     manifest = json.loads((tmp_path / "run" / "checkpoints" / "step_00000006" / "manifest.json").read_text())

@@ -136,6 +136,11 @@ def test_eval_on_a_text_file_and_bad_corpus(trained, tmp_path):
     result = json.loads(out.read_text())
     assert result["bytes"] == len(text.read_bytes()) and math.isfinite(result["perplexity"])
     assert "perplexity" in proc.stdout
+    word = tmp_path / "word.txt"  # one "word" of thousands of nats: word perplexity inf, written as null
+    word.write_text("".join(chr(0x4E00 + (i * 7919) % 20000) for i in range(300)))
+    run_cli("eval", "--checkpoint", str(trained / "checkpoints"), "--corpus", str(word), "--json", str(out))
+    result = json.loads(out.read_text(), parse_constant=lambda name: pytest.fail(f"{name} is not JSON"))
+    assert result["words"] == 1 and result["word_perplexity"] is None and math.isfinite(result["perplexity"])
     empty = tmp_path / "empty.txt"
     empty.write_text("   \n")
     proc = run_cli("eval", "--checkpoint", str(trained / "checkpoints"), "--corpus", str(empty), check=False)

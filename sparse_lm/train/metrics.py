@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sparse_lm.atomic import write_text
+from sparse_lm.atomic import to_json, write_text
 
 
 def peak_rss_bytes() -> int:
@@ -43,7 +43,7 @@ class MetricsLog:
 
     def write(self, kind: str, **fields: Any) -> None:
         if self._handle is not None:
-            self._handle.write(json.dumps({"kind": kind, "time": round(time.time(), 3), **fields}) + "\n")
+            self._handle.write(to_json({"kind": kind, "time": round(time.time(), 3), **fields}) + "\n")
 
     def say(self, text: str) -> None:
         if self.enabled:
