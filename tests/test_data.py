@@ -667,6 +667,21 @@ def test_parquet_without_the_text_column(tmp_path):
         prepare(tmp_path, [str(tmp_path / "c.parquet")], text_field="body")
 
 
+def test_hub_dataset_column_that_is_not_text(tmp_path):
+    """`hf:` (a local directory, which `datasets` loads offline): a column of numbers or lists is
+    one line naming it, its type and the columns; a string column is read."""
+    from sparse_lm.data.sources import CorpusStats, iter_documents, parse_corpus
+
+    write_jsonl(tmp_path / "ds" / "data.jsonl", [{"text": 5, "words": ["a"], "body": "first"},
+                                                {"text": 6, "words": ["b"], "body": "second"}])
+    spec = f"hf:{tmp_path / 'ds'}"
+    for field, kind in (("text", "int64"), ("words", "List")):
+        with pytest.raises(UserError, match=rf"corpus {spec}: column '{field}' holds .*{kind}.*, not strings; "
+                                            r"columns are \['text', 'words', 'body'\] \(choose one with --text-field\)"):
+            list(iter_documents(parse_corpus([spec], field), CorpusStats()))
+    assert [text for text, _ in iter_documents(parse_corpus([spec], "body"), CorpusStats())] == ["first", "second"]
+
+
 def test_directory_without_supported_files(tmp_path):
     """A directory with no .txt/.jsonl/.parquet file is refused up front."""
     (tmp_path / "d").mkdir()

@@ -93,6 +93,12 @@ class HubSource:
                     f"corpus {self.spec}: no column {self.text_field!r}; columns are {dataset.column_names} "
                     "(choose one with --text-field)"
                 )
+            kind = getattr(dataset.features[self.text_field], "dtype", None)  # a list or struct column has none
+            if kind not in ("string", "large_string"):
+                raise UserError(
+                    f"corpus {self.spec}: column {self.text_field!r} holds {dataset.features[self.text_field]}, not "
+                    f"strings; columns are {dataset.column_names} (choose one with --text-field)"
+                )
             self._dataset = dataset
         return self._dataset
 
