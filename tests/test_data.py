@@ -231,7 +231,7 @@ def test_training_chunks_are_lossless_and_bounded():
 
 
 def test_tokenizer_file_errors(tmp_path):
-    """A missing or corrupt .model file is a UserError naming it."""
+    """A missing, corrupt or empty .model file is a UserError naming it."""
     missing = tmp_path / "missing.model"
     with pytest.raises(UserError, match="missing.model"):
         Tokenizer(missing)
@@ -239,6 +239,10 @@ def test_tokenizer_file_errors(tmp_path):
     garbage.write_bytes(b"definitely not a protobuf \xff\x00" * 10)
     with pytest.raises(UserError, match="garbage.model.*not a valid sentencepiece"):
         Tokenizer(garbage)
+    empty = tmp_path / "empty.model"
+    empty.write_bytes(b"")
+    with pytest.raises(UserError, match="empty.model: not a valid sentencepiece"):
+        Tokenizer(empty)
 
 
 # --------------------------------------------------------------------------------------------------

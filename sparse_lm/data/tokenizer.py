@@ -46,7 +46,9 @@ class Tokenizer:
         try:
             self._sp = spm.SentencePieceProcessor(model_proto=proto)
         except RuntimeError:
-            raise UserError(f"tokenizer {self._path}: not a valid sentencepiece .model file") from None
+            self._sp = None
+        if self._sp is None or self._sp.get_piece_size() == 0:  # sentencepiece "loads" an empty file
+            raise UserError(f"tokenizer {self._path}: not a valid sentencepiece .model file")
         self.sha256 = hashlib.sha256(proto).hexdigest()
 
     @property
