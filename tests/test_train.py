@@ -102,6 +102,14 @@ def test_resume_never_refuses_to_overwrite(trained, data_dir, tmp_path):
     assert (tmp_path / "keep" / "checkpoints" / "step_00000006" / "manifest.json").is_file()
 
 
+def test_resume_must_without_a_checkpoint_names_the_setting(data_dir, tmp_path):
+    """`checkpoint.resume: must` from the YAML (no --resume on the command line) is named as such."""
+    config = write_config(tmp_path, data_dir, "run", checkpoint={"resume": "must"})
+    proc = run_cli("pretrain", "--config", str(config), check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"checkpoint.dir {tmp_path / 'run' / 'checkpoints'}: checkpoint.resume=must (or --resume) but no checkpoint" in proc.stderr
+
+
 @pytest.mark.parametrize("variant", ["dense", "topkast"])
 def test_eval_matches_a_direct_computation(reference_runs, variant, tmp_path):
     """`sparse-lm eval` with stride = context scores disjoint windows: recompute that by hand."""

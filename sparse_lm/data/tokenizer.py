@@ -15,7 +15,6 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from sparse_lm.data.packed import load_meta
 from sparse_lm.errors import UserError
 
 TRAINER_OPTIONS = dict(
@@ -80,19 +79,6 @@ class Tokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         """Accepts any integer sequence, numpy token slices included."""
         return self._sp.decode([int(i) for i in ids])
-
-
-def load_tokenizer(data_dir: str | Path) -> Tokenizer:
-    """The tokenizer a prepared dataset was tokenised with, checked against meta.json's sha256."""
-    data_dir = Path(data_dir)
-    meta = load_meta(data_dir)
-    tokenizer = Tokenizer(data_dir / meta["tokenizer"])
-    if tokenizer.sha256 != meta["tokenizer_sha256"]:
-        raise UserError(
-            f"tokenizer {tokenizer.path}: differs from the one meta.json records (sha256 mismatch); "
-            "re-run `sparse-lm prepare-data`"
-        )
-    return tokenizer
 
 
 def train_tokenizer(text_iterable: Iterable[str], out_path: str | Path, vocab_size: int) -> Path:

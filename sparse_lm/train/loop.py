@@ -140,7 +140,7 @@ def _resume_point(cfg: RunConfig) -> Path | None:
     if existing is None and root.is_dir() and any(root.glob("step_*/manifest.json")):
         existing = find_checkpoint(root)
     if mode == "must" and existing is None:
-        raise UserError(f"checkpoint.dir {root}: --resume given but no checkpoint is there")
+        raise UserError(f"checkpoint.dir {root}: checkpoint.resume=must (or --resume) but no checkpoint is there")
     if mode == "never" and existing is not None:
         raise UserError(
             f"checkpoint.dir {root}: already holds checkpoints and checkpoint.resume=never would overwrite "
