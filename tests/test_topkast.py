@@ -9,7 +9,7 @@ import torch
 from sparse_lm.config import ModelConfig, SparsityConfig
 from sparse_lm.model import Llama, init_weights
 from sparse_lm.sparsity import kernels
-from sparse_lm.sparsity.storage import SparseLinear
+from sparse_lm.sparsity.storage import SparseLinear, block_sums
 from sparse_lm.sparsity.methods import linear_factory
 from sparse_lm.sparsity.topkast import TopKAST, initialize_static, reselect, sparse_layers
 from tests.reference.dense_topkast import DenseTopKASTLinear
@@ -147,6 +147,35 @@ def test_offload_keeps_the_complement_off_the_optimizer():
         assert all(p is layer.values for p in layer.parameters())
         # the store holds θ₀, which B's initial values are taken from
         torch.testing.assert_close(layer.dense_weight(forward_only=False), layer.complement)
+
+
+def test_offload_store_stays_on_the_host_in_fp32():
+    """DeepSpeed moves the module to its GPU and casts it to bf16; the store is a dense weight, so
+    it stays in host memory, fp32, while B's values move (the meta device stands in for a GPU)."""
+    model, _ = _tiny_model("topkast", complement="offload")
+    layer = sparse_layers(model)[0]
+    store = layer.complement
+    model.to(torch.bfloat16)
+    assert layer.values.dtype == torch.bfloat16 and layer.complement is store and store.dtype == torch.float32
+    model.to("meta")
+    assert layer.values.is_meta and layer.index.is_meta and layer.complement is store and not store.is_meta
+    assert "complement" in dict(layer.named_buffers())  # still saved and loaded with the layer
+
+
+def test_block_scores_of_bf16_values_are_summed_in_fp32():
+    """On a GPU the model copy of B's values is bf16: its block scores must still be fp32 sums, or
+    reselection picks among ties (57 distinct bf16 sums among these 4096 blocks)."""
+    blocks = (torch.randn(4096, 16, 16, generator=torch.Generator().manual_seed(0)) * 0.02).bfloat16()
+    scores = block_sums(blocks)
+    assert scores.dtype == torch.float32 and torch.equal(scores, block_sums(blocks.float()))
+    assert len(torch.unique(scores)) > 4000
+    layer = SparseLinear("l", 64, 64, 0.25, 0.25, 4)
+    layer.initialize(seed=1, stream=2, std=0.02)
+    with torch.no_grad():
+        layer.values.copy_(layer.values.bfloat16())  # numbers bf16 can hold, in both layers
+    a_fp32 = layer.select_forward()
+    layer.to(torch.bfloat16)
+    assert torch.equal(layer.select_forward(), a_fp32)
 
 
 def test_static_mask_is_random_and_fixed():

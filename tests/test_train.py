@@ -351,3 +351,17 @@ def test_allocation_table_reads_a_spartan_checkpoint(reference_runs, tmp_path):
     assert all(len(densities) == 2 for densities in report["per_layer_density"].values())
     assert "global reallocate (1 process)" in report["timings"]
     assert "| layer |" in (tmp_path / "a.md").read_text()
+
+
+def test_exploration_penalty_counts_once_per_step_under_gradient_accumulation(data_dir, tmp_path):
+    """λθ belongs to a step's gradient once: two micro-batches of 2 sequences (DeepSpeed scales each
+    loss by 1/2, each backward adds λθ/2) train as one batch of 4. λ is large here, so that a
+    penalty counted per micro-batch would move the losses far beyond summation-order noise."""
+    sparsity = {**REFERENCE_VARIANTS["topkast"]["sparsity"], "penalty": 0.5}
+    losses = {}
+    for accum in (1, 2):
+        config = write_config(tmp_path, data_dir, f"accum{accum}", sparsity=sparsity,
+                              train={"micro_batch": 4 // accum, "grad_accum": accum, "steps": 6})
+        run_cli("pretrain", "--config", str(config))
+        losses[accum] = [r["loss"] for r in records(tmp_path / f"accum{accum}", "step")]
+    assert len(losses[1]) == 6 and losses[2] == pytest.approx(losses[1], rel=1e-5)

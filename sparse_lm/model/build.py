@@ -23,7 +23,7 @@ def build_model(cfg: RunConfig, initialize: bool = True, pipeline: int = 1) -> n
     this rank's stage of a DeepSpeed pipeline (`model.pipeline`) instead of the whole `Llama`.
     """
     sparse_init = initialize_static if cfg.sparsity.method == "static" else None
-    factory = linear_factory(cfg.sparsity, cfg.parallel.shard_headroom)
+    factory = linear_factory(cfg.sparsity, cfg.parallel.shard_headroom, cfg.train.grad_accum)
     if pipeline > 1:
         model = build_pipeline(cfg.model, factory, pipeline, cfg.parallel.tensor)
     else:

@@ -40,6 +40,17 @@ def tensor_parallel_group():
     return parallel_state.get_tensor_model_parallel_group()
 
 
+def collective_device(group) -> torch.device:
+    """Where a small bookkeeping tensor (counts, checksums, extremes) must live to go through a
+    collective over `group`: the current GPU when the group runs on NCCL, which takes no CPU
+    tensors, else the CPU (gloo, or no group at all)."""
+    import torch.distributed as dist
+
+    if group is not None and dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def shard_spec(module_name: str) -> ShardSpec | None:
     """This rank's ShardSpec for a module, or None when it is replicated or TP is 1."""
     rank, size = tensor_parallel_rank_size()

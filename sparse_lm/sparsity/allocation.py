@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 
 from sparse_lm.config import BLOCK_LINEAR_NAMES, RunConfig, block_linear_shapes
+from sparse_lm.parallel.layers import collective_device
 from sparse_lm.parallel.layout import stage_of
 from sparse_lm.sparsity.threshold import select_topk_positions
 
@@ -201,15 +202,16 @@ def reallocate(layers: list, total: int, group: dist.ProcessGroup | None) -> Non
         used.append(len(slots))
         scores.append(layer.values.detach()[slots].float().abs().sum(dim=(1, 2)) / layer.block**2)
     tensor_group = next((layer.group for layer in layers if layer.group is not None), None)
-    _keep_best_block(scores, tensor_group)
-    scores = torch.cat(scores) if scores else torch.zeros(0)
+    device = collective_device(group)
+    _keep_best_block(scores, tensor_group, device)
+    scores = torch.cat(scores) if scores else torch.zeros(0, device=device)
     rank, stride = 0, len(scores)
     if group is not None:  # disjoint global index ranges for the tie-break: rank × the largest shard
-        widest = torch.tensor([stride], dtype=torch.int64)
+        widest = torch.tensor([stride], dtype=torch.int64, device=device)
         dist.all_reduce(widest, op=dist.ReduceOp.MAX, group=group)
         rank, stride = dist.get_rank(group), int(widest)
     picked = select_topk_positions(scores, total, group, global_offset=rank * stride)
-    bounds = torch.tensor([0] + used).cumsum(0)
+    bounds = torch.tensor([0] + used, device=picked.device).cumsum(0)
     counts = torch.searchsorted(picked, bounds, right=False).diff()
     if tensor_group is not None:
         dist.all_reduce(counts, group=tensor_group)
@@ -217,10 +219,11 @@ def reallocate(layers: list, total: int, group: dist.ProcessGroup | None) -> Non
         layer.budget.fill_(count)
 
 
-def _keep_best_block(scores: list[torch.Tensor], tensor_group) -> None:
+def _keep_best_block(scores: list[torch.Tensor], tensor_group, device: torch.device) -> None:
     """Raise each layer's highest score (over its tensor-parallel shards) to +inf, in place, so the
-    threshold always takes it."""
-    best = torch.stack([x.max() if len(x) else torch.tensor(0.0) for x in scores]) if scores else torch.zeros(0)
+    threshold always takes it. `device`: where the collectives' tensors live."""
+    best = torch.stack([x.max().to(device) if len(x) else torch.tensor(0.0, device=device) for x in scores]) \
+        if scores else torch.zeros(0, device=device)
     if tensor_group is not None:
         dist.all_reduce(best, op=dist.ReduceOp.MAX, group=tensor_group)
     for x, top in zip(scores, best.tolist()):

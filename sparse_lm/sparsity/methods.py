@@ -13,11 +13,15 @@ from sparse_lm.sparsity.storage import SparseLinear
 from sparse_lm.sparsity.topkast import TopKAST
 
 
-def linear_factory(cfg: SparsityConfig, headroom: float = 0.25):
+def linear_factory(cfg: SparsityConfig, headroom: float = 0.25, micro_batches: int = 1):
     """The model's `LinearFactory`: a sparse linear for the targeted block linears (SpartanLinear
     for Spartan, SparseLinear otherwise), dense for the rest; under tensor parallelism each is this
     rank's shard (`in_features`/`out_features` are the shard's), between megatron-core's mappings.
-    `headroom`: spare slots per shard (`storage`)."""
+    `headroom`: spare slots per shard (`storage`). `micro_batches`: backward passes per optimizer
+    step (train.grad_accum). The exploration penalty λθ is added by every backward pass, while
+    DeepSpeed divides each micro-batch's loss by their number; each pass therefore adds λθ / that
+    number, so that a step's gradient carries λθ once, as a dense Top-KAST's would."""
+    penalty = cfg.penalty / micro_batches if cfg.method == "topkast" else 0.0
 
     def make(name: str, in_features: int, out_features: int) -> nn.Module:
         spec = shard_spec(name)
@@ -33,8 +37,8 @@ def linear_factory(cfg: SparsityConfig, headroom: float = 0.25):
             return SpartanLinear(name, in_features, out_features, cfg.density, exploration, cfg.block, 0.0,
                                  cfg.complement, spec, headroom)
         exploration = cfg.exploration if cfg.method == "topkast" else 0.0
-        return SparseLinear(name, in_features, out_features, cfg.density, exploration, cfg.block,
-                            cfg.penalty if cfg.method == "topkast" else 0.0, cfg.complement, spec, headroom)
+        return SparseLinear(name, in_features, out_features, cfg.density, exploration, cfg.block, penalty,
+                            cfg.complement, spec, headroom)
 
     return make
 

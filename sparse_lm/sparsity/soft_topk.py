@@ -64,7 +64,7 @@ def solve_offset(u: torch.Tensor, c: torch.Tensor, k: float, beta: float, group=
 def _extremes(z: torch.Tensor, group) -> tuple[float, float]:
     """(min, max) of z over the group."""
     both = torch.tensor([-z.min().item() if z.numel() else -math.inf, z.max().item() if z.numel() else -math.inf],
-                        dtype=torch.float64)
+                        dtype=torch.float64, device=z.device)
     if group is not None:
         dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
     return -float(both[0]), float(both[1])

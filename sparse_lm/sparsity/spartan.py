@@ -34,11 +34,11 @@ import torch.distributed as dist
 from torch import nn
 
 from sparse_lm.config import RunConfig
-from sparse_lm.parallel.layers import enter_region, leave_region
+from sparse_lm.parallel.layers import collective_device, enter_region, leave_region
 from sparse_lm.sparsity.allocation import DYNAMIC, reallocate, stage_flops, static_budgets, uniform_budgets
 from sparse_lm.sparsity.kernels import SparseMatmul
 from sparse_lm.sparsity.soft_topk import soft_topk
-from sparse_lm.sparsity.storage import SparseLinear
+from sparse_lm.sparsity.storage import SparseLinear, score_dtype
 from sparse_lm.sparsity.topkast import TopKAST
 
 
@@ -56,8 +56,9 @@ class SpartanLinear(SparseLinear):
         return super().select_forward(self.k_now if k is None else k)
 
     def unit_values(self, slots: torch.Tensor) -> torch.Tensor:
-        """uⱼ = Σ|θ| / b² of the blocks in `slots` (differentiable)."""
-        return self.values[slots].abs().sum(dim=(1, 2)) / self.block**2
+        """uⱼ = Σ|θ| / b² of the blocks in `slots` (differentiable), in fp32 at least, like every
+        block score (`storage.block_sums`): in bf16 the soft top-k would see mostly ties."""
+        return self.values[slots].to(score_dtype(self.values.dtype)).abs().sum(dim=(1, 2)) / self.block**2
 
     def soft_mask(self) -> torch.Tensor:
         """Spartan's soft top-k of B's blocks with budget k_now, per slot (0 on unused slots)."""
@@ -66,7 +67,7 @@ class SpartanLinear(SparseLinear):
             soft = torch.ones(len(slots), dtype=self.values.dtype, device=self.values.device)
         else:
             u = self.unit_values(slots) / self.u_scale
-            soft = soft_topk(u, torch.ones_like(u), float(self.k_now), self.beta_now, self.group)
+            soft = soft_topk(u, torch.ones_like(u), float(self.k_now), self.beta_now, self.group).to(self.values.dtype)
         return self.values.new_zeros(self.capacity).index_put((slots,), soft)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -123,15 +124,16 @@ class Spartan(TopKAST):
             self._advance(step, repick=False)
             return None
         record = None
-        if step % self.every == 0 and self.reselects_b:
+        if step % self.every == 0 and (self.reselects_b or self.dynamic):  # dense candidates: B is every block
             old_a = [layer.index.long()[layer.forward_mask] for layer in self.layers]
-            record = self.reselect_all(optimizer, pick_forward=False)
             started = time.perf_counter()
+            record = (self.reselect_all(optimizer, pick_forward=False) if self.reselects_b
+                      else {"changed_b": 0.0, "capacity_bound_layers": 0})
             if self.dynamic:
                 reallocate(self.layers, self.total, self.group)
             self._advance(step, repick=True)
             record["changed_a"] = self._changed_a(old_a)
-            record["seconds"] += time.perf_counter() - started
+            record["seconds"] = time.perf_counter() - started
         else:
             self._advance(step, repick=True)
         return record
@@ -150,10 +152,10 @@ class Spartan(TopKAST):
     @torch.no_grad()
     def _set_unit_scales(self) -> None:
         """ū per layer: Σu / |B| over the tensor-parallel group, one all-reduce for all layers."""
-        sums = torch.zeros(len(self.layers), dtype=torch.float64)
+        group = next((layer.group for layer in self.layers if layer.group is not None), None)
+        sums = torch.zeros(len(self.layers), dtype=torch.float64, device=collective_device(group))
         for i, layer in enumerate(self.layers):
             sums[i] = float(layer.unit_values(torch.nonzero(layer.live).view(-1)).double().sum())
-        group = next((layer.group for layer in self.layers if layer.group is not None), None)
         if group is not None:
             dist.all_reduce(sums, group=group)
         for layer, total in zip(self.layers, sums.tolist()):
@@ -161,10 +163,11 @@ class Spartan(TopKAST):
 
     def _changed_a(self, old_a: list[torch.Tensor]) -> float:
         """Fraction of the model's A that is new since `old_a` (counted over the whole group)."""
-        counts = torch.zeros(2, dtype=torch.float64)
+        counts = torch.zeros(2, dtype=torch.float64, device=collective_device(self.group))
         for layer, old in zip(self.layers, old_a):
             new = layer.index.long()[layer.forward_mask]
-            counts += torch.tensor([float((~torch.isin(new, old)).sum()), float(len(new))], dtype=torch.float64)
+            counts += torch.tensor([float((~torch.isin(new, old)).sum()), float(len(new))], dtype=torch.float64,
+                                   device=counts.device)
         if self.group is not None:
             dist.all_reduce(counts, group=self.group)
         return float(counts[0] / counts[1]) if counts[1] else math.nan

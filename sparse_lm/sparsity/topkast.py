@@ -22,6 +22,7 @@ from torch import nn
 
 from sparse_lm.config import SparsityConfig
 from sparse_lm.optim_state import write_slots, zero_moments
+from sparse_lm.parallel.layers import collective_device
 from sparse_lm.sparsity.init import stream_id
 from sparse_lm.sparsity.storage import SparseLinear
 
@@ -134,7 +135,7 @@ class TopKAST:
         counts = torch.tensor([sum(c.entered_b for c in changes), sum(c.entered_a for c in changes),
                                sum(layer.capped_ranks > 0 for layer in first),
                                sum(layer.k_backward for layer in first), sum(layer.k_forward for layer in first)],
-                              dtype=torch.float64)
+                              dtype=torch.float64, device=collective_device(self.group))
         if self.group is not None:
             dist.all_reduce(counts, group=self.group)
         entered_b, entered_a, capped, k_b, k_a = counts.tolist()
@@ -154,9 +155,9 @@ def verify_replicas(layers: list[SparseLinear], group, step: int) -> None:
     total = 0.0
     for i, layer in enumerate(layers):  # slot-order sensitive: replicas must agree slot for slot
         index = layer.index.double()
-        weights = torch.arange(len(index), dtype=torch.float64) % 9973 + 1
+        weights = torch.arange(len(index), dtype=torch.float64, device=index.device) % 9973 + 1
         total += float((index * weights).sum()) * (i + 1) + float((layer.forward_mask.double() * weights).sum())
-    both = torch.tensor([total, -total], dtype=torch.float64)
+    both = torch.tensor([total, -total], dtype=torch.float64, device=collective_device(group))
     dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
     if float(both[0]) != -float(both[1]):
         raise UserError(f"step {step}: data-parallel replicas selected different sparse sets (checksums "
