@@ -109,13 +109,3 @@ def write_slots(param: nn.Parameter, slots: torch.Tensor, values: torch.Tensor) 
         master[slots] = values.to(master.device, master.dtype)
         safe_set_full_fp32_param(param, master)
 
-
-@torch.no_grad()
-def sync_masters(model: nn.Module) -> None:
-    """After loading weights into the model, copy them into DeepSpeed's fp32 master partitions,
-    which were made from the initial weights and would otherwise undo the load at the next step."""
-    from deepspeed.utils import safe_set_full_fp32_param
-
-    for param in model.parameters():
-        if partitioned(param):
-            safe_set_full_fp32_param(param, param.detach().float())

@@ -102,6 +102,18 @@ def test_resume_never_refuses_to_overwrite(trained, data_dir, tmp_path):
     assert (tmp_path / "keep" / "checkpoints" / "step_00000006" / "manifest.json").is_file()
 
 
+def test_resume_under_another_sparsity_config_is_refused_by_name(reference_runs, data_dir, tmp_path):
+    """The loop hands its config to the checkpoint check: another density is one line, by name."""
+    step = _resume_dir(reference_runs("topkast"), tmp_path, "denser")
+    sections = json.loads(json.dumps(REFERENCE_VARIANTS["topkast"]))
+    sections["sparsity"]["density"] = 0.3
+    config = write_config(tmp_path, data_dir, "denser", **sections)
+    proc = run_cli("pretrain", "--config", str(config), check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert (f"checkpoint {step}: saved with sparsity.density=0.2, this run has 0.3; resuming needs the "
+            "checkpoint's value (--set sparsity.density=0.2)") in proc.stderr
+
+
 def test_resume_must_without_a_checkpoint_names_the_setting(data_dir, tmp_path):
     """`checkpoint.resume: must` from the YAML (no --resume on the command line) is named as such."""
     config = write_config(tmp_path, data_dir, "run", checkpoint={"resume": "must"})

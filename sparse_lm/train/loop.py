@@ -60,14 +60,19 @@ def make_engine(model: torch.nn.Module, cfg: RunConfig, topo: Topology):
     optimizer = torch.optim.AdamW(
         _param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, foreach=False
     )
+    # DeepSpeed's bf16 without ZeRO keeps its fp32 masters apart from the parameters, out of reach
+    # of reselection (which rewrites slots) and checkpoints (which save the masters; every save
+    # failed); ZeRO-1 links them to each parameter (`optim_state.partitioned`) on one rank as on
+    # many, so a bf16 run uses it. A pipeline's bf16 optimizer links them already.
+    zero_stage = 1 if bf16 and cfg.parallel.zero_stage == 0 and topo.pipeline == 1 else cfg.parallel.zero_stage
     guard = None
-    if cfg.parallel.zero_stage == 0:
+    if zero_stage == 0:
         guard = GuardedStep(optimizer, model, t.grad_clip, topo.tp_rank, _model_parallel_group(topo))
     ds_config = {
         "train_micro_batch_size_per_gpu": t.micro_batch,
         "gradient_accumulation_steps": t.grad_accum,
         "gradient_clipping": t.grad_clip if guard is None else 0.0,
-        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        "zero_optimization": {"stage": zero_stage},
         "bf16": {"enabled": bf16},
         "steps_per_print": 2**31 - 1,
     }
@@ -205,16 +210,20 @@ def _pretrain(cfg: RunConfig, topo: Topology) -> dict[str, Any]:
     model = build_model(cfg, pipeline=topo.pipeline)
     engine, optimizer, guard = make_engine(model, cfg, topo)
     state = RunState()
+    config_dict = cfg.to_dict()  # as checkpoints save it, and as a resume must match it
     resume_from = _resume_point(cfg)
     if resume_from is not None:
         _check_same_tokenizer(find_checkpoint(resume_from), meta, data_dir)
-        manifest = load_checkpoint(resume_from, engine.module, optimizer, topo)
+        manifest = load_checkpoint(resume_from, engine.module, optimizer, topo, config=config_dict)
         state = RunState(**manifest["state"])
     log = MetricsLog(Path(t.out_dir) / "metrics.jsonl", enabled=topo.is_main, start_step=state.step)
     if resume_from is not None:
         log.say(f"resumed from {manifest['path']} at step {state.step}")
         log.write("resume", step=state.step, path=manifest["path"])
 
+    if engine.zero_optimization_stage() != cfg.parallel.zero_stage:
+        log.say(f"bf16: DeepSpeed ZeRO stage {engine.zero_optimization_stage()} (parallel.zero_stage="
+                f"{cfg.parallel.zero_stage}), whose fp32 masters reselection and checkpoints can reach")
     n_params = sum(p.numel() for p in engine.module.parameters())
     layers = sparse_layers(engine.module)
     dense_equivalent = n_params + sum(layer.out_features * layer.in_features - layer.values.numel() for layer in layers)
@@ -229,7 +238,6 @@ def _pretrain(cfg: RunConfig, topo: Topology) -> dict[str, Any]:
         f"ranks {topo.world} (tp {topo.tensor} pp {topo.pipeline} dp {topo.data}); "
         f"{tokens_per_step} tokens/step; {t.steps} steps; train tokens {train_split.n_tokens}"
     )
-    config_dict = cfg.to_dict()
     tokenizer_path = data_dir / meta["tokenizer"]
 
     def checkpoint() -> None:
@@ -277,7 +285,7 @@ def _pretrain(cfg: RunConfig, topo: Topology) -> dict[str, Any]:
                 engine.step()
             (loss_total,) = _all_reduce_sum([loss_sum / t.grad_accum], topo.device)
             step_loss = loss_total / topo.data
-        if state.step == 0 and cfg.parallel.zero_stage:
+        if state.step == 0 and engine.zero_optimization_stage():
             link_partitions(optimizer)
         if guard is not None:
             grad_norm, skipped = guard.norm, guard.skipped
