@@ -108,4 +108,3 @@ def write_slots(param: nn.Parameter, slots: torch.Tensor, values: torch.Tensor) 
         master = safe_get_full_fp32_param(param)
         master[slots] = values.to(master.device, master.dtype)
         safe_set_full_fp32_param(param, master)
-
