@@ -170,15 +170,20 @@ def test_eval_on_a_text_file_and_bad_corpus(trained, tmp_path):
 def test_eval_device_option(trained, tmp_path):
     """`--device cpu` scores on the CPU; a device that is not cpu/cuda[:N], or not on this machine,
     is one line naming --device."""
+    from sparse_lm.errors import UserError
+    from sparse_lm.eval.cli import eval_device
+
     text = tmp_path / "doc.txt"
     text.write_text("def add(a, b):\n    return a + b\n" * 20)
     base = ["eval", "--checkpoint", str(trained / "checkpoints"), "--corpus", str(text)]
     run_cli(*base, "--device", "cpu", "--json", str(tmp_path / "cpu.json"))
     assert math.isfinite(json.loads((tmp_path / "cpu.json").read_text())["perplexity"])
-    for bad, says in (("gpu0", "expected cpu, cuda"), ("meta", "expected cpu, cuda"), ("cuda:999", "no such device")):
-        proc = run_cli(*base, "--device", bad, check=False)
-        assert proc.returncode == 2 and f"--device {bad}: {says}" in proc.stderr, proc.stderr[-2000:]
-        assert len([x for x in proc.stderr.splitlines() if "error:" in x]) == 1
+    proc = run_cli(*base, "--device", "gpu0", check=False)
+    assert proc.returncode == 2 and "--device gpu0: expected cpu, cuda" in proc.stderr, proc.stderr[-2000:]
+    assert len([x for x in proc.stderr.splitlines() if "error:" in x]) == 1
+    for bad, says in (("meta", "expected cpu, cuda"), ("cuda:999", "no such device")):
+        with pytest.raises(UserError, match=f"^--device {bad}: {says}"):
+            eval_device(bad)
 
 
 def test_eval_text_field(trained, tmp_path):

@@ -248,8 +248,9 @@ class _HFTokenizer:
         return self._tok(text, add_special_tokens=False)["input_ids"]
 
 
-def load_hf_for_eval(path: str | Path) -> dict[str, Any]:
-    """{logits_fn, tokenizer, seq_len, max_seq_len, data_path, step} for an HF Llama directory.
+def load_hf_for_eval(path: str | Path, device: str | torch.device = "cpu") -> dict[str, Any]:
+    """{logits_fn, tokenizer, seq_len, max_seq_len, data_path, step} for an HF Llama directory, its
+    model on `device`.
 
     The tokenizer is our tokenizer.model when the directory has one (every export does), else the
     HF tokenizer; the default context and data path come from the export's marker when present.
@@ -258,7 +259,7 @@ def load_hf_for_eval(path: str | Path) -> dict[str, Any]:
 
     path = Path(path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
     except (OSError, ValueError, SafetensorError) as exc:  # a truncated model.safetensors: SafetensorError
         raise UserError(f"Hugging Face directory {path}: transformers cannot load it ({str(exc).splitlines()[0]})") from None
     marker = _read_json(path / EXPORT_MARKER, "Hugging Face directory") if (path / EXPORT_MARKER).is_file() else {}

@@ -65,13 +65,12 @@ def _check_same_tokenizer(tokenizer, checkpoint: str, data_dir: Path) -> None:
                         f"evaluate on text files instead, or prepare the data with its tokenizer.model")
 
 
-def eval_device(requested: str | None, hf: bool) -> torch.device:
+def eval_device(requested: str | None) -> torch.device:
     """Where the model runs: `--device`, else this rank's GPU (cuda:LOCAL_RANK) where there is
-    CUDA, else the CPU. A Hugging Face directory always runs on the CPU: `load_hf_for_eval` keeps
-    its model inside the logits function, out of reach."""
+    CUDA, else the CPU."""
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if requested is None:
-        if hf or not torch.cuda.is_available():
+        if not torch.cuda.is_available():
             return torch.device("cpu")
         requested = f"cuda:{local_rank}"
     try:
@@ -81,8 +80,6 @@ def eval_device(requested: str | None, hf: bool) -> torch.device:
     if device is None or device.type not in ("cpu", "cuda"):
         raise UserError(f"--device {requested}: expected cpu, cuda (this rank's GPU) or cuda:N")
     if device.type == "cuda":
-        if hf:
-            raise UserError(f"--device {requested}: a Hugging Face directory is evaluated on the CPU; pass --device cpu")
         index = local_rank if device.index is None else device.index  # torch wraps cuda:999 to a negative index
         if not 0 <= index < torch.cuda.device_count():
             raise UserError(f"--device {requested}: no such device here ({torch.cuda.device_count()} CUDA devices); "
@@ -102,9 +99,9 @@ def evaluate(checkpoint: str, corpus: list[str], context: int | None, stride: in
         if value is not None and value < 1:
             raise UserError(f"{name} {value}: expected an integer >= 1")
     hf_dir = is_hf_dir(checkpoint)
-    run_on = eval_device(device, hf_dir)
+    run_on = eval_device(device)
     if hf_dir:  # a Hugging Face Llama directory, e.g. from `sparse-lm convert`
-        hf = load_hf_for_eval(checkpoint)
+        hf = load_hf_for_eval(checkpoint, run_on)
         model, tokenizer, where, step = hf["logits_fn"], hf["tokenizer"], checkpoint, hf["step"]
         seq_len, max_seq_len, data_path = hf["seq_len"], hf["max_seq_len"], hf["data_path"]
         if data_dir is None and data_path is None and corpus == ["heldout"]:
