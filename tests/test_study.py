@@ -1,5 +1,6 @@
 """tools/study.py end to end on a tiny study (few steps): every artefact is produced and parses,
-the small dense model matches the sparse one's non-zeros, finished runs are skipped on re-run."""
+the small dense model matches the sparse one's non-zeros, seeds are aggregated, finished runs are
+skipped on re-run."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ def test_study_pipeline_produces_every_artefact(data_dir, tmp_path):
                  "data": {"path": str(data_dir)},
                  "train": {"steps": 4, "seq_len": 32, "micro_batch": 4, "eval_every": 2, "eval_batches": 2, "warmup_steps": 1},
                  "checkpoint": {"every": 4, "keep": 1}},
+        "seeds": [7, 8],
         "variants": {"dense": {},
                      "topkast-75": {"sparsity": {"method": "topkast", "density": 0.25, "exploration": 0.25, "reselect_every": 2}},
                      "small-dense-75": {"small_dense": "topkast-75"}},
@@ -34,16 +36,25 @@ def test_study_pipeline_produces_every_artefact(data_dir, tmp_path):
     results = report["results"]
     assert list(results) == ["dense", "topkast-75", "small-dense-75"]
     for name, r in results.items():
-        assert r["eval"]["perplexity"] > 1 and r["eval"]["bits_per_byte"] > 0, name
+        assert r["perplexity"]["mean"] > 1 and r["bits_per_byte"]["mean"] > 0, name
+        assert r["perplexity"]["n"] == 2 and r["perplexity"]["sd"] > 0, name  # two seeds, not one run twice
         assert [step for step, _ in r["heldout_curve"]] == [2, 4], name
-        assert r["tokens_seen"] == results["dense"]["tokens_seen"]  # same token budget
+        assert r["tokens"] == results["dense"]["tokens"]  # same token budget
+    runs = report["runs"]
+    assert [(r["name"], r["seed"]) for r in runs] == [(n, s) for s in (7, 8) for n in results]
+    for r in runs:
+        assert {"method", "seed", "steps", "tokens", "perplexity", "bits_per_byte", "overrides"} <= set(r), r["name"]
+        assert r["steps"] == 4 and r["tokens"] == 4 * 4 * 32
+    first = [r["perplexity"] for r in runs if r["name"] == "dense"]
+    assert results["dense"]["perplexity"]["mean"] == sum(first) / 2
+    assert results["topkast-75"]["train_flops_per_token"] < results["dense"]["train_flops_per_token"]
     sparse, small = results["topkast-75"], results["small-dense-75"]
     assert sparse["forward_nonzeros"] < results["dense"]["forward_nonzeros"]
     assert abs(small["parameters"] - sparse["forward_nonzeros"]) < 0.1 * sparse["forward_nonzeros"]
     assert small["overrides"]["model"]["d_model"] < 64
     table = (out / "results.md").read_text()
     assert all(f"| {name} |" in table for name in results)
-    for png in ("loss_vs_step.png", "ppl_vs_density.png"):
+    for png in ("loss_vs_tokens.png", "loss_vs_flops.png", "ppl_vs_density.png"):
         assert (out / png).read_bytes()[:8] == PNG_SIGNATURE
     again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "training" not in again.stdout  # finished runs are skipped

@@ -1,19 +1,24 @@
 """Quality study: dense vs Top-KAST vs Spartan vs static sparse vs a smaller dense model, at equal
-data order and token budget, each evaluated on the held-out split by `sparse-lm eval`.
+data order and token budget, over one or more seeds, each evaluated on the held-out split by
+`sparse-lm eval`.
 
-    python tools/study.py --config configs/study-cpu.yaml --out docs/results
+    python tools/study.py --config configs/study-seeds.yaml --out docs/results/seeds
     python tools/study.py --config configs/study-cpu.yaml --corpus notes/ more.jsonl --out runs/study-mine
 
-The study config holds a `base` run config (model, train, data, ...) and `variants`: a name →
-overrides of the base (`sparsity`, `model`, ...). A variant `{small_dense: NAME}` is a dense model
-whose width is chosen so that its parameter count is closest to the forward non-zeros of variant
-NAME (its width `model.d_model` and FFN scaled together, heads kept). Every variant trains with
-the base's seed, steps and batches, so all see the same tokens in the same order.
+The study config holds a `base` run config (model, train, data, ...), `variants`: a name →
+overrides of the base (`sparsity`, `model`, ...), and optionally `seeds` (default: the base's
+train.seed). A variant `{small_dense: NAME}` is a dense model whose width is chosen so that its
+parameter count is closest to the forward non-zeros of variant NAME (its width `model.d_model` and
+FFN scaled together, heads kept). At a given seed every variant trains with the same steps and
+batches, so all see the same tokens in the same order; a seed also draws the initialisation and the
+masks. All variants run at one seed before the next seed starts.
 
-Each run is a `sparse-lm pretrain` subprocess writing under `<out>/runs/<name>`; a run whose summary
-exists is skipped, an interrupted one resumes from its last checkpoint. Then `sparse-lm eval` on
-the held-out split (token perplexity, bits per byte). Writes `<out>/results.json`, `<out>/results.md`
-(the table), `<out>/loss_vs_step.png` and `<out>/ppl_vs_density.png`.
+Each run is a `sparse-lm pretrain` subprocess writing under `<out>/runs/<name>` (`.../seed<S>` with
+several seeds); a run whose summary exists is skipped, an interrupted one resumes from its last
+checkpoint, so the study can be stopped and restarted at will. Then `sparse-lm eval` on the held-out
+split (token perplexity, bits per byte). After every run it rewrites `<out>/results.json` (each run's
+record and each variant's mean ± sample standard deviation over its seeds) and `<out>/results.md`;
+at the end `<out>/loss_vs_tokens.png`, `<out>/loss_vs_flops.png` and `<out>/ppl_vs_density.png`.
 """
 
 from __future__ import annotations
@@ -36,7 +41,14 @@ sys.path.insert(0, str(REPO))
 
 from sparse_lm.config import block_linear_shapes, config_from_dict  # noqa: E402
 from sparse_lm.errors import UserError  # noqa: E402
-from sparse_lm.sparsity.allocation import sparse_linear_shapes, uniform_budgets  # noqa: E402
+from sparse_lm.atomic import to_json, write_text  # noqa: E402
+from sparse_lm.sparsity.allocation import (  # noqa: E402
+    layer_caps,
+    sparse_linear_shapes,
+    stage_dense_flops,
+    stage_flops,
+    uniform_budgets,
+)
 
 
 def _merge(base: dict, overrides: dict) -> dict:
@@ -89,9 +101,31 @@ def _records(run_dir: Path, kind: str) -> list[dict]:
     return [r for r in map(json.loads, lines) if r["kind"] == kind]
 
 
+def training_flops_per_token(cfg) -> float:
+    """Training FLOPs per token: forward, input gradient and weight gradient. Dense parts cost three
+    forwards; a sparse linear's forward and input gradient use A, its weight gradient B (Top-KAST's
+    rule; Spartan's too, with A annealed from B to its budget over `warmup_frac` of the run)."""
+    if cfg.sparsity.method == "dense":
+        return 3 * sum(stage_dense_flops(cfg)) + 3 * sum(2 * s.rows * s.cols for s in sparse_linear_shapes(cfg))
+    a, b = uniform_budgets(cfg), layer_caps(cfg)
+    if cfg.sparsity.method == "static":
+        b = a
+    if cfg.sparsity.method == "spartan":  # mean |A| over the run
+        w = cfg.sparsity.warmup_frac
+        a = {name: k + (b[name] - k) * w / 2 for name, k in a.items()}
+    return 2 * sum(stage_flops(cfg, a)) + sum(stage_flops(cfg, b))
+
+
+def _mean_sd(values: list[float]) -> dict:
+    n = len(values)
+    mean = sum(values) / n
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return {"mean": mean, "sd": sd, "min": min(values), "max": max(values), "n": n}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, type=Path, help="study YAML (base + variants)")
+    parser.add_argument("--config", required=True, type=Path, help="study YAML (base + variants [+ seeds])")
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--corpus", nargs="+", help="prepare these sources instead of the base's data.path")
     parser.add_argument("--only", nargs="+", help="run only these variants")
@@ -99,6 +133,7 @@ def main() -> None:
 
     study = yaml.safe_load(args.config.read_text())
     base, variants = study["base"], study["variants"]
+    seeds = study.get("seeds") or [config_from_dict(base).train.seed]
     args.out.mkdir(parents=True, exist_ok=True)
     if args.corpus:
         data = args.out / "data"
@@ -113,48 +148,84 @@ def main() -> None:
     vocab = 64 * math.ceil(meta["vocab_size"] / 64)
 
     names = [n for n in variants if not args.only or n in args.only]
-    results = {}
-    for name in names:
-        overrides = variants[name] or {}
-        if "small_dense" in overrides:
-            target = parameter_counts(_merge(base, variants[overrides["small_dense"]]), vocab)[1]
-            overrides = small_dense(base, target, vocab)
-        run_dir = args.out / "runs" / name
-        tree = _merge(base, overrides)
-        tree = _merge(tree, {"train": {"out_dir": str(run_dir)}, "checkpoint": {"dir": str(run_dir / "checkpoints")}})
-        try:
-            config_from_dict(tree).validate()
-        except UserError as exc:
-            raise SystemExit(f"{args.config}: variant {name}: {exc}") from None
-        run_dir.mkdir(parents=True, exist_ok=True)
-        config_path = run_dir / "config.yaml"
-        config_path.write_text(yaml.safe_dump(tree, sort_keys=False))
-        summary_path, eval_path = run_dir / "summary.json", run_dir / "eval.json"
-        started = time.time()
-        if not summary_path.is_file():
-            print(f"[study] {name}: training", flush=True)
-            _run(["pretrain", "--config", str(config_path), "--summary-json", str(summary_path)], run_dir / "train.log")
-        if not eval_path.is_file():
-            print(f"[study] {name}: eval", flush=True)
-            _run(["eval", "--checkpoint", str(run_dir / "checkpoints"), "--corpus", "heldout", "--json", str(eval_path)],
-                 run_dir / "eval.log")
-        summary, evaluation = json.loads(summary_path.read_text()), json.loads(eval_path.read_text())
-        total, nonzero = parameter_counts(tree, vocab)
-        results[name] = {
-            "overrides": overrides, "parameters": total, "forward_nonzeros": nonzero, "nonzero_fraction": nonzero / total,
-            "method": tree.get("sparsity", {}).get("method", "dense"),
-            "heldout_curve": [(r["step"], r["loss"]) for r in _records(run_dir, "heldout")],
-            "train_wall_s": summary["wall_s"], "tokens_seen": summary["tokens_seen"],
-            "model_state_bytes": summary["model_state_bytes"], "eval": evaluation,
-            "this_invocation_s": time.time() - started,
-        }
-        print(f"[study] {name}: ppl {evaluation['perplexity']:.2f}, bits/byte {evaluation['bits_per_byte']:.4f}", flush=True)
-
-    report = {"config": str(args.config), "base": base, "results": results, "machine": _machine()}
-    (args.out / "results.json").write_text(json.dumps(report, indent=1) + "\n")
-    (args.out / "results.md").write_text(_table(results))
+    runs = []
+    for seed in seeds:  # every variant at one seed before the next seed: partial results stay comparable
+        for name in names:
+            runs.append(_study_run(args, base, variants, name, seed, vocab, many_seeds=len(seeds) > 1))
+            results = _aggregate(runs)
+            report = {"config": str(args.config), "base": base, "seeds": seeds, "runs": runs, "results": results,
+                      "machine": _machine()}
+            write_text(args.out / "results.json", to_json(report, indent=1) + "\n")  # study order kept
+            write_text(args.out / "results.md", _table(results))
     _plots(results, args.out)
     print(_table(results))
+
+
+def _study_run(args, base: dict, variants: dict, name: str, seed: int, vocab: int, many_seeds: bool) -> dict:
+    """Train (or resume, or skip if finished) and evaluate one variant at one seed; its record."""
+    overrides = variants[name] or {}
+    if "small_dense" in overrides:
+        target = parameter_counts(_merge(base, variants[overrides["small_dense"]]), vocab)[1]
+        overrides = small_dense(base, target, vocab)
+    run_dir = args.out / "runs" / name / (f"seed{seed}" if many_seeds else "")
+    tree = _merge(base, overrides)
+    tree = _merge(tree, {"train": {"out_dir": str(run_dir), "seed": seed}, "checkpoint": {"dir": str(run_dir / "checkpoints")}})
+    try:
+        cfg = config_from_dict(_merge(tree, {"model": {"vocab_size": vocab}}))
+        cfg.validate()
+    except UserError as exc:
+        raise SystemExit(f"{args.config}: variant {name}: {exc}") from None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_path = run_dir / "config.yaml"
+    config_path.write_text(yaml.safe_dump(tree, sort_keys=False))
+    summary_path, eval_path = run_dir / "summary.json", run_dir / "eval.json"
+    started = time.time()
+    label = f"{name} (seed {seed})"
+    if not summary_path.is_file():
+        print(f"[study] {label}: training", flush=True)
+        _run(["pretrain", "--config", str(config_path), "--summary-json", str(summary_path)], run_dir / "train.log")
+    if not eval_path.is_file():
+        print(f"[study] {label}: eval", flush=True)
+        _run(["eval", "--checkpoint", str(run_dir / "checkpoints"), "--corpus", "heldout", "--json", str(eval_path)],
+             run_dir / "eval.log")
+    summary, evaluation = json.loads(summary_path.read_text()), json.loads(eval_path.read_text())
+    total, nonzero = parameter_counts(tree, vocab)
+    tokens_per_step = cfg.train.seq_len * cfg.train.micro_batch * cfg.train.grad_accum
+    print(f"[study] {label}: ppl {evaluation['perplexity']:.2f}, bits/byte {evaluation['bits_per_byte']:.4f}", flush=True)
+    return {
+        "name": name, "method": cfg.sparsity.method, "seed": seed, "steps": cfg.train.steps,
+        "tokens": summary["tokens_seen"], "perplexity": evaluation["perplexity"],
+        "bits_per_byte": evaluation["bits_per_byte"], "overrides": overrides,
+        "parameters": total, "forward_nonzeros": nonzero, "nonzero_fraction": nonzero / total,
+        "train_flops_per_token": training_flops_per_token(cfg), "tokens_per_step": tokens_per_step,
+        "heldout_curve": [(r["step"], r["loss"]) for r in _records(run_dir, "heldout")],
+        "train_wall_s": summary["wall_s"], "model_state_bytes": summary["model_state_bytes"], "eval": evaluation,
+        "this_invocation_s": time.time() - started,
+    }
+
+
+def _aggregate(runs: list[dict]) -> dict:
+    """Per variant (in study order): its runs' numbers as mean ± sample standard deviation over seeds,
+    and the held-out curve averaged over the seeds that reached each step."""
+    results = {}
+    for name in dict.fromkeys(r["name"] for r in runs):
+        mine = [r for r in runs if r["name"] == name]
+        first = mine[0]
+        curve: dict[int, list[float]] = {}
+        for r in mine:
+            for step, loss in r["heldout_curve"]:
+                curve.setdefault(step, []).append(loss)
+        results[name] = {
+            **{k: first[k] for k in ("method", "steps", "overrides", "parameters", "forward_nonzeros", "nonzero_fraction",
+                                     "train_flops_per_token", "tokens_per_step", "model_state_bytes")},
+            "seeds": [r["seed"] for r in mine], "tokens": first["tokens"],
+            "perplexity": _mean_sd([r["perplexity"] for r in mine]),
+            "bits_per_byte": _mean_sd([r["bits_per_byte"] for r in mine]),
+            "loss": _mean_sd([r["eval"]["loss"] for r in mine]),
+            "train_wall_s": _mean_sd([r["train_wall_s"] for r in mine]),
+            "heldout_curve": [(s, sum(v) / len(v)) for s, v in sorted(curve.items())],
+        }
+    return results
 
 
 def _machine() -> dict:
@@ -165,13 +236,18 @@ def _machine() -> dict:
 
 
 def _table(results: dict) -> str:
-    lines = ["| run | method | params (dense-equiv.) | forward non-zeros | held-out ppl | bits/byte | loss | train time |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    """Mean ± sample standard deviation over the seeds (n of them) for each variant."""
+    def pm(stat: dict, fmt: str) -> str:
+        return f"{stat['mean']:{fmt}} ± {stat['sd']:{fmt}}" if stat["n"] > 1 else f"{stat['mean']:{fmt}}"
+
+    lines = ["| run | method | seeds | params (dense-equiv.) | forward non-zeros | tokens | train GFLOP/token | "
+             "held-out ppl | bits/byte | loss | train time (mean) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in results.items():
-        e = r["eval"]
-        lines.append(f"| {name} | {r['method']} | {r['parameters'] / 1e6:.2f}M | {r['forward_nonzeros'] / 1e6:.2f}M "
-                     f"({r['nonzero_fraction']:.2f}) | {e['perplexity']:.2f} | {e['bits_per_byte']:.4f} | "
-                     f"{e['loss']:.4f} | {r['train_wall_s'] / 60:.1f} min |")
+        lines.append(f"| {name} | {r['method']} | {r['perplexity']['n']} | {r['parameters'] / 1e6:.2f}M | "
+                     f"{r['forward_nonzeros'] / 1e6:.2f}M ({r['nonzero_fraction']:.2f}) | {r['tokens'] / 1e6:.2f}M | "
+                     f"{r['train_flops_per_token'] / 1e9:.4f} | {pm(r['perplexity'], '.2f')} | "
+                     f"{pm(r['bits_per_byte'], '.4f')} | {pm(r['loss'], '.4f')} | {r['train_wall_s']['mean'] / 60:.1f} min |")
     return "\n".join(lines) + "\n"
 
 
@@ -181,15 +257,18 @@ def _plots(results: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, r in results.items():
-        steps, losses = zip(*r["heldout_curve"]) if r["heldout_curve"] else ((), ())
-        ax.plot(steps, losses, marker=".", label=name)
-    _save(fig, ax, "step", "held-out loss (nats/token)", out / "loss_vs_step.png")
+    for axis, path, scale in (("training tokens (M)", "loss_vs_tokens.png", lambda r: r["tokens_per_step"] / 1e6),
+                              ("training FLOPs (PFLOP)", "loss_vs_flops.png",
+                               lambda r: r["tokens_per_step"] * r["train_flops_per_token"] / 1e15)):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for name, r in results.items():
+            steps, losses = zip(*r["heldout_curve"]) if r["heldout_curve"] else ((), ())
+            ax.plot([s * scale(r) for s in steps], losses, marker=".", label=name)
+        _save(fig, ax, axis, "held-out loss (nats/token, mean over seeds)", out / path)
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for method in sorted({r["method"] for r in results.values()}):
-        points = [(r["forward_nonzeros"] / 1e6, r["eval"]["perplexity"], n) for n, r in results.items()
+        points = [(r["forward_nonzeros"] / 1e6, r["perplexity"]["mean"], n) for n, r in results.items()
                   if r["method"] == method]
         # A method's line joins its first run (in study order) at each size; further runs at a size
         # already on the line (controls: another learning rate, init, ...) are marked apart.
