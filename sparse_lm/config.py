@@ -20,7 +20,7 @@ from sparse_lm.parallel.layout import COLUMN_PARALLEL
 # The linears inside a Transformer block, in forward order (Hugging Face Llama names).
 BLOCK_LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SPARSITY_METHODS = ("dense", "static", "topkast", "spartan")
-# How Spartan splits its budget over layers (ALGORITHMS.md §3, sparsity/allocation.py).
+# How Spartan splits its budget over layers (docs/design/spartan.md, sparsity/allocation.py).
 ALLOCATIONS = ("uniform", "global", "erk", "cost", "pipeline_balanced")
 
 
@@ -67,7 +67,7 @@ class ModelConfig:
 
 @dataclass
 class SparsityConfig:
-    """Which block linears are sparse and how (ALGORITHMS.md §1, §3; `static` and `dense` are baselines).
+    """Which block linears are sparse and how (docs/design/topkast.md, spartan.md; `static` and `dense` are baselines).
 
     `density` is D (the forward set A; for Spartan the target cost fraction ρ), `exploration` M
     (B holds D + M). `block_size` applies to `granularity: block` (b×b tiles). `freeze_masks_after`

@@ -1,5 +1,5 @@
 """Held-out batches from a real prepared split: full micro-batches under a pipeline, and one-line
-errors for a split too short to evaluate (which used to disable held-out eval silently)."""
+errors for a split too short to evaluate (instead of silently running without held-out eval)."""
 
 import pytest
 import torch

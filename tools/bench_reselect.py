@@ -1,4 +1,4 @@
-"""Wall time, collective bytes and peak RSS of the sharded exact top-k reselection (ALGORITHMS.md §2).
+"""Wall time, collective bytes and peak RSS of the sharded exact top-k reselection (docs/design/threshold.md).
 
     python tools/bench_reselect.py --json docs/bench/reselect.json > docs/bench/reselect.md
 

@@ -2,7 +2,7 @@
 
 Importing megatron-core wraps its fusions (bias-GeLU, SwiGLU, bias-dropout-add, ...) in
 `torch.compile`, and the first `torch.compile` imports TorchDynamo and Inductor: 2 s of every
-rank's start-up here (megatron-core's import took 3.6–4.1 s, now 1.5 s; CPU, torch 2.13), for
+rank's start-up here (the import takes 1.5 s this way, 3.6–4.1 s without; CPU, torch 2.13), for
 functions sparse_lm never calls: it uses megatron-core's process groups, tensor-parallel mappings
 and vocab-parallel embedding and cross-entropy. megatron-core's own switch,
 `jit.disable_jit_fuser()`, acts only after that import has run, so the import runs with

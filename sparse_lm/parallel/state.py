@@ -164,7 +164,7 @@ class DeepSpeedMPU:
 
 
 def shutdown() -> None:
-    """Tear down groups; without it a `deepspeed`-launched rank may abort at exit (PLATFORM_NOTES)."""
+    """Tear down groups; without it a `deepspeed`-launched rank may abort at exit (docs/design/parallel.md)."""
     import torch.distributed as dist
     from sparse_lm.parallel.mcore import parallel_state
 

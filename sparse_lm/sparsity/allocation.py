@@ -1,4 +1,4 @@
-"""How Spartan splits the model's forward budget over its sparse layers (ALGORITHMS.md §3).
+"""How Spartan splits the model's forward budget over its sparse layers (docs/design/spartan.md).
 
 Every allocation spends the same total: Σ_l ⌈ρ·N_l⌉ blocks of A (N_l = blocks of layer l), what
 `uniform` gives, so runs that differ only in allocation cost the same sparse forward FLOPs. A
@@ -16,7 +16,7 @@ buffer saved with it.
   dense_s + f_s·q equal across stages (q = 2b² FLOPs per block per token) within one block, then
   f_s is spread over the stage's layers in proportion to their size.
 * `global`: one hard threshold on the unit value uⱼ = Σ|θ|/cⱼ over the candidate blocks of all
-  layers, by the sharded histogram select over the tensor × pipeline group (ALGORITHMS §2).
+  layers, by the sharded histogram select over the tensor × pipeline group (docs/design/threshold.md).
 * `cost`: `global` with cⱼ = the block's FLOPs and the budget in FLOPs. Every element of a
   Llama's block linears costs the same 2 FLOPs per token, so on this model it picks exactly the
   blocks `global` picks (a test checks it); it is kept as its own name because the two differ as

@@ -1,68 +1,15 @@
 """Products with a weight held only as B's blocks: forward through A, input gradient through A,
-value gradient sampled at B (SDDMM).
+value gradient sampled at B (SDDMM) — without ever forming the dense weight or its gradient.
 
-Three paths (in place, with kernels for blocks and for elements; gathered; tiles), picked per
-product by `choose_path` from the fraction of the block grid it covers (`IN_PLACE_LIMITS`,
-`ELEMENT_IN_PLACE_LIMIT`, `GATHER_LIMITS`; numbers: docs/bench/kernels.md,
-docs/bench/kernels_element.md and docs/bench/step.md):
-
-* *In place, blocks* (CPU, fp32/fp64, b ≥ 16). The compiled kernels (`compiled`,
-  csrc/block_kernels.cpp) make one BLAS call per stored block. Each pass of 256 tokens of the
-  activations is copied into strips layout [n/b, t, b], where a block-column is one contiguous
-  [t, b] piece (rows of b numbers moved, not a transpose); a block-row's output is summed over
-  its blocks in a small buffer and written into the result once; the value gradient is one
-  b × b × t product per slot of B on the strips of g and x. Nothing is gathered per block and no
-  dense tile is formed; besides the result, the only allocations are the strips of one pass
-  (at most 256 rows of the activations, and never more than the layer's weight) and a [t, b]
-  sum buffer per thread. A product finds
-  A's slots by one scan of `index` and orders them by block-row (forward) or block-column (input
-  gradient) with one argsort of |A| numbers. Against the gathered path, b = 32 at 10% of the grid
-  (4096×1024, 1024 tokens, 1 thread): forward 2.0×, input gradient 1.7×, value gradient 1.7×
-  faster; the training step at D = 0.1 went from 2.4–2.9× to 4.4× dense speed.
-* *In place, blocks, on a GPU* (CUDA, fp32/fp16/bf16, b ≥ 16 a power of two): the Triton
-  kernels (`triton_blocks`) behind the same interface (`in_place_ops` picks by device) — one
-  program per (token tile, output block-column), blocks read where they lie. Same limits as on
-  CPU until a GPU measures its own.
-* *Gathered blocks* (any device, b ≥ 8): where no in-place kernels can run (bf16 on CPU, a GPU
-  without Triton, no C++ compiler), and for b = 8. Tokens are taken `GATHER_TOKENS` at a time
-  and their activations transposed once to [features, t], so that the block-column a block needs
-  is one contiguous [b, t] slab: the slabs a chunk of block-rows needs are gathered by one
-  `index_select` (one copy of b·t numbers each, where a [t, b] strip of the
-  untransposed activations is t copies of b), and one `torch.bmm` multiplies the stacked blocks
-  by them, giving the block-rows' outputs transposed, each written by one contiguous copy; the
-  pass's output is transposed back once. Slots are grouped by how many blocks their block-row
-  (block-column, for the input gradient) holds, so every block-row of a batch reduces over the
-  same number of blocks *inside* the bmm and writes its output once — no padding, no
-  accumulation. The value gradient of B's slots is the same gather: a gᵀ slab times the stacked x
-  slabs, accumulated over the passes in the bmm's own layout (`baddbmm_`) and rearranged into
-  blocks once. Backward makes one pass over the tokens for both of its products, so each pass of
-  g is transposed once. Work and memory scale with the number of blocks, not the dense size; the
-  transposed activations (a pass's worth) and the chunks (`GATHER_CHUNK_ELEMENTS`) live in
-  workspaces reused pass after pass. Against strips this made the sparse training step 1.1–1.25×
-  faster (b = 16 and 32, D = 0.05–0.2); transposing is still a good part of the cost.
-* *In place, elements* (CPU, fp32/fp64, b = 1, f ≤ `ELEMENT_IN_PLACE_LIMIT`). The compiled
-  element kernels (csrc/element_kernels.cpp) group A's (B's) elements by the output column they
-  write with a radix sort, then move, per element, one row of a transposed 64-token tile into
-  sums held in SIMD registers; the value gradient is one dot product per element over 64-token
-  tiles of gᵀ and xᵀ. No dense tile: besides the result, a token tile of the activations and
-  16 bytes per element while grouping (12 after). Against dense at 10% of a 4096×1024 layer
-  (1024 tokens, 1 thread): forward 2.1×, input gradient 2.1×, value gradient 1.9×; level with the
-  tiles at f ≈ 0.22–0.4 (docs/bench/kernels_element.md).
-* *Dense tiles* (elements above that fraction or where the compiled kernels cannot run; blocks of
-  b < 8, or most blocks present). The weight is visited in tiles of whole block-rows; a tile is
-  scattered dense for one matmul and dropped — like an activation, it never outlives the call,
-  and `MAX_TILE_ELEMENTS` bounds it whatever the layer size. The value gradient of a tile is a
-  dense [rows × in] product of which only B's blocks are read out. For elements it costs a dense
-  product plus the scatter (0.65–0.95× dense speed, from D = 1 down to 0.05). torch's sparse
-  products were no clear gain over it: `csr @ xᵀ` ran at 1.1× dense speed at D = 0.05 and 0.9×
-  at 0.1, `sparse.sampled_addmm` at 1.4× for 5% of entries and 0.9× for 10% — before building
-  the CSR tensors (a sort of the slots) that each call would need.
-
-Layout, shared with `storage.SparseLinear`: a weight of shape [out, in] is a grid of
-(out/b) × (in/b) blocks of b×b (b = 1: elements); `index[s]` is the row-major grid position of
-the block in slot s and `values[s]` its b×b numbers. Slots are in no particular order (see
-`storage`), so a product finds its slots by one scan of `index`; unused slots (index = number of
-blocks) take part in none.
+Each product takes one of three paths, picked by `choose_path` from the block size b and the
+fraction of the block grid it covers (`IN_PLACE_LIMITS`, `ELEMENT_IN_PLACE_LIMIT`, `GATHER_LIMITS`):
+*in place* (compiled CPU kernels, or Triton on a GPU, that read B's blocks or elements where they
+lie), *gathered* (pure torch: activation slabs gathered per block into a reused workspace, one
+`bmm`), or *tiles* (the weight scattered one bounded dense tile at a time). The limits are the
+measured crossovers against dense. Layout, shared with `storage.SparseLinear`: `index[s]` is the
+row-major grid position of slot s's b×b block (b = 1: elements), `values[s]` its numbers; unused
+slots (index = number of blocks) take part in no product. How each path works and why:
+docs/design/kernels.md.
 """
 
 from __future__ import annotations
@@ -449,7 +396,7 @@ class SparseMatmul(torch.autograd.Function):
     gradient for `values` covers all of B.
 
     With `penalty` λ > 0 the value gradient gets Top-KAST's exploration penalty, λ·θ on A and
-    λ·θ / D on B \\ A (ALGORITHMS.md §1), so that clipping and the optimizer see the gradient a
+    λ·θ / D on B \\ A (docs/design/topkast.md), so that clipping and the optimizer see the gradient a
     dense Top-KAST would. Only x (an activation) is saved for backward; A's slots and effective
     values are found again there rather than kept alive between the passes.
     """

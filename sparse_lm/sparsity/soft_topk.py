@@ -1,4 +1,4 @@
-"""Spartan's soft top-k over blocks (ALGORITHMS.md §3): the entropy-regularised transport relaxation
+"""Spartan's soft top-k over blocks (docs/design/spartan.md): the entropy-regularised transport relaxation
 of "keep the best blocks within a cost budget", with its gradient by implicit differentiation.
 
 For block values u (Σ|θ| per cost unit), costs c and a budget k, the soft mask is

@@ -1,4 +1,4 @@
-"""Spartan (ALGORITHMS.md §3–4) inside Top-KAST's backward set: dual averaging with a hard forward
+"""Spartan (docs/design/spartan.md) inside Top-KAST's backward set: dual averaging with a hard forward
 mask and a soft backward mask over blocks, its schedules, and the allocation of the budget.
 
 B — the candidate blocks — is chosen and re-chosen by magnitude exactly as in Top-KAST (`topkast.

@@ -42,7 +42,7 @@ SCORE_CHUNK_ELEMENTS = 1 << 20
 # With `complement: regenerate`, θ₀'s score per block never changes, so layers whose blocks hold at
 # least this many elements (b ≥ 8: the scores are ≤ 1/64 of the dense weight's size) keep them
 # after the first selection: a reselection then scores the layer from them and B's values, and
-# regenerates only the blocks that enter B, instead of all of θ₀ (which was 0.8 s of counter-based
+# regenerates only the blocks that enter B, instead of all of θ₀ (0.8 s of counter-based
 # hashing per 4M-element layer, ~5% of the step time amortised over 100 steps).
 CACHED_SCORES_MIN_BLOCK = 8
 

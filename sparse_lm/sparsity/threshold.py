@@ -1,4 +1,4 @@
-"""Exact top-k of magnitudes sharded over ranks, without gathering them (ALGORITHMS.md §2).
+"""Exact top-k of magnitudes sharded over ranks, without gathering them (docs/design/threshold.md).
 
 Top-KAST and Spartan re-pick their sets from |θ| of a weight that is split over tensor-parallel
 ranks (and, for a global budget, over pipeline stages). Gathering the values to sort them would

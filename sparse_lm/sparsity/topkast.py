@@ -1,4 +1,4 @@
-"""Top-KAST (ALGORITHMS.md §1) on `SparseLinear` layers: re-picking A and B every R steps, and
+"""Top-KAST (docs/design/topkast.md) on `SparseLinear` layers: re-picking A and B every R steps, and
 keeping the optimizer's state attached to the right entries.
 
 Reselection of one layer, all in bounded memory:

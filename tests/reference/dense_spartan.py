@@ -1,4 +1,4 @@
-"""The oracle for Spartan inside Top-KAST's B (ALGORITHMS.md §3–4), written the textbook way: a
+"""The oracle for Spartan inside Top-KAST's B (docs/design/spartan.md), written the textbook way: a
 dense θ, boolean block masks, the soft mask built from plain tensor operations and differentiated
 by autograd, AdamW written out (inherited from the Top-KAST oracle).
 
