@@ -1,4 +1,4 @@
-"""The launch paths of docs/launch.md, run for real on this machine: two "nodes" started by two
+"""The launch paths of docs/guide/launch.md, run for real on this machine: two "nodes" started by two
 independent `deepspeed --no_ssh --node_rank 0|1` launchers, and `torchrun --nproc_per_node 2`.
 
 Each forms a data-parallel world of 2 ranks training the tiny Top-KAST model with micro_batch 2,
