@@ -15,7 +15,7 @@ is short and exact for the settings `data/tokenizer.py` trains with:
 * byte fallback: a character outside the vocabulary becomes its UTF-8 byte pieces <0xXX>;
 * no BOS/EOS added: sentencepiece's `encode` adds none (training appends EOS per document).
 
-Two differences remain, both outside `encode`'s ids for ordinary text and both documented in the
+Two differences remain, both outside `encode`'s ids for ordinary text and both documented in
 docs/guide/convert.md: the raw `tokenizers.Tokenizer` matches the literal strings "<unk>", "<s>", "</s>" in text as
 special tokens (sentencepiece spells them out; `tokenizer_config.json` sets
 `split_special_tokens: true`, so transformers' tokenizer spells them out too), and `decode` prints
