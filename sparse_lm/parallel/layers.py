@@ -3,7 +3,7 @@
 A column-parallel layer's input passes `copy_to_tensor_model_parallel_region` (identity forward,
 all-reduce of the input gradient); a row-parallel layer's output passes
 `reduce_from_tensor_model_parallel_region` (all-reduce forward). Both run on gloo and NCCL alike
-(docs/design/parallel.md); the gather/scatter mappings, which allocate on CUDA, are never used. With one
+(docs/design/parallel.md, Platform notes); the gather/scatter mappings, which allocate on CUDA, are never used. With one
 tensor-parallel rank nothing here touches megatron and every function is the identity, so the
 single-process model is the plain one.
 
