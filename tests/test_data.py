@@ -297,13 +297,15 @@ def test_trained_build_is_reproducible(prepared, tmp_path):
         assert (tmp_path / "out" / name).read_bytes() == (prepared / name).read_bytes(), name
 
 
-def test_single_document_goes_to_train(tmp_path, tok_model):
-    """A one-document corpus keeps it in train; heldout is an empty but loadable split."""
+def test_single_document_is_cut_into_train_and_heldout(tmp_path, tok_model):
+    """A one-document corpus is cut in two: train keeps its head, heldout its tail (never empty)."""
     corpus = tmp_path / "one.txt"
     corpus.write_text("the only document\n", encoding="utf-8")
     meta = prepare_data([str(corpus)], tmp_path / "out", VOCAB, 0.99, tokenizer=str(tok_model))
-    assert read_splits(tmp_path / "out") == {"train": ["the only document\n"], "heldout": []}
-    assert meta["splits"]["heldout"] == {**meta["splits"]["heldout"], "documents": 0, "tokens": 0, "bytes": 0}
+    splits = read_splits(tmp_path / "out")
+    assert splits["train"] and splits["heldout"]
+    assert "".join(splits["train"] + splits["heldout"]) == "the only document\n"
+    assert meta["splits"]["heldout"]["documents"] == 1 and meta["heldout_tail"]["document"] == 0
 
 
 def test_corrupt_token_file_is_detected(tmp_path, tok_model):

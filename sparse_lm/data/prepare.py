@@ -2,9 +2,11 @@
 
 Two passes over the corpus. The scan hashes every document: the hashes pick each document's split
 (so identical documents share a split and the split never depends on order or process count) and
-together fingerprint the sources, so that re-running with unchanged inputs is a no-op. The build
-pass loads the documents into a `datasets.Dataset`, trains the tokenizer on a sample of the train
-split, tokenises in parallel with `Dataset.map`, and packs the tokens. Everything is written into a
+together fingerprint the sources, so that re-running with unchanged inputs is a no-op. A corpus
+with too few documents for the heldout fraction holds out its tail instead, cut at a line start.
+The build pass loads the documents into a `datasets.Dataset`, big ones in parts cut at line starts
+so that one huge document is tokenised by every worker, trains the tokenizer on a sample of the
+train split, tokenises in parallel with `Dataset.map`, and packs the tokens. Everything is written into a
 temporary directory next to the output and renamed into place at the end, so an interrupted run
 never leaves a half-written dataset that looks complete.
 """
@@ -15,6 +17,7 @@ import argparse
 import contextlib
 import functools
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -32,8 +35,8 @@ import sparse_lm
 from sparse_lm.atomic import publish_dir
 from sparse_lm.config import load_config
 from sparse_lm.data.packed import FORMAT_VERSION, META_FILE, SPLITS, PackedSplit, load_meta
-from sparse_lm.data.sources import CorpusStats, Source, iter_documents, parse_corpus
-from sparse_lm.data.tokenizer import Tokenizer, train_tokenizer
+from sparse_lm.data.sources import BLANK, ERRORS, CorpusStats, Source, TextFormat, iter_documents, parse_corpus
+from sparse_lm.data.tokenizer import Tokenizer, split_for_encoding, train_tokenizer
 from sparse_lm.errors import UserError
 
 TOKENIZER_FILE = "tokenizer.model"
@@ -46,6 +49,16 @@ SPLIT_RULE = (
     "smallest hash go to heldout; if it leaves train empty, those with the largest hash go to train; "
     "a corpus with a single distinct text keeps its last copy as heldout"
 )
+TAIL_RULE = (
+    "used when documents * heldout_fraction < 1: heldout is the corpus tail, the last round(heldout_fraction * "
+    "bytes) UTF-8 bytes of the documents in order (at least 1, never all), the cut moved to the nearest line "
+    "start inside the document it falls in (or that document's start) that leaves text on both sides, or to a "
+    "character boundary if there is none; a document cut in two counts as two documents"
+)
+# Documents are tokenised in parts of about this many characters (cut where encoding the parts
+# gives the same ids as encoding the whole, see tokenizer.ENCODE_SEAM), so that `num_proc`
+# workers share one big document; its parts' ids are re-joined without an EOS between them.
+ENCODE_PART_CHARS = 1 << 20
 
 
 @dataclass
@@ -58,6 +71,19 @@ class Scan:
     stats: CorpusStats
 
 
+@dataclass
+class Split:
+    """The heldout mask over the documents as they are packed. A tail split may cut one corpus
+    document in two (`cut`: its index and the UTF-8 byte offset of the cut); then `keys` and
+    `doc_bytes` count the halves as two documents, the second one heldout."""
+
+    heldout: np.ndarray
+    keys: np.ndarray
+    doc_bytes: np.ndarray
+    cut: tuple[int, int] | None = None
+    tail: dict[str, Any] | None = None  # where the tail starts, for meta.json; None for the hash rule
+
+
 def prepare_data(
     corpus: list[str],
     out: str | Path,
@@ -67,12 +93,16 @@ def prepare_data(
     num_proc: int = 1,
     max_bytes: int | None = None,
     text_field: str = "text",
+    encoding: str = "utf-8",
+    errors: str = "strict",
+    doc_separator: str | None = None,
 ) -> dict[str, Any]:
     """Build (or confirm up to date) a packed dataset in `out`; returns its meta.json contents."""
     _check_params(vocab_size, heldout_fraction, num_proc, max_bytes)
+    text_format = TextFormat(encoding, errors, doc_separator)
     out = Path(out)
     _check_replaceable(out)
-    sources = parse_corpus(corpus, text_field)
+    sources = parse_corpus(corpus, text_field, text_format)
     given = Tokenizer(tokenizer) if tokenizer else None
     if given is not None and given.eos_id < 0:
         raise UserError(f"tokenizer {given.path}: has no EOS piece, which separates documents in packed data")
@@ -82,6 +112,9 @@ def prepare_data(
         "heldout_fraction": heldout_fraction,
         "max_bytes": max_bytes,
         "text_field": text_field,
+        "encoding": encoding,
+        "errors": errors,
+        "doc_separator": doc_separator,
         "tokenizer": str(given.path.resolve()) if given else None,
         "tokenizer_sample_bytes": None if given else TOKENIZER_SAMPLE_BYTES,
     }
@@ -90,12 +123,14 @@ def prepare_data(
     if current is not None and current.get("fingerprint") == fingerprint:
         print(f"{out}: up to date (fingerprint {fingerprint[:12]})")
         return current
-    heldout = assign_heldout(scan.keys, heldout_fraction)
+    split = split_corpus(sources, scan, heldout_fraction, max_bytes)
     with _staging_dir(out) as stage:
-        meta = _build(sources, scan, heldout, stage, given, vocab_size, num_proc, max_bytes)
+        meta = _build(sources, scan.sha256, split, stage, given, vocab_size, num_proc, max_bytes)
+        if split.tail is not None:
+            meta["heldout_tail"] = split.tail
         meta.update(
             fingerprint=fingerprint,
-            split_rule=SPLIT_RULE,
+            split_rule=TAIL_RULE if split.tail is not None else SPLIT_RULE,
             sources={"specs": [s.spec for s in sources], "sha256": scan.sha256, **asdict(scan.stats)},
             params=params,
             versions={"sparse_lm": sparse_lm.__version__, "sentencepiece": sentencepiece.__version__},
@@ -134,35 +169,94 @@ def assign_heldout(keys: np.ndarray, fraction: float) -> np.ndarray:
     return heldout
 
 
-def _build(sources, scan, heldout, stage, given, vocab_size, num_proc, max_bytes) -> dict[str, Any]:
+def split_corpus(sources: list[Source], scan: Scan, fraction: float, max_bytes: int | None) -> Split:
+    """Whole documents by hash (SPLIT_RULE) when there are enough of them for `fraction`, else the
+    corpus tail (TAIL_RULE), said in one printed line."""
+    if len(scan.keys) * fraction >= 1:
+        return Split(assign_heldout(scan.keys, fraction), scan.keys, scan.doc_bytes)
+    n, total = len(scan.keys), int(scan.doc_bytes.sum())
+    position = total - min(max(1, round(fraction * total)), total - 1)
+    ends = np.cumsum(scan.doc_bytes)
+    doc = int(np.searchsorted(ends, position, side="right"))
+    start = int(ends[doc] - scan.doc_bytes[doc])
+    _, data = next(itertools.islice(iter_documents(sources, CorpusStats(), max_bytes), doc, None))
+    found = tail_cut(data, position - start, whole=doc > 0)
+    if found is None:
+        raise UserError(f"corpus {' '.join(s.spec for s in sources)}: too small to hold out any of it ({total} bytes)")
+    offset, at_line = found
+    if offset == 0:
+        keys, doc_bytes, heldout, cut = scan.keys, scan.doc_bytes, np.arange(n) >= doc, None
+    else:
+        keys = np.insert(scan.keys, doc + 1, scan.keys[doc])
+        doc_bytes = np.insert(scan.doc_bytes, doc + 1, scan.doc_bytes[doc] - offset)
+        doc_bytes[doc] = offset
+        heldout, cut = np.arange(n + 1) > doc, (doc, offset)
+    held = int(doc_bytes[heldout].sum())
+    boundary = "line start" if at_line else "character boundary (the document has no line start near it)"
+    print(
+        f"heldout: {n:,} document{'s' if n != 1 else ''} too few to hold out whole ones at --heldout-fraction "
+        f"{fraction:g}; holding out the corpus tail instead: the last {held:,} of {total:,} bytes "
+        f"({held / total:.2%}), from a {boundary} in document {doc + 1}"
+    )
+    tail = {"document": doc, "offset": offset, "bytes": held, "boundary": "line" if at_line else "character"}
+    return Split(heldout, keys, doc_bytes, cut, tail)
+
+
+def tail_cut(data: bytes, target: int, whole: bool) -> tuple[int, bool] | None:
+    """(offset, at a line start) of the cut in document `data` nearest to byte `target` that
+    leaves non-whitespace on both sides, preferring line starts (offset 0, all of it, only if
+    `whole`); None if the document cannot be cut."""
+    lo = len(data) - len(data.lstrip()) + 1  # a cut at lo or later keeps the first non-blank byte before it
+    hi = len(data.rstrip()) - 1  # a cut at hi or earlier keeps the last one after it
+    starts = [0] if whole else []
+    before = data.rfind(b"\n", lo - 1, max(min(target, hi), lo - 1))  # the last line start in [lo, target]
+    after = data.find(b"\n", max(target - 1, lo - 1), max(hi, 0))  # the first in [target, hi]
+    starts += [i + 1 for i in (before, after) if i >= 0 and lo <= i + 1 <= hi]
+    if starts:
+        return min(starts, key=lambda c: (abs(c - target), c)), True
+    for step in (1, -1):  # the nearest UTF-8 character start in [lo, hi]
+        c = min(max(target, lo), hi)
+        while lo <= c <= hi and data[c] & 0xC0 == 0x80:
+            c += step
+        if lo <= c <= hi:
+            return c, False
+    return None
+
+
+def _build(sources, sha256, split, stage, given, vocab_size, num_proc, max_bytes) -> dict[str, Any]:
     """The build pass, writing tokenizer and token files into `stage`; returns their part of meta."""
     import datasets
 
     documents = datasets.Dataset.from_generator(
-        functools.partial(_texts, sources, max_bytes),  # not gen_kwargs: datasets would shard a list
-        features=datasets.Features({"text": datasets.Value("string")}),
+        functools.partial(_rows, sources, max_bytes, split.cut),  # not gen_kwargs: datasets would shard a list
+        features=datasets.Features(
+            {"text": datasets.Value("string"), "doc": datasets.Value("int64"), "end": datasets.Value("bool")}
+        ),
         cache_dir=str(stage / "cache"),
-        fingerprint=scan.sha256,
+        fingerprint=sha256,
     )
-    if len(documents) != len(scan.keys):
-        raise UserError(f"corpus changed while it was being prepared ({len(scan.keys)} then {len(documents)} documents)")
+    row_doc = documents.data.column("doc").to_numpy()  # the table itself: a fresh dataset has no index mapping
+    if int(row_doc[-1]) + 1 != len(split.keys):
+        raise UserError(
+            f"corpus changed while it was being prepared ({len(split.keys)} then {int(row_doc[-1]) + 1} documents)"
+        )
     model = stage / TOKENIZER_FILE
     if given is not None:
         shutil.copyfile(given.path, model)
     else:
-        train_tokenizer(_tokenizer_sample(documents, scan, heldout), model, vocab_size)
+        train_tokenizer(_tokenizer_sample(documents, row_doc, split), model, vocab_size)
     tok = Tokenizer(model)
     tokenized = documents.map(
         _EncodeDocuments(str(model)),
         batched=True,
         num_proc=num_proc if num_proc > 1 else None,
-        remove_columns=["text"],
-        features=datasets.Features({"ids": datasets.List(datasets.Value("int32"))}),
-        new_fingerprint=hashlib.sha256((scan.sha256 + tok.sha256).encode()).hexdigest()[:32],
+        remove_columns=["text", "end"],
+        features=datasets.Features({"doc": datasets.Value("int64"), "ids": datasets.List(datasets.Value("int32"))}),
+        new_fingerprint=hashlib.sha256((sha256 + tok.sha256).encode()).hexdigest()[:32],
         desc="tokenize",
     )
     dtype = np.dtype(np.uint16 if tok.vocab_size <= 2**16 else np.uint32)
-    splits = _pack(tokenized, heldout, scan.doc_bytes, stage, dtype)
+    splits = _pack(tokenized, split, stage, dtype)
     del documents, tokenized
     shutil.rmtree(stage / "cache")
     return {
@@ -179,27 +273,44 @@ def _build(sources, scan, heldout, stage, given, vocab_size, num_proc, max_bytes
     }
 
 
-def _texts(sources: list[Source], max_bytes: int | None) -> Iterator[dict[str, str]]:
-    for text, _ in iter_documents(sources, CorpusStats(), max_bytes):
-        yield {"text": text}
+def _rows(sources: list[Source], max_bytes: int | None, cut: tuple[int, int] | None) -> Iterator[dict[str, Any]]:
+    """Rows of the tokenising dataset: every document (both halves of a cut one) in parts of
+    about ENCODE_PART_CHARS characters; `doc` numbers the documents, `end` marks a last part."""
+    doc = 0
+    for index, (text, data) in enumerate(iter_documents(sources, CorpusStats(), max_bytes)):
+        texts = [text]
+        if cut is not None and index == cut[0]:
+            texts = [data[: cut[1]].decode("utf-8"), data[cut[1] :].decode("utf-8")]
+        for text in texts:
+            parts = split_for_encoding(text, ENCODE_PART_CHARS)
+            for i, part in enumerate(parts):
+                yield {"text": part, "doc": doc, "end": i == len(parts) - 1}
+            doc += 1
 
 
-def _tokenizer_sample(documents, scan: Scan, heldout: np.ndarray) -> Iterator[str]:
+def _tokenizer_sample(documents, row_doc: np.ndarray, split: Split) -> Iterator[str]:
     """Train-split documents in hash order (a content-defined shuffle, so the sample spans the
     whole corpus) up to about TOKENIZER_SAMPLE_BYTES; heldout text never shapes the vocabulary."""
-    train = np.flatnonzero(~heldout)
-    order = train[np.argsort(scan.keys[train], kind="stable")]
-    count = int(np.searchsorted(np.cumsum(scan.doc_bytes[order]), TOKENIZER_SAMPLE_BYTES)) + 1
+    train = np.flatnonzero(~split.heldout)
+    order = train[np.argsort(split.keys[train], kind="stable")]
+    count = int(np.searchsorted(np.cumsum(split.doc_bytes[order]), TOKENIZER_SAMPLE_BYTES)) + 1
+    rank = np.full(len(split.keys), -1)
+    rank[order[:count]] = np.arange(min(count, len(order)))
+    rows = np.flatnonzero(rank[row_doc] >= 0)
+    rows = rows[np.argsort(rank[row_doc[rows]], kind="stable")]  # documents in hash order, parts in order
     budget = TOKENIZER_SAMPLE_BYTES
-    for batch in documents.select(order[:count]).iter(batch_size=256):
+    for batch in documents.select(rows).iter(batch_size=256):
         for text in batch["text"]:
+            if budget <= 0:
+                return
             yield text[:budget]  # at least `budget` bytes of text; bounds one huge document
             budget -= len(text)
 
 
 class _EncodeDocuments:
-    """`Dataset.map` function: token ids of each document followed by EOS. A picklable class, so
-    `num_proc` workers each load the model once instead of shipping a processor around."""
+    """`Dataset.map` function: token ids of each part, followed by EOS after a document's last
+    part. A picklable class, so `num_proc` workers each load the model once instead of shipping a
+    processor around."""
 
     def __init__(self, model_path: str):
         self.model_path = model_path
@@ -209,39 +320,39 @@ class _EncodeDocuments:
         if self._tokenizer is None:
             self._tokenizer = Tokenizer(self.model_path)
         eos = self._tokenizer.eos_id
-        return {"ids": [ids + [eos] for ids in self._tokenizer.encode_batch(batch["text"])]}
+        encoded = self._tokenizer.encode_batch(batch["text"])
+        return {"ids": [ids + [eos] if end else ids for ids, end in zip(encoded, batch["end"])]}
 
 
-def _pack(tokenized, heldout: np.ndarray, doc_bytes: np.ndarray, stage: Path, dtype: np.dtype) -> dict[str, Any]:
-    """Stream the tokenised documents into `<split>.bin` in corpus order and write the offsets."""
+def _pack(tokenized, split: Split, stage: Path, dtype: np.dtype) -> dict[str, Any]:
+    """Stream the tokenised parts into `<split>.bin` in corpus order and write the offsets."""
     import pyarrow.compute as pc
 
-    lengths: dict[str, list[np.ndarray]] = {split: [] for split in SPLITS}
-    start = 0
-    with contextlib.ExitStack() as files, tqdm(total=len(tokenized), desc="pack", unit=" docs") as bar:
-        bins = {split: files.enter_context(open(stage / f"{split}.bin", "wb")) for split in SPLITS}
+    doc_tokens = np.zeros(len(split.keys), dtype=np.int64)
+    with contextlib.ExitStack() as files, tqdm(total=len(tokenized), desc="pack", unit=" parts") as bar:
+        bins = {name: files.enter_context(open(stage / f"{name}.bin", "wb")) for name in SPLITS}
         for table in tokenized.with_format("arrow").iter(batch_size=4096):
             ids = table.column("ids")
             counts = pc.list_value_length(ids).to_numpy()
             flat = pc.list_flatten(ids).to_numpy().astype(dtype)
-            held = heldout[start : start + len(counts)]
-            for split, docs in (("train", ~held), ("heldout", held)):
-                bins[split].write(flat[np.repeat(docs, counts)].tobytes())
-                lengths[split].append(counts[docs])
-            start += len(counts)
+            docs = table.column("doc").to_numpy()
+            held = split.heldout[docs]
+            for name, rows in (("train", ~held), ("heldout", held)):
+                bins[name].write(flat[np.repeat(rows, counts)].tobytes())
+            np.add.at(doc_tokens, docs, counts)
             bar.update(len(counts))
     splits = {}
-    for split, mask in (("train", ~heldout), ("heldout", heldout)):
-        doc_lengths = np.concatenate(lengths[split]).astype(np.int64)
+    for name, mask in (("train", ~split.heldout), ("heldout", split.heldout)):
+        doc_lengths = doc_tokens[mask]
         offsets = np.concatenate([[0], np.cumsum(doc_lengths)]).astype(np.int64)
-        with open(stage / f"{split}.idx.npy", "wb") as f:
+        with open(stage / f"{name}.idx.npy", "wb") as f:
             np.save(f, offsets)
-        splits[split] = {
-            "file": f"{split}.bin",
-            "index": f"{split}.idx.npy",
+        splits[name] = {
+            "file": f"{name}.bin",
+            "index": f"{name}.idx.npy",
             "documents": len(doc_lengths),
             "tokens": int(offsets[-1]),
-            "bytes": int(doc_bytes[mask].sum()),
+            "bytes": int(split.doc_bytes[mask].sum()),
         }
     return splits
 
@@ -338,6 +449,13 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--num-proc", type=int, default=min(4, os.cpu_count() or 1), help="tokenising processes")
     parser.add_argument("--max-bytes", type=int, help="keep only the first documents, up to this many UTF-8 bytes")
     parser.add_argument("--text-field", default="text", help="jsonl field / parquet or hub column holding the text")
+    parser.add_argument("--doc-separator", metavar="SEP",
+                        help=f"split .txt files into documents at lines equal to SEP (e.g. %%), or at blank lines "
+                             f"with {BLANK!r} (default: a file is one document)")
+    parser.add_argument("--encoding", default="utf-8",
+                        help="codec of .txt and .jsonl files, e.g. latin-1 (default utf-8)")
+    parser.add_argument("--errors", default="strict", metavar="|".join(ERRORS),
+                        help="undecodable bytes: stop with an error (strict, the default) or become U+FFFD (replace)")
     parser.set_defaults(func=_run)
 
 
@@ -352,6 +470,9 @@ def _run(args: argparse.Namespace) -> int:
         num_proc=args.num_proc,
         max_bytes=args.max_bytes,
         text_field=args.text_field,
+        encoding=args.encoding,
+        errors=args.errors,
+        doc_separator=args.doc_separator,
     )
     print(summary(meta))
     return 0

@@ -7,8 +7,10 @@ before anything is written.
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
+import re
 import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -18,6 +20,54 @@ from sparse_lm.errors import UserError
 
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 EXPECTED = "stdlib, hf:NAME[:CONFIG], or a .txt/.jsonl/.parquet file or directory"
+BLANK = "blank"  # --doc-separator value: documents are separated by one or more blank lines
+ERRORS = ("strict", "replace")
+
+
+@dataclass(frozen=True)
+class TextFormat:
+    """How the bytes of local .txt and .jsonl files become documents: the codec, what to do with
+    bytes it cannot decode, and the line that separates documents inside a .txt file (None: each
+    .txt file is one document)."""
+
+    encoding: str = "utf-8"
+    errors: str = "strict"
+    doc_separator: str | None = None
+
+    def __post_init__(self):
+        try:
+            info = codecs.lookup(self.encoding)
+        except LookupError:
+            info = None
+        if info is None or not getattr(info, "_is_text_encoding", True):
+            raise UserError(
+                f"--encoding {self.encoding!r}: not a text codec Python knows; expected e.g. utf-8, latin-1, cp1252"
+            )
+        if self.errors not in ERRORS:
+            raise UserError(f"--errors {self.errors!r}: expected one of {', '.join(ERRORS)}")
+        sep = self.doc_separator
+        if sep is not None and (not sep.strip() or "\n" in sep or "\r" in sep):
+            raise UserError(f"--doc-separator {sep!r}: expected the text of a separator line (e.g. %) or {BLANK!r}")
+
+    @property
+    def label(self) -> str:
+        """The codec as error messages name it."""
+        return "UTF-8" if codecs.lookup(self.encoding).name == "utf-8" else self.encoding
+
+    def split(self, text: str) -> list[str]:
+        """`text` cut into documents at separator lines, which are dropped. A separator line equals
+        the separator once trailing whitespace is removed; with BLANK, a run of blank (empty or
+        whitespace-only) lines is one separator."""
+        if self.doc_separator is None:
+            return [text]
+        if self.doc_separator == BLANK:
+            pattern = r"(?m)^(?:[ \t\r\f\v]*\n)+"
+        else:
+            pattern = rf"(?m)^{re.escape(self.doc_separator.rstrip())}[ \t\r\f\v]*(?:\n|\Z)"
+        return re.split(pattern, text)
+
+
+UTF8 = TextFormat()
 
 
 @dataclass
@@ -53,13 +103,14 @@ class LocalSource:
     spec: str
     files: list[Path]
     text_field: str
+    text_format: TextFormat = UTF8
 
     def documents(self, stats: CorpusStats) -> Iterator[str]:
         for path in self.files:
             if path.suffix == ".txt":
-                yield _decode(path.read_bytes(), path)
+                yield from self.text_format.split(_decode(path.read_bytes(), path, fmt=self.text_format))
             elif path.suffix == ".jsonl":
-                yield from _jsonl_documents(path, self.text_field)
+                yield from _jsonl_documents(path, self.text_field, self.text_format)
             else:
                 yield from _parquet_documents(path, self.text_field)
 
@@ -106,14 +157,14 @@ class HubSource:
 Source = StdlibSource | LocalSource | HubSource
 
 
-def parse_corpus(specs: list[str], text_field: str = "text") -> list[Source]:
+def parse_corpus(specs: list[str], text_field: str = "text", text_format: TextFormat = UTF8) -> list[Source]:
     """Turn `--corpus` arguments into sources, checking paths and extensions up front."""
     if not specs:
         raise UserError(f"--corpus: expected at least one of: {EXPECTED}")
-    return [_parse_one(spec, text_field) for spec in specs]
+    return [_parse_one(spec, text_field, text_format) for spec in specs]
 
 
-def _parse_one(spec: str, text_field: str) -> Source:
+def _parse_one(spec: str, text_field: str, text_format: TextFormat) -> Source:
     if spec == "stdlib":
         return StdlibSource()
     if spec.startswith("hf:"):
@@ -129,10 +180,10 @@ def _parse_one(spec: str, text_field: str) -> Source:
         files = _files_under(path, SUFFIXES, lambda d: d[0] == ".")
         if not files:
             raise UserError(f"corpus directory {path}: no .txt, .jsonl or .parquet files found")
-        return LocalSource(str(path.resolve()), files, text_field)
+        return LocalSource(str(path.resolve()), files, text_field, text_format)
     if path.suffix not in SUFFIXES:
         raise UserError(f"corpus file {path}: unsupported extension {path.suffix!r}; expected .txt, .jsonl or .parquet")
-    return LocalSource(str(path.resolve()), [path], text_field)
+    return LocalSource(str(path.resolve()), [path], text_field, text_format)
 
 
 def _files_under(root: Path, suffixes: tuple[str, ...], skip_dirs) -> list[Path]:
@@ -170,20 +221,28 @@ def iter_documents(sources: list[Source], stats: CorpusStats, max_bytes: int | N
             yield text, data
 
 
-def _decode(raw: bytes, path: Path, line: int | None = None) -> str:
+def _decode(raw: bytes, path: Path, line: int | None = None, fmt: TextFormat = UTF8) -> str:
+    """`raw` as text; NUL characters mean a binary file (no text format puts them in prose)."""
     where = f"{path}:{line}" if line is not None else str(path)
-    if b"\0" in raw:
-        raise UserError(f"{where}: binary data (contains NUL bytes); expected UTF-8 text")
+    binary = f"{where}: binary data (contains NUL bytes); expected {fmt.label} text"
+    if b"\0" in raw and fmt.encoding == UTF8.encoding:  # the common case, before decoding a binary file
+        raise UserError(binary)
     try:
-        return raw.decode("utf-8")
+        text = raw.decode(fmt.encoding, fmt.errors)
     except UnicodeDecodeError as exc:
-        raise UserError(f"{where}: not UTF-8 text (invalid byte at offset {exc.start}); expected UTF-8 text") from None
+        raise UserError(
+            f"{where}: not {fmt.label} text (invalid byte at offset {exc.start}); name its codec with --encoding "
+            "(e.g. latin-1) or replace undecodable bytes with --errors replace"
+        ) from None
+    if "\0" in text:
+        raise UserError(binary)
+    return text
 
 
-def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
+def _jsonl_documents(path: Path, text_field: str, fmt: TextFormat = UTF8) -> Iterator[str]:
     with open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
-            line = _decode(raw, path, number)
+            line = _decode(raw, path, number, fmt)
             if not line.strip():
                 continue
             try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -31,6 +32,27 @@ TRAINER_OPTIONS = dict(
 # sentencepiece silently drops training "sentences" longer than max_sentence_length bytes, so
 # documents are cut at line ends into chunks well below it; long lines are cut by characters.
 CHUNK_BYTES = 1 << 12
+# Seams where a document may be cut for parallel encoding: after a newline that is followed by an
+# ASCII letter, digit or space. No piece of a model trained with TRAINER_OPTIONS spans such a seam
+# (a piece never mixes Unicode scripts, and "\n" is of the Common script while letters are not;
+# digits are pieces of their own; a space, "▁", only ever starts a piece), so encoding the parts
+# and concatenating gives exactly the ids of encoding the whole. A bare line end is not enough:
+# pieces such as "\n\n" or ")\n#" span it.
+ENCODE_SEAM = re.compile(r"\n(?=[A-Za-z0-9 ])")
+
+
+def split_for_encoding(text: str, chars: int) -> list[str]:
+    """`text` cut at ENCODE_SEAM into parts of about `chars` characters or more, in order; a text
+    with no seam after the first `chars` characters stays whole."""
+    parts, start = [], 0
+    while len(text) - start > chars:
+        seam = ENCODE_SEAM.search(text, start + chars)
+        if seam is None:
+            break
+        parts.append(text[start : seam.end()])
+        start = seam.end()
+    parts.append(text[start:])
+    return parts
 
 
 class Tokenizer:
