@@ -14,7 +14,7 @@ TOOL = Path(__file__).resolve().parents[1] / "tools" / "bench_prepare.py"
 def test_bench_prepare_tiny(tmp_path):
     out, table = tmp_path / "prepare.json", tmp_path / "prepare.md"
     proc = subprocess.run(
-        [sys.executable, str(TOOL), "--mb", "0.3", "--vocab-size", "320", "--json", str(out), "--markdown", str(table)],
+        [sys.executable, str(TOOL), "--mb", "0.3", "--vocab-size", "512", "--json", str(out), "--markdown", str(table)],
         capture_output=True, text=True, timeout=600, check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -50,7 +50,7 @@ def test_separator_lines_cut_a_file_into_documents(tmp_path):
     fortunes = tmp_path / "fortunes.txt"
     fortunes.write_bytes(b"first\nsaying\n%\nsecond %\n%  \r\n%\nthird\n%")
     assert documents(fortunes, doc_separator="%") == ["first\nsaying\n", "second %\n", "third\n"]
-    assert documents(fortunes) == [fortunes.read_text()]
+    assert documents(fortunes) == [fortunes.read_bytes().decode()]
     dictionary = tmp_path / "dict.txt"
     dictionary.write_bytes(b"\nA\n  an article\n\n \t\n\r\nAb\nabbr.\n\nAbacus\n")
     assert documents(dictionary, doc_separator="blank") == ["A\n  an article\n", "Ab\nabbr.\n", "Abacus\n"]

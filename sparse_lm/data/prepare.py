@@ -58,7 +58,7 @@ TAIL_RULE = (
 # Documents are tokenised in parts of about this many characters (cut where encoding the parts
 # gives the same ids as encoding the whole, see tokenizer.ENCODE_SEAM), so that `num_proc`
 # workers share one big document; its parts' ids are re-joined without an EOS between them.
-ENCODE_PART_CHARS = 1 << 20
+ENCODE_PART_CHARS = 1 << 16
 
 
 @dataclass
