@@ -17,7 +17,7 @@ from sparse_lm.termination import SigtermGuard, Terminated, stopped_by_sigterm
 
 def build_parser() -> argparse.ArgumentParser:
     from sparse_lm.checkpoint.cli import register_cli as register_checkpoint
-    from sparse_lm.checkpoint.convert_cli import register_cli as register_convert
+    from sparse_lm.checkpoint.convert import register_cli as register_convert
     from sparse_lm.data.prepare import register_cli as register_prepare
     from sparse_lm.eval.cli import register_cli as register_eval
     from sparse_lm.train.cli import register_cli as register_pretrain
@@ -33,6 +33,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from sparse_lm.checkpoint.convert import flag_form_pointer
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    pointer = flag_form_pointer(argv)
+    if pointer is not None:
+        print(f"sparse-lm convert: error: {pointer}", file=sys.stderr)
+        return 2
     args = build_parser().parse_args(argv)
     with SigtermGuard() as guard:
         try:

@@ -1,16 +1,26 @@
 """Typed, sectioned run configuration: YAML file + `--set section.field=value` overrides.
 
 Every field is validated here, in one place, so that a bad value fails at start-up with a line that
-names the field and the allowed range, instead of deep inside DeepSpeed an hour into a run.
+names the field and the allowed range, instead of deep inside DeepSpeed an hour into a run. Each
+field carries a one-line docstring under it: `sparse-lm pretrain --print-config` prints them beside
+the values, so the configuration documents itself. Fields that are worked out from others are
+`None` ("automatic") in a file and resolved when the config is built; `model.vocab_size` needs the
+tokenizer and stays `None` until `model.llama.resolve_vocab`.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
+import inspect
+import itertools
 import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -19,80 +29,108 @@ from sparse_lm.parallel.layout import COLUMN_PARALLEL
 
 # The linears inside a Transformer block, in forward order (Hugging Face Llama names).
 BLOCK_LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-SPARSITY_METHODS = ("dense", "static", "topkast", "spartan")
+
+SparsityMethod = Literal["dense", "static", "topkast", "spartan"]
+Granularity = Literal["element", "block"]
+Complement = Literal["regenerate", "offload"]
 # How Spartan splits its budget over layers (docs/design/spartan.md, sparsity/allocation.py).
-ALLOCATIONS = ("uniform", "global", "erk", "cost", "pipeline_balanced")
+Allocation = Literal["uniform", "global", "erk", "cost", "pipeline_balanced"]
+Candidates = Literal["backward_set", "dense"]
+Precision = Literal["auto", "fp32", "bf16"]
+ResumePolicy = Literal["auto", "never", "must"]
+
+SPARSITY_METHODS = typing.get_args(SparsityMethod)
+ALLOCATIONS = typing.get_args(Allocation)
 
 
-def block_linear_shapes(m: "ModelConfig") -> dict[str, tuple[int, int]]:
+def llama_ffn_hidden(d_model: int) -> int:
+    """Llama's FFN width for a model width: 8/3·d rounded up to a multiple of 64."""
+    return 64 * math.ceil(8 * d_model / 3 / 64)
+
+
+def block_linear_shapes(m: ModelConfig) -> dict[str, tuple[int, int]]:
     """[rows (out), cols (in)] of each linear of a Transformer block, by name."""
-    kv = m.kv_heads * m.head_dim
+    kv = m.n_kv_heads * m.head_dim
     return {"q_proj": (m.d_model, m.d_model), "k_proj": (kv, m.d_model), "v_proj": (kv, m.d_model),
-            "o_proj": (m.d_model, m.d_model), "gate_proj": (m.ffn_dim, m.d_model), "up_proj": (m.ffn_dim, m.d_model),
-            "down_proj": (m.d_model, m.ffn_dim)}
+            "o_proj": (m.d_model, m.d_model), "gate_proj": (m.ffn_hidden, m.d_model),
+            "up_proj": (m.ffn_hidden, m.d_model), "down_proj": (m.d_model, m.ffn_hidden)}
 
 
 @dataclass
 class ModelConfig:
-    """Llama-style decoder shape. `vocab_size: 0` means: the tokenizer's size, rounded up."""
+    """Llama-style decoder shape. `n_kv_heads` and `ffn_hidden` left automatic (None, or 0 as older
+    configs say) are resolved on construction; `vocab_size` needs the tokenizer (`resolve_vocab`)."""
 
-    vocab_size: int = 0
+    vocab_size: int | None = None
+    """Embedding and LM-head rows; null: the tokenizer's size rounded up to vocab_multiple."""
     vocab_multiple: int = 64
+    """An automatic vocab_size is rounded up to a multiple of this (tensor-parallel and kernel friendly)."""
     d_model: int = 256
+    """Hidden width of the residual stream."""
     n_layers: int = 4
+    """Number of Transformer blocks."""
     n_heads: int = 4
-    n_kv_heads: int = 0
-    ffn_hidden: int = 0
+    """Attention (query) heads; must divide d_model into an even head dimension."""
+    n_kv_heads: int | None = None
+    """Key/value heads (grouped-query attention); null: n_heads (multi-head attention)."""
+    ffn_hidden: int | None = None
+    """Width of the SwiGLU feed-forward layer; null: Llama's 8/3·d_model rounded up to a multiple of 64."""
     max_seq_len: int = 256
+    """Longest sequence the rotary embedding tables cover; train.seq_len may not exceed it."""
     rope_theta: float = 10000.0
+    """Base of the rotary position embedding frequencies."""
     norm_eps: float = 1e-5
+    """Epsilon of every RMSNorm."""
     tie_embeddings: bool = False
+    """Share the token embedding with the LM head (not with parallel.pipeline > 1)."""
     init_std: float = 0.02
+    """Standard deviation of the initial weights (residual outputs are scaled down by √(2·n_layers))."""
 
-    @property
-    def kv_heads(self) -> int:
-        return self.n_kv_heads or self.n_heads
+    def __post_init__(self) -> None:
+        self.vocab_size = self.vocab_size or None
+        self.n_kv_heads = self.n_kv_heads or self.n_heads
+        self.ffn_hidden = self.ffn_hidden or llama_ffn_hidden(self.d_model)
 
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
 
-    @property
-    def ffn_dim(self) -> int:
-        """Llama's rule when unset: 8/3·d rounded up to a multiple of 64."""
-        if self.ffn_hidden:
-            return self.ffn_hidden
-        return 64 * math.ceil(8 * self.d_model / 3 / 64)
-
 
 @dataclass
 class SparsityConfig:
-    """Which block linears are sparse and how (docs/design/topkast.md, spartan.md; `static` and `dense` are baselines).
+    """Which block linears are sparse and how (docs/design/topkast.md, spartan.md; `static` and `dense`
+    are baselines)."""
 
-    `density` is D (the forward set A; for Spartan the target cost fraction ρ), `exploration` M
-    (B holds D + M). `block_size` applies to `granularity: block` (b×b tiles). `freeze_masks_after`
-    is a fraction of `train.steps` after which A and B stop changing (1.0 = never; Top-KAST).
-    Spartan only: `beta` (β_target, scaled by √(block elements)), `warmup_frac` (budget annealed from
-    all of B to ρ, β ramped), `finetune_frac` (last fraction of steps with the hard mask frozen),
-    `allocation` (how the total budget is split over layers, `sparsity/allocation.py`) and
-    `candidates` (`backward_set`: Top-KAST's B; `dense`: every block, small scale only).
-    """
-
-    method: str = "dense"
+    method: SparsityMethod = "dense"
+    """dense: no sparsity; static: a fixed seeded random set of size D; topkast: Top-KAST; spartan: Spartan."""
     density: float = 0.1
+    """D: fraction of each sparse layer in the forward set A (Spartan: the target cost fraction ρ)."""
     exploration: float = 0.1
-    granularity: str = "element"
+    """M: extra fraction in the backward set B, which holds the top D + M and is all that is stored."""
+    granularity: Granularity = "element"
+    """Unit of selection: single weights, or block_size × block_size tiles."""
     block_size: int = 16
+    """Side b of the b×b tiles with granularity: block."""
     reselect_every: int = 100
+    """Steps between reselections of A and B."""
     penalty: float = 1e-4
+    """Top-KAST's exploration penalty λ: an extra gradient λ·θ on A and λ·θ/D on the rest of B."""
     freeze_masks_after: float = 1.0
-    complement: str = "regenerate"
-    targets: list = field(default_factory=lambda: list(BLOCK_LINEAR_NAMES))
-    allocation: str = "uniform"
+    """Fraction of train.steps after which A and B stop changing (1.0: never)."""
+    complement: Complement = "regenerate"
+    """Weights outside B: regenerate from the seed when selected again, or offload to host memory."""
+    targets: list[str] = field(default_factory=lambda: list(BLOCK_LINEAR_NAMES))
+    """Which block linears are sparse (the others stay dense)."""
+    allocation: Allocation = "uniform"
+    """How the total budget is split over layers (anything but uniform is Spartan's)."""
     beta: float = 10.0
+    """Spartan: β_target of the soft top-k, scaled by √(block elements)."""
     warmup_frac: float = 0.2
+    """Spartan: fraction of train.steps over which the budget anneals from all of B to ρ and β ramps up."""
     finetune_frac: float = 0.2
-    candidates: str = "backward_set"
+    """Spartan: last fraction of train.steps trained with the hard mask frozen."""
+    candidates: Candidates = "backward_set"
+    """Spartan: blocks the soft top-k ranks: Top-KAST's backward set B, or every block (small scale only)."""
 
     @property
     def block(self) -> int:
@@ -101,16 +139,20 @@ class SparsityConfig:
 
 @dataclass
 class ParallelConfig:
+    """How the model is split over processes; the data-parallel size is what remains of the world."""
+
     tensor: int = 1
+    """Tensor-parallel size (each linear split over this many ranks)."""
     pipeline: int = 1
+    """Pipeline-parallel size (the blocks split into this many stages)."""
     zero_stage: int = 0
-    timeout_s: int = 600  # bound on every collective: a dead or stuck rank becomes an error, not a hang
-    # Spare B slots per tensor-parallel shard beyond its fair share k_B/T (sparsity/storage.py): a
-    # layer's exact top-k may put more of B on one shard than another.
+    """ZeRO stage: 0, or 1 to partition Adam state over data-parallel ranks."""
+    timeout_s: int = 600
+    """Bound in seconds on every collective: a dead or stuck rank becomes an error, not a hang."""
     shard_headroom: float = 0.25
-    # After every reselection, check that all data-parallel replicas picked the same sets (one
-    # all-reduce of a checksum); off by default, replicas are deterministic by construction.
+    """Spare B slots per tensor-parallel shard beyond its fair share (a layer's top-k may be uneven)."""
     verify_replicas: bool = False
+    """After every reselection, check with one all-reduce that all data-parallel replicas chose alike."""
 
 
 @dataclass
@@ -118,41 +160,69 @@ class DataConfig:
     """Where the prepared token files are, and how `prepare-data` builds them."""
 
     path: str = "data/stdlib"
+    """Directory of prepared token files (from `sparse-lm prepare-data`)."""
     vocab_size: int = 4096
+    """Size of the sentencepiece tokenizer `prepare-data` trains."""
     heldout_fraction: float = 0.02
+    """Fraction of the documents `prepare-data` keeps out of training for evaluation."""
 
 
 @dataclass
 class TrainConfig:
+    """The optimisation loop: schedule, batch, optimizer, logging and where results go."""
+
     steps: int = 200
+    """Optimizer steps to train for."""
     seq_len: int = 256
+    """Tokens per training sequence (at most model.max_seq_len)."""
     micro_batch: int = 8
+    """Sequences per forward/backward pass on each data-parallel rank."""
     grad_accum: int = 1
+    """Micro-batches accumulated into one optimizer step."""
     lr: float = 3e-3
+    """Peak learning rate, reached after warmup_steps."""
     min_lr_ratio: float = 0.1
+    """Final learning rate of the cosine decay, as a fraction of lr."""
     warmup_steps: int = 20
+    """Steps of linear learning-rate warm-up from 0."""
     weight_decay: float = 0.1
+    """AdamW decoupled weight decay."""
     beta1: float = 0.9
+    """Adam's first-moment decay."""
     beta2: float = 0.95
+    """Adam's second-moment decay."""
     eps: float = 1e-8
+    """Adam's epsilon."""
     grad_clip: float = 1.0
+    """Global gradient-norm clipping threshold (0 disables clipping)."""
     seed: int = 1234
-    precision: str = "auto"
-    max_bad_steps: int = 5  # consecutive non-finite steps (skipped) before the run stops
+    """Seeds the initial weights, regenerated complements and data order."""
+    precision: Precision = "auto"
+    """Compute precision; auto: bf16 on a CUDA device, fp32 otherwise."""
+    max_bad_steps: int = 5
+    """Consecutive non-finite steps (each skipped) before the run stops."""
     log_every: int = 10
+    """Steps between progress lines and metrics records."""
     eval_every: int = 50
+    """Steps between held-out evaluations."""
     eval_batches: int = 8
+    """Held-out micro-batches per evaluation."""
     out_dir: str = "runs/tiny"
+    """Run directory: metrics.jsonl, the summary and (by default) the checkpoints."""
 
 
 @dataclass
 class CheckpointConfig:
-    """`dir` empty means `<train.out_dir>/checkpoints`."""
+    """When checkpoints are written and whether a run resumes from one."""
 
     dir: str = ""
+    """Checkpoint root; empty: <train.out_dir>/checkpoints."""
     every: int = 100
+    """Steps between checkpoints (one is also written at the end)."""
     keep: int = 3
-    resume: str = "auto"
+    """How many of the newest checkpoints to keep."""
+    resume: ResumePolicy = "auto"
+    """auto: resume from the latest checkpoint if there is one; never: start fresh; must: fail without one."""
 
 
 @dataclass
@@ -171,9 +241,22 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def validate(self) -> "RunConfig":
-        _validate(self)
+    def validate(self) -> RunConfig:
+        for section in dataclasses.fields(self):
+            _check_choices(section.name, getattr(self, section.name))
+            _VALIDATORS[section.name](self)
         return self
+
+
+SECTIONS: dict[str, type] = {f.name: typing.get_type_hints(RunConfig)[f.name] for f in dataclasses.fields(RunConfig)}
+
+
+@functools.cache
+def field_docs(section: type) -> dict[str, str]:
+    """The one-line docstring under each field of a section dataclass, by field name."""
+    body = ast.parse(inspect.getsource(section)).body[0].body
+    return {node.target.id: doc.value.value for node, doc in itertools.pairwise(body)
+            if isinstance(node, ast.AnnAssign) and isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant)}
 
 
 def _fail(name: str, expected: str, got: Any) -> None:
@@ -185,80 +268,104 @@ def _require(ok: bool, name: str, expected: str, got: Any) -> None:
         _fail(name, expected, got)
 
 
-def _validate(cfg: RunConfig) -> None:
-    m, s, p, d, t, c = cfg.model, cfg.sparsity, cfg.parallel, cfg.data, cfg.train, cfg.checkpoint
+def _choices_text(choices: tuple) -> str:
+    return f"one of: {', '.join(map(str, choices))}"
+
+
+def _check_choices(section: str, values: Any) -> None:
+    """Every `Literal` field holds one of its choices (also for configs built in Python)."""
+    for name, hint in typing.get_type_hints(type(values)).items():
+        if typing.get_origin(hint) is Literal:
+            value = getattr(values, name)
+            _require(value in typing.get_args(hint), f"{section}.{name}", _choices_text(typing.get_args(hint)), value)
+
+
+def _validate_model(cfg: RunConfig) -> None:
+    m = cfg.model
     for name in ("d_model", "n_layers", "n_heads", "max_seq_len", "vocab_multiple"):
         _require(getattr(m, name) >= 1, f"model.{name}", "an integer >= 1", getattr(m, name))
     for name in ("vocab_size", "n_kv_heads", "ffn_hidden"):
-        _require(getattr(m, name) >= 0, f"model.{name}", "an integer >= 0 (0 = automatic)", getattr(m, name))
+        value = getattr(m, name)
+        _require(value is None or value >= 1, f"model.{name}", "an integer >= 1, or null (automatic)", value)
     _require(m.d_model % m.n_heads == 0, "model.n_heads", f"a divisor of model.d_model={m.d_model}", m.n_heads)
-    _require(m.head_dim % 2 == 0, "model.n_heads", "a value giving an even head dimension (RoPE rotates pairs)", m.n_heads)
-    _require(m.n_heads % m.kv_heads == 0, "model.n_kv_heads", f"a divisor of model.n_heads={m.n_heads}", m.n_kv_heads)
+    _require(m.head_dim % 2 == 0, "model.n_heads", "a value giving an even head dimension (RoPE rotates pairs)",
+             m.n_heads)
+    _require(m.n_heads % m.n_kv_heads == 0, "model.n_kv_heads", f"a divisor of model.n_heads={m.n_heads}", m.n_kv_heads)
     _require(m.rope_theta > 0, "model.rope_theta", "a positive number", m.rope_theta)
     _require(0 < m.norm_eps < 1, "model.norm_eps", "a number in (0, 1)", m.norm_eps)
     _require(m.init_std > 0, "model.init_std", "a positive number", m.init_std)
 
-    _require(s.method in SPARSITY_METHODS, "sparsity.method", f"one of: {', '.join(SPARSITY_METHODS)}", s.method)
+
+def _validate_sparsity(cfg: RunConfig) -> None:
+    m, s, p = cfg.model, cfg.sparsity, cfg.parallel
     _require(0 < s.density <= 1, "sparsity.density", "a number in (0, 1]", s.density)
     _require(s.exploration >= 0, "sparsity.exploration", "a number >= 0", s.exploration)
     _require(s.density + s.exploration <= 1, "sparsity.exploration",
              f"at most 1 - sparsity.density = {1 - s.density:g} (B is the top D + M of a layer)", s.exploration)
-    _require(s.granularity in ("element", "block"), "sparsity.granularity", "one of: element, block", s.granularity)
     _require(s.block_size >= 1, "sparsity.block_size", "an integer >= 1", s.block_size)
     _require(s.reselect_every >= 1, "sparsity.reselect_every", "an integer >= 1", s.reselect_every)
     _require(s.penalty >= 0, "sparsity.penalty", "a number >= 0", s.penalty)
     _require(0 <= s.freeze_masks_after <= 1, "sparsity.freeze_masks_after", "a fraction of train.steps in [0, 1]",
              s.freeze_masks_after)
-    _require(s.complement in ("regenerate", "offload"), "sparsity.complement", "one of: regenerate, offload", s.complement)
     _require(bool(s.targets) and all(x in BLOCK_LINEAR_NAMES for x in s.targets), "sparsity.targets",
              f"a non-empty list drawn from {list(BLOCK_LINEAR_NAMES)}", s.targets)
-    if s.method == "spartan":
-        _require(s.allocation in ALLOCATIONS, "sparsity.allocation", f"one of: {', '.join(ALLOCATIONS)}", s.allocation)
-    else:
+    if s.method != "spartan":
         _require(s.allocation == "uniform", "sparsity.allocation",
                  f"uniform with sparsity.method={s.method} (other allocations are Spartan's)", s.allocation)
     _require(s.beta > 0, "sparsity.beta", "a positive number", s.beta)
     for name in ("warmup_frac", "finetune_frac"):
-        _require(0 <= getattr(s, name) <= 1, f"sparsity.{name}", "a fraction of train.steps in [0, 1]", getattr(s, name))
+        _require(0 <= getattr(s, name) <= 1, f"sparsity.{name}", "a fraction of train.steps in [0, 1]",
+                 getattr(s, name))
     _require(s.warmup_frac + s.finetune_frac <= 1, "sparsity.finetune_frac",
              f"at most 1 - sparsity.warmup_frac = {1 - s.warmup_frac:g}", s.finetune_frac)
-    _require(s.candidates in ("backward_set", "dense"), "sparsity.candidates", "one of: backward_set, dense", s.candidates)
-    if s.method != "dense" and s.granularity == "block":
-        ffn = m.ffn_dim
-        for dim, what in ((m.d_model, "model.d_model"), (m.kv_heads * m.head_dim, "the k/v width"), (ffn, "the FFN width")):
-            _require(dim % s.block_size == 0, "sparsity.block_size", f"a divisor of {what}={dim}", s.block_size)
-        if p.tensor > 1 and m.n_heads % p.tensor == 0 and m.kv_heads % p.tensor == 0 and m.ffn_dim % p.tensor == 0:
-            for leaf, (rows, cols) in block_linear_shapes(m).items():
-                shard = (rows // p.tensor, cols) if leaf in COLUMN_PARALLEL else (rows, cols // p.tensor)
-                _require(shard[0] % s.block_size == 0 and shard[1] % s.block_size == 0, "sparsity.block_size",
-                         f"a divisor of every tensor-parallel shard (a block never straddles two ranks): {leaf} "
-                         f"[{rows}, {cols}] is [{shard[0]}, {shard[1]}] on each of parallel.tensor={p.tensor} ranks",
-                         s.block_size)
+    if s.method == "dense" or s.granularity != "block":
+        return
+    for dim, what in ((m.d_model, "model.d_model"), (m.n_kv_heads * m.head_dim, "the k/v width"),
+                      (m.ffn_hidden, "the FFN width")):
+        _require(dim % s.block_size == 0, "sparsity.block_size", f"a divisor of {what}={dim}", s.block_size)
+    if p.tensor > 1 and all(n % p.tensor == 0 for n in (m.n_heads, m.n_kv_heads, m.ffn_hidden)):
+        for leaf, (rows, cols) in block_linear_shapes(m).items():
+            shard = (rows // p.tensor, cols) if leaf in COLUMN_PARALLEL else (rows, cols // p.tensor)
+            _require(shard[0] % s.block_size == 0 and shard[1] % s.block_size == 0, "sparsity.block_size",
+                     f"a divisor of every tensor-parallel shard (a block never straddles two ranks): {leaf} "
+                     f"[{rows}, {cols}] is [{shard[0]}, {shard[1]}] on each of parallel.tensor={p.tensor} ranks",
+                     s.block_size)
 
+
+def _validate_parallel(cfg: RunConfig) -> None:
+    m, p = cfg.model, cfg.parallel
     _require(p.tensor >= 1, "parallel.tensor", "an integer >= 1", p.tensor)
-    _require(1 <= p.pipeline <= m.n_layers, "parallel.pipeline", f"an integer in [1, model.n_layers={m.n_layers}]", p.pipeline)
+    _require(1 <= p.pipeline <= m.n_layers, "parallel.pipeline", f"an integer in [1, model.n_layers={m.n_layers}]",
+             p.pipeline)
     if p.pipeline > 1:
         _require(not m.tie_embeddings, "model.tie_embeddings",
                  "false with parallel.pipeline > 1 (the embedding and the LM head live on different stages)",
                  m.tie_embeddings)
-    _require(p.shard_headroom >= 0, "parallel.shard_headroom", "a number >= 0 (fraction of spare slots)", p.shard_headroom)
+    _require(p.shard_headroom >= 0, "parallel.shard_headroom", "a number >= 0 (fraction of spare slots)",
+             p.shard_headroom)
     if p.tensor > 1:
-        tp = p.tensor
-        for value, what in ((m.n_heads, "model.n_heads"), (m.kv_heads, "the number of k/v heads"),
-                            (m.ffn_dim, "the FFN width"), (m.vocab_size or m.vocab_multiple, "model.vocab_size" if m.vocab_size else "model.vocab_multiple")):
-            _require(value % tp == 0, "parallel.tensor", f"a divisor of {what}={value}", tp)
+        vocab = (m.vocab_size, "model.vocab_size") if m.vocab_size else (m.vocab_multiple, "model.vocab_multiple")
+        for value, what in ((m.n_heads, "model.n_heads"), (m.n_kv_heads, "the number of k/v heads"),
+                            (m.ffn_hidden, "the FFN width"), vocab):
+            _require(value % p.tensor == 0, "parallel.tensor", f"a divisor of {what}={value}", p.tensor)
     _require(p.timeout_s >= 1, "parallel.timeout_s", "an integer >= 1 (seconds)", p.timeout_s)
-    _require(p.zero_stage in (0, 1), "parallel.zero_stage", "0 or 1 (ZeRO-1 partitions Adam state over data-parallel ranks)", p.zero_stage)
+    _require(p.zero_stage in (0, 1), "parallel.zero_stage",
+             "0 or 1 (ZeRO-1 partitions Adam state over data-parallel ranks)", p.zero_stage)
 
+
+def _validate_data(cfg: RunConfig) -> None:
+    d = cfg.data
     _require(bool(d.path), "data.path", "a prepared data directory", d.path)
-    _require(260 <= d.vocab_size <= 2**31 - 1, "data.vocab_size", "an integer in [260, 2^31) (256 byte pieces + unk, bos, eos + merges)", d.vocab_size)
+    _require(260 <= d.vocab_size <= 2**31 - 1, "data.vocab_size",
+             "an integer in [260, 2^31) (256 byte pieces + unk, bos, eos + merges)", d.vocab_size)
     _require(0 < d.heldout_fraction < 1, "data.heldout_fraction", "a number in (0, 1)", d.heldout_fraction)
 
+
+def _validate_train(cfg: RunConfig) -> None:
+    m, t = cfg.model, cfg.train
     for name in ("steps", "seq_len", "micro_batch", "grad_accum", "log_every", "eval_every", "eval_batches"):
         _require(getattr(t, name) >= 1, f"train.{name}", "an integer >= 1", getattr(t, name))
-    _require(
-        t.seq_len <= m.max_seq_len, "train.seq_len", f"at most model.max_seq_len={m.max_seq_len}", t.seq_len
-    )
+    _require(t.seq_len <= m.max_seq_len, "train.seq_len", f"at most model.max_seq_len={m.max_seq_len}", t.seq_len)
     _require(t.lr > 0, "train.lr", "a positive number", t.lr)
     _require(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", "a number in [0, 1]", t.min_lr_ratio)
     _require(t.warmup_steps >= 0, "train.warmup_steps", "an integer >= 0", t.warmup_steps)
@@ -269,22 +376,32 @@ def _validate(cfg: RunConfig) -> None:
     _require(t.grad_clip >= 0, "train.grad_clip", "a number >= 0 (0 disables clipping)", t.grad_clip)
     _require(t.max_bad_steps >= 1, "train.max_bad_steps", "an integer >= 1", t.max_bad_steps)
     _require(0 <= t.seed < 2**31, "train.seed", "an integer in [0, 2^31)", t.seed)  # seeds torch generators
-    _require(t.precision in ("auto", "fp32", "bf16"), "train.precision", "one of: auto, fp32, bf16", t.precision)
     _require(bool(t.out_dir), "train.out_dir", "a directory path", t.out_dir)
 
+
+def _validate_checkpoint(cfg: RunConfig) -> None:
+    c = cfg.checkpoint
     _require(c.every >= 1, "checkpoint.every", "an integer >= 1", c.every)
     _require(c.keep >= 1, "checkpoint.keep", "an integer >= 1", c.keep)
-    _require(c.resume in ("auto", "never", "must"), "checkpoint.resume", "one of: auto, never, must", c.resume)
 
 
-def _coerce(name: str, value: Any, default: Any) -> Any:
-    """Check a YAML value against the dataclass default's type (ints are accepted for floats)."""
-    kind = type(default)
-    if kind is bool:
+_VALIDATORS = {"model": _validate_model, "sparsity": _validate_sparsity, "parallel": _validate_parallel,
+               "data": _validate_data, "train": _validate_train, "checkpoint": _validate_checkpoint}
+
+
+def _coerce(name: str, value: Any, hint: Any) -> Any:
+    """Check a YAML value against the field's type (ints are accepted for floats, null for `X | None`)."""
+    if isinstance(hint, types.UnionType):
+        if value is None:
+            return None
+        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+    if typing.get_origin(hint) is Literal:
+        _require(value in typing.get_args(hint), name, _choices_text(typing.get_args(hint)), value)
+    elif hint is bool:
         _require(isinstance(value, bool), name, "true or false", value)
-    elif kind is int:
+    elif hint is int:
         _require(isinstance(value, int) and not isinstance(value, bool), name, "an integer", value)
-    elif kind is float:
+    elif hint is float:
         if isinstance(value, str):  # PyYAML reads "1e-3" (no dot) as a string
             try:
                 value = float(value)
@@ -293,31 +410,37 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
         _require(isinstance(value, (int, float)) and not isinstance(value, bool), name, "a number", value)
         value = float(value)
         _require(math.isfinite(value), name, "a finite number", value)  # YAML's .inf / .nan, "inf", "nan"
-    elif kind is str:
+    elif hint is str:
         _require(isinstance(value, str), name, "a string", value)
-    elif kind is list:
+    elif typing.get_origin(hint) is list:
         if isinstance(value, str):  # --set sparsity.targets=q_proj,v_proj
             value = [v.strip() for v in value.split(",") if v.strip()]
         _require(isinstance(value, list) and all(isinstance(v, str) for v in value), name, "a list of names", value)
     return value
 
 
-def _apply(cfg: RunConfig, tree: dict[str, Any], origin: str) -> None:
+def _collect(values: dict[str, dict[str, Any]], tree: Any, origin: str) -> None:
+    """Check `tree` (sections of fields) and merge its coerced values into `values`."""
     if not isinstance(tree, dict):
         raise UserError(f"{origin}: expected a mapping of sections (model, sparsity, ...), got {type(tree).__name__}")
-    sections = {f.name for f in dataclasses.fields(cfg)}
-    for section, values in tree.items():
-        if section not in sections:
-            raise UserError(f"{origin}: unknown section {section!r}; expected one of {sorted(sections)}")
-        target = getattr(cfg, section)
-        if not isinstance(values, dict):
-            raise UserError(f"{origin}: section {section!r} must be a mapping, got {values!r}")
-        known = {f.name: f for f in dataclasses.fields(target)}
-        for key, value in values.items():
-            if key not in known:
-                raise UserError(f"{origin}: unknown field {section}.{key}; expected one of {sorted(known)}")
-            value = _coerce(f"{section}.{key}", value, getattr(target, key))
-            setattr(target, key, value)
+    for section, fields in tree.items():
+        if section not in SECTIONS:
+            raise UserError(f"{origin}: unknown section {section!r}; expected one of {sorted(SECTIONS)}")
+        if not isinstance(fields, dict):
+            raise UserError(f"{origin}: section {section!r} must be a mapping, got {fields!r}")
+        hints = typing.get_type_hints(SECTIONS[section])
+        for key, value in fields.items():
+            if key not in hints:
+                raise UserError(f"{origin}: unknown field {section}.{key}; expected one of {sorted(hints)}")
+            values[section][key] = _coerce(f"{section}.{key}", value, hints[key])
+
+
+def _build(trees: list[tuple[Any, str]]) -> RunConfig:
+    """Defaults ← each (tree, origin) in turn, then construction (resolving automatic fields) and validation."""
+    values: dict[str, dict[str, Any]] = {section: {} for section in SECTIONS}
+    for tree, origin in trees:
+        _collect(values, tree, origin)
+    return RunConfig(**{section: SECTIONS[section](**values[section]) for section in SECTIONS}).validate()
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
@@ -338,7 +461,7 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Defaults ← YAML file ← `--set` overrides, then validation."""
-    cfg = RunConfig()
+    trees: list[tuple[Any, str]] = []
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -349,14 +472,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark else ""
             raise UserError(f"config file {path}: invalid YAML{where}") from None
-        _apply(cfg, tree, f"config file {path}")
+        trees.append((tree, f"config file {path}"))
     if overrides:
-        _apply(cfg, parse_overrides(overrides), "--set")
-    return cfg.validate()
+        trees.append((parse_overrides(overrides), "--set"))
+    return _build(trees)
 
 
 def config_from_dict(tree: dict[str, Any]) -> RunConfig:
     """Rebuild a validated config from `RunConfig.to_dict()` (as stored in checkpoint manifests)."""
-    cfg = RunConfig()
-    _apply(cfg, tree, "stored config")
-    return cfg.validate()
+    return _build([(tree, "stored config")])

@@ -84,3 +84,81 @@ def test_block_straddling_tensor_parallel_shards_names_the_layer_and_shard():
     assert str(info.value) == (
         "config field sparsity.block_size: expected a divisor of every tensor-parallel shard (a block never "
         "straddles two ranks): q_proj [128, 128] is [64, 128] on each of parallel.tensor=2 ranks, got 128")
+
+
+def test_every_field_has_a_one_line_docstring():
+    import dataclasses
+
+    from sparse_lm.config import SECTIONS, field_docs
+
+    for name, section in SECTIONS.items():
+        docs = field_docs(section)
+        for item in dataclasses.fields(section):
+            assert docs.get(item.name, "").strip(), f"{name}.{item.name} has no docstring"
+            assert "\n" not in docs[item.name], f"{name}.{item.name}: docstring is not one line"
+
+
+def test_choice_fields_are_literals_checked_also_for_configs_built_in_python():
+    import typing
+
+    from sparse_lm.config import SECTIONS, RunConfig, SparsityConfig, TrainConfig
+
+    hints = {f"{s}.{k}": h for s, section in SECTIONS.items() for k, h in typing.get_type_hints(section).items()}
+    for name in ("sparsity.method", "sparsity.granularity", "sparsity.complement", "sparsity.allocation",
+                 "sparsity.candidates", "train.precision", "checkpoint.resume"):
+        assert typing.get_origin(hints[name]) is typing.Literal, name
+    with pytest.raises(UserError, match=r"^config field sparsity.method: expected one of: dense, static, topkast, "
+                                        r"spartan, got 'magic'$"):
+        RunConfig(sparsity=SparsityConfig(method="magic")).validate()
+    with pytest.raises(UserError, match=r"^config field train.precision: expected one of: auto, fp32, bf16, got 'fp8'$"):
+        RunConfig(train=TrainConfig(precision="fp8")).validate()
+
+
+@pytest.mark.parametrize("automatic", ["null", "0", None])
+def test_automatic_model_fields_are_resolved_once_under_their_own_name(tmp_path, automatic):
+    """null, 0 (older configs) and leaving the field out all mean automatic: n_kv_heads = n_heads,
+    ffn_hidden = Llama's 8/3·d rounded up to 64 of the final d_model (after --set), vocab_size
+    stays null for the tokenizer to settle."""
+    from sparse_lm.config import config_from_dict
+
+    fields = "" if automatic is None else "".join(f"  {f}: {automatic}\n" for f in ("vocab_size", "n_kv_heads",
+                                                                                    "ffn_hidden"))
+    path = tmp_path / "auto.yaml"
+    path.write_text(f"model:\n  d_model: 256\n  n_heads: 4\n{fields}")
+    cfg = load_config(path, ["model.d_model=128"])
+    assert (cfg.model.vocab_size, cfg.model.n_kv_heads, cfg.model.ffn_hidden) == (None, 4, 384)
+    assert config_from_dict(cfg.to_dict()) == cfg
+    stored = cfg.to_dict()
+    stored["model"].update(vocab_size=0, n_kv_heads=0, ffn_hidden=0)  # as checkpoints before null was allowed
+    assert config_from_dict(stored) == cfg
+    explicit = load_config(path, ["model.n_kv_heads=2", "model.ffn_hidden=320", "model.vocab_size=512"])
+    assert (explicit.model.vocab_size, explicit.model.n_kv_heads, explicit.model.ffn_hidden) == (512, 2, 320)
+
+
+def test_negative_automatic_field_names_the_field():
+    with pytest.raises(UserError, match=r"^config field model.n_kv_heads: expected an integer >= 1, or null "
+                                        r"\(automatic\), got -2$"):
+        load_config("configs/tiny.yaml", ["model.n_kv_heads=-2"])
+
+
+def test_print_config_prints_the_resolved_config_and_trains_nothing(tmp_path, capsys):
+    """YAML that reads back to the same config (--set applied, ffn_hidden/n_kv_heads resolved, every
+    field commented), a header naming what stays automatic, exit 0, no run directory."""
+    import yaml
+
+    from sparse_lm.cli import main
+
+    out_dir = tmp_path / "run"
+    overrides = ["model.d_model=128", "train.steps=7", f"train.out_dir={out_dir}"]
+    capsys.readouterr()
+    assert main(["pretrain", "--config", "configs/tiny.yaml", "--set", *overrides, "--print-config"]) == 0
+    text = capsys.readouterr().out
+    printed = tmp_path / "printed.yaml"
+    printed.write_text(text)
+    assert load_config(printed) == load_config("configs/tiny.yaml", overrides)
+    tree = yaml.safe_load(text)
+    assert (tree["model"]["ffn_hidden"], tree["model"]["n_kv_heads"], tree["train"]["steps"]) == (384, 4, 7)
+    assert "#   model.vocab_size: null → the tokenizer's size in data/stdlib" in text
+    assert "#   train.precision: auto → bf16 on a CUDA device" in text
+    assert "  # Key/value heads (grouped-query attention); null: n_heads (multi-head attention).\n  n_kv_heads: 4" in text
+    assert not out_dir.exists()

@@ -88,7 +88,7 @@ def transformers_llama():
 def test_hf_tokenizer_gives_sentencepiece_ids(tmp_path, sp_model, transformers_llama):
     _, AutoTokenizer = transformers_llama
     ckpt = make_checkpoint(tmp_path / "ckpt", sp_model)
-    assert convert("--from", str(ckpt), "--to", str(tmp_path / "hf")) == 0
+    assert convert("export-hf", "--from", str(ckpt), "--to", str(tmp_path / "hf")) == 0
     hf_tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
     sp = Tokenizer(sp_model)
     for text in TEXTS:
@@ -114,7 +114,7 @@ def test_unconvertible_tokenizer_ships_as_tokenizer_model_only(tmp_path, capsys)
     (tmp_path / "prefix.model").write_bytes(proto.getvalue())
     ckpt = make_checkpoint(tmp_path / "ckpt", tmp_path / "prefix.model", method="dense")
     capsys.readouterr()
-    assert convert("--from", str(ckpt), "--to", str(tmp_path / "hf")) == 0
+    assert convert("export-hf", "--from", str(ckpt), "--to", str(tmp_path / "hf")) == 0
     assert "note: tokenizer.model only; not converted" in capsys.readouterr().out
     assert (tmp_path / "hf" / "tokenizer.model").is_file() and not (tmp_path / "hf" / "tokenizer.json").exists()
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["eos_token_id"] == 2
@@ -127,10 +127,10 @@ def test_export_logits_and_perplexity_match(tmp_path, sp_model, transformers_lla
     ckpt = make_checkpoint(tmp_path / "ckpt", sp_model, granularity=granularity, tie=tie)
     out = tmp_path / "hf"
     if tie:
-        assert convert("--from", str(ckpt), "--to", str(out)) == 0
+        assert convert("export-hf", "--from", str(ckpt), "--to", str(out)) == 0
     else:  # once through the real entry point
-        done = subprocess.run([sys.executable, "-m", "sparse_lm", "convert", "--from", str(ckpt), "--to", str(out),
-                               "--format", "hf"], capture_output=True, text=True, cwd=REPO)
+        done = subprocess.run([sys.executable, "-m", "sparse_lm", "convert", "export-hf", "--from", str(ckpt),
+                               "--to", str(out)], capture_output=True, text=True, cwd=REPO)
         assert done.returncode == 0, done.stderr
         assert "written as their forward set A" in done.stdout
 
@@ -160,13 +160,13 @@ def test_export_logits_and_perplexity_match(tmp_path, sp_model, transformers_lla
 def test_export_replaces_only_an_earlier_export(tmp_path, sp_model, capsys):
     ckpt = make_checkpoint(tmp_path / "ckpt", sp_model, method="dense")
     out = tmp_path / "hf"
-    assert convert("--from", str(ckpt), "--to", str(out)) == 0
-    assert convert("--from", str(ckpt), "--to", str(out)) == 0  # an earlier export: replaced
+    assert convert("export-hf", "--from", str(ckpt), "--to", str(out)) == 0
+    assert convert("export-hf", "--from", str(ckpt), "--to", str(out)) == 0  # an earlier export: replaced
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "hf"]  # no temporary left behind
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     capsys.readouterr()
-    assert convert("--from", str(ckpt), "--to", str(tmp_path / "mine")) == 2
+    assert convert("export-hf", "--from", str(ckpt), "--to", str(tmp_path / "mine")) == 2
     assert "not an earlier `sparse-lm convert` output" in capsys.readouterr().err
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 
@@ -178,16 +178,16 @@ def test_reshard_shard_headroom_and_rerun_over_its_output(tmp_path, sp_model, ca
     ckpt = make_checkpoint(tmp_path / "ckpt", sp_model)
     out = tmp_path / "tp2"
     capsys.readouterr()
-    assert convert("--from", str(ckpt), "--to", str(out), "--tensor", "2", "--shard-headroom", "0") == 2
+    assert convert("reshard", "--from", str(ckpt), "--to", str(out), "--tensor", "2", "--shard-headroom", "0") == 2
     assert "re-shard with a larger --shard-headroom (now 0.0)" in capsys.readouterr().err
-    assert convert("--from", str(ckpt), "--to", str(out), "--tensor", "2", "--shard-headroom", "0.5") == 0
+    assert convert("reshard", "--from", str(ckpt), "--to", str(out), "--tensor", "2", "--shard-headroom", "0.5") == 0
     assert "--set parallel.shard_headroom=0.5 --resume" in capsys.readouterr().out
     manifest = json.loads((out / "step_00000003" / "manifest.json").read_text())
     assert manifest["config"]["parallel"]["shard_headroom"] == 0.5 and manifest["topology"]["tensor"] == 2
-    assert convert("--from", str(ckpt), "--to", str(out), "--tensor", "2", "--shard-headroom", "0.5") == 0
+    assert convert("reshard", "--from", str(ckpt), "--to", str(out), "--tensor", "2", "--shard-headroom", "0.5") == 0
     (out / "step_00000009").mkdir()
     capsys.readouterr()
-    assert convert("--from", str(ckpt), "--to", str(out), "--tensor", "2") == 2
+    assert convert("reshard", "--from", str(ckpt), "--to", str(out), "--tensor", "2") == 2
     assert "holds training progress made after the re-shard (step_00000009)" in capsys.readouterr().err
 
 
@@ -197,10 +197,11 @@ def test_a_failed_write_is_one_line_and_changes_nothing(tmp_path, sp_model):
     left (the earlier export in the first case untouched)."""
     ckpt = make_checkpoint(tmp_path / "ckpt", sp_model, method="dense")
     out = tmp_path / "hf"
-    assert convert("--from", str(ckpt), "--to", str(out)) == 0
+    assert convert("export-hf", "--from", str(ckpt), "--to", str(out)) == 0
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     (tmp_path / "file").write_text("")
-    limited = ["bash", "-c", 'ulimit -f 64 && exec "$@"', "limited", sys.executable, "-m", "sparse_lm", "convert"]
+    limited = ["bash", "-c", 'ulimit -f 64 && exec "$@"', "limited", sys.executable, "-m", "sparse_lm", "convert",
+               "export-hf"]
     for to, reason in ((out, "File too large"), (tmp_path / "file" / "hf", "File exists")):
         done = subprocess.run([*limited, "--from", str(ckpt), "--to", str(to)], capture_output=True, text=True,
                               cwd=REPO, timeout=300)
@@ -221,7 +222,7 @@ def test_eval_on_a_damaged_export_is_one_line(tmp_path, sp_model, transformers_l
     from sparse_lm.errors import UserError
 
     ckpt = make_checkpoint(tmp_path / "ckpt", sp_model, method="dense")
-    assert convert("--from", str(ckpt), "--to", str(tmp_path / "hf")) == 0
+    assert convert("export-hf", "--from", str(ckpt), "--to", str(tmp_path / "hf")) == 0
     damage(tmp_path / "hf")
     with pytest.raises(UserError) as err:
         load_hf_for_eval(tmp_path / "hf")
@@ -252,8 +253,8 @@ def test_density_one_round_trip_is_identity(tmp_path, sp_model, transformers_lla
     AutoModelForCausalLM, _ = transformers_llama
     dense_hf = save_dense_hf(tmp_path / "dense", sp_model, tie)
     sparse, back = tmp_path / "sparse", tmp_path / "back"
-    assert convert("--from-hf", str(dense_hf), "--to", str(sparse), "--density", "1.0", "--exploration", "0") == 0
-    assert convert("--from", str(sparse), "--to", str(back)) == 0
+    assert convert("import-hf", "--from", str(dense_hf), "--to", str(sparse), "--density", "1.0", "--exploration", "0") == 0
+    assert convert("export-hf", "--from", str(sparse), "--to", str(back)) == 0
     original, returned = load_file(dense_hf / "model.safetensors"), load_file(back / "model.safetensors")
     assert sorted(original) == sorted(returned)
     assert all(torch.equal(original[k], returned[k]) for k in original)
@@ -270,7 +271,7 @@ def test_density_one_round_trip_is_identity(tmp_path, sp_model, transformers_lla
 def test_import_keeps_exactly_the_top_of_each_layer(tmp_path, dense_hf, block):
     density, exploration = 0.25, 0.15
     sparse, back = tmp_path / "sparse", tmp_path / "back"
-    assert convert("--from-hf", str(dense_hf), "--to", str(sparse), "--density", str(density),
+    assert convert("import-hf", "--from", str(dense_hf), "--to", str(sparse), "--density", str(density),
                    "--exploration", str(exploration), "--block-size", str(block)) == 0
     dense = load_file(dense_hf / "model.safetensors")
     model, cfg, _ = load_trained_model(sparse / "checkpoints")
@@ -292,7 +293,7 @@ def test_import_keeps_exactly_the_top_of_each_layer(tmp_path, dense_hf, block):
         assert int(kept.sum()) == math.ceil(density * n) * block * block
         assert torch.equal(a_weight[kept], weight[kept])  # A holds the pretrained values
         assert torch.equal(layer.complement, weight)  # offload keeps every pretrained value
-    assert convert("--from", str(sparse), "--to", str(back)) == 0
+    assert convert("export-hf", "--from", str(sparse), "--to", str(back)) == 0
     exported = load_file(back / "model.safetensors")
     for name, layer in layers.items():
         assert int((exported[f"model.{name}.weight"] != 0).sum()) == math.ceil(density * layer.n_blocks) * block**2
@@ -305,7 +306,7 @@ def test_imported_checkpoint_restores_into_an_optimizer(tmp_path, dense_hf):
     from sparse_lm.parallel.state import Topology
 
     sparse = tmp_path / "sparse"
-    assert convert("--from-hf", str(dense_hf), "--to", str(sparse), "--density", "0.5", "--exploration", "0.25") == 0
+    assert convert("import-hf", "--from", str(dense_hf), "--to", str(sparse), "--density", "0.5", "--exploration", "0.25") == 0
     cfg_text = (sparse / "config.yaml").read_text()
     assert f"out_dir: {sparse.resolve()}" in cfg_text and "resume: must" in cfg_text and "method: topkast" in cfg_text
     model = build_model(_import_config(sparse))
@@ -326,9 +327,9 @@ def test_import_with_a_parallel_config_writes_a_one_process_config(tmp_path, den
     config.write_text("parallel:\n  tensor: 2\n")
     out = tmp_path / "sparse"
     capsys.readouterr()
-    assert convert("--from-hf", str(dense_hf), "--to", str(out), "--density", "0.5", "--exploration", "0.25",
+    assert convert("import-hf", "--from", str(dense_hf), "--to", str(out), "--density", "0.5", "--exploration", "0.25",
                    "--config", str(config)) == 0
-    assert f"first: sparse-lm convert --from {out / 'checkpoints'} --to DIR --tensor 2 --pipeline 1" in capsys.readouterr().out
+    assert f"first: sparse-lm convert reshard --from {out / 'checkpoints'} --to DIR --tensor 2 --pipeline 1" in capsys.readouterr().out
     assert (_import_config(out).parallel.tensor, _import_config(out).parallel.pipeline) == (1, 1)
     manifest = json.loads((out / "checkpoints" / "step_00000000" / "manifest.json").read_text())
     assert manifest["config"]["parallel"]["tensor"] == 1 and manifest["topology"]["tensor"] == 1
@@ -362,29 +363,55 @@ def _edit_config(hf: Path, **changes) -> None:
 
 
 EXPORT_ERRORS = {
-    "format": (None, ["--format", "onnx"], "--format 'onnx': unknown"),
-    "missing shard": (lambda c: (c / "step_00000003" / "model-tp00-pp00.safetensors").unlink(), [],
+    "missing shard": (lambda c: (c / "step_00000003" / "model-tp00-pp00.safetensors").unlink(), ["export-hf"],
                       "model-tp00-pp00.safetensors: missing"),
-    "corrupt shard": (_corrupt_shard, [], "sha256 does not match"),
-    "topology": (_set_topology, [], "model-tp01-pp00.safetensors is not listed in manifest.json"),
-    "reshard layout": (None, ["--tensor", "3"], "config field parallel.tensor: expected a divisor of"),
-    "import flag": (None, ["--density", "0.5"], "--density: applies to --from-hf only"),
-    "tensor zero": (None, ["--tensor", "0"], "--tensor 0 --pipeline 1: expected integers >= 1"),
-    "headroom without re-shard": (None, ["--shard-headroom", "0.5"], "--shard-headroom/--drop-optimizer: apply to a re-shard"),
+    "corrupt shard": (_corrupt_shard, ["export-hf"], "sha256 does not match"),
+    "topology": (_set_topology, ["export-hf"], "model-tp01-pp00.safetensors is not listed in manifest.json"),
+    "reshard layout": (None, ["reshard", "--tensor", "3"], "config field parallel.tensor: expected a divisor of"),
+    "tensor zero": (None, ["reshard", "--tensor", "0"], "--tensor 0 --pipeline 1: expected integers >= 1"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(EXPORT_ERRORS))
 def test_export_errors_are_one_line(tmp_path, sp_model, capsys, case):
-    damage, extra, expected = EXPORT_ERRORS[case]
+    damage, (action, *extra), expected = EXPORT_ERRORS[case]
     ckpt = make_checkpoint(tmp_path / "ckpt", sp_model, method="dense")
     if damage:
         damage(ckpt)
     capsys.readouterr()
-    assert convert("--from", str(ckpt), "--to", str(tmp_path / "hf"), *extra) == 2
+    assert convert(action, "--from", str(ckpt), "--to", str(tmp_path / "hf"), *extra) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("sparse-lm convert: error: ") and expected in err, err
     assert not (tmp_path / "hf").exists()
+
+
+FLAG_FORMS = {
+    "export": (["--from", "CKPT", "--to", "OUT", "--format", "hf"], "export-hf --from CKPT --to OUT"),
+    "reshard": (["--from", "CKPT", "--to", "OUT", "--tensor", "2", "--drop-optimizer"],
+                "reshard --from CKPT --to OUT --tensor 2 --drop-optimizer"),
+    "import": (["--from-hf=HF", "--to", "OUT", "--density", "0.5"], "import-hf --from=HF --to OUT --density 0.5"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FLAG_FORMS))
+def test_flag_form_points_to_the_subcommand(tmp_path, capsys, case):
+    """The options-only form from before the subcommands: one line with the same command as a
+    subcommand, exit 2, nothing written."""
+    old, new = FLAG_FORMS[case]
+    capsys.readouterr()
+    assert main(["convert", *old]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("sparse-lm convert: error: "), err
+    assert f"use: sparse-lm convert {new} (subcommands: export-hf, import-hf, reshard)" in err, err
+
+
+@pytest.mark.parametrize("action, option", [("export-hf", "--density"), ("export-hf", "--tensor"),
+                                            ("reshard", "--density"), ("import-hf", "--shard-headroom")])
+def test_subcommands_refuse_the_others_options(tmp_path, capsys, action, option):
+    with pytest.raises(SystemExit) as exit_:
+        main(["convert", action, "--from", str(tmp_path), "--to", str(tmp_path / "out"), option, "1"])
+    assert exit_.value.code == 2 and f"unrecognized arguments: {option} 1" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 IMPORT_ERRORS = {
@@ -406,9 +433,9 @@ def test_import_errors_are_one_line(tmp_path, dense_hf, capsys, case):
     shutil.copytree(dense_hf, hf)
     if damage:
         damage(hf)
-    args = ["--from-hf", str(hf), "--to", str(tmp_path / "out"), "--density", "0.5", "--exploration", "0.25"]
+    args = ["import-hf", "--from", str(hf), "--to", str(tmp_path / "out"), "--density", "0.5", "--exploration", "0.25"]
     if extra == ["--density"]:
-        args = args[:4] + ["--exploration", "0.25"]
+        args = args[:5] + ["--exploration", "0.25"]
     else:
         args += extra
     capsys.readouterr()
@@ -439,7 +466,7 @@ def test_heldout_eval_of_a_directory_checks_its_tokenizer(tmp_path, sp_model, de
 
 def test_import_refuses_to_overwrite_training_progress(tmp_path, dense_hf, capsys):
     out = tmp_path / "out"
-    args = ["--from-hf", str(dense_hf), "--to", str(out), "--density", "0.5", "--exploration", "0.25"]
+    args = ["import-hf", "--from", str(dense_hf), "--to", str(out), "--density", "0.5", "--exploration", "0.25"]
     assert convert(*args) == 0
     assert convert(*args) == 0  # re-import over an untouched import: fine
     (out / "checkpoints" / "step_00000100").mkdir()
@@ -449,7 +476,7 @@ def test_import_refuses_to_overwrite_training_progress(tmp_path, dense_hf, capsy
 
 
 def test_cli_error_through_a_subprocess(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "sparse_lm", "convert", "--from-hf", str(tmp_path), "--to",
+    done = subprocess.run([sys.executable, "-m", "sparse_lm", "convert", "import-hf", "--from", str(tmp_path), "--to",
                            str(tmp_path / "out"), "--density", "0.1", "--exploration", "0.1"],
                           capture_output=True, text=True, cwd=REPO)
     assert done.returncode == 2

@@ -269,8 +269,8 @@ def test_reshard_round_trip_is_exact(tp_runs, tmp_path):
     from safetensors.torch import load_file
 
     source = tp_runs("element", 2, pipeline=2) / "checkpoints"
-    run_cli("convert", "--from", str(source), "--to", str(tmp_path / "one"), "--tensor", "1", "--pipeline", "1")
-    proc = run_cli("convert", "--from", str(tmp_path / "one"), "--to", str(tmp_path / "back"), "--tensor", "2",
+    run_cli("convert", "reshard", "--from", str(source), "--to", str(tmp_path / "one"), "--tensor", "1", "--pipeline", "1")
+    proc = run_cli("convert", "reshard", "--from", str(tmp_path / "one"), "--to", str(tmp_path / "back"), "--tensor", "2",
                    "--pipeline", "2")
     assert "re-sharded step 12" in proc.stdout
     assert json.loads((tmp_path / "one" / "step_00000012" / "manifest.json").read_text())["topology"]["tensor"] == 1
@@ -296,7 +296,7 @@ def test_training_resumes_on_another_layout_after_convert(tp_runs, data_dir, tmp
     """A one-process checkpoint at step 6, re-sharded to TP2 × PP2, resumes on 4 ranks with the
     one-process run's losses for steps 7-12."""
     single = tp_runs("element", 1)
-    run_cli("convert", "--from", str(single / "checkpoints" / "step_00000006"), "--to", str(tmp_path / "ckpt"),
+    run_cli("convert", "reshard", "--from", str(single / "checkpoints" / "step_00000006"), "--to", str(tmp_path / "ckpt"),
             "--tensor", "2", "--pipeline", "2")
     sections = _sections("element", 2, pipeline=2)
     sections["checkpoint"]["dir"] = str(tmp_path / "ckpt")

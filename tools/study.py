@@ -79,7 +79,7 @@ def small_dense(base: dict, target: int, vocab_size: int) -> dict:
     step = 2 * model.n_heads  # keeps an even head dimension
     best = None
     for d_model in range(step, model.d_model + 1, step):
-        ffn = 64 * max(1, round(model.ffn_dim * d_model / model.d_model / 64))
+        ffn = 64 * max(1, round(model.ffn_hidden * d_model / model.d_model / 64))
         tree = _merge(base, {"model": {"d_model": d_model, "ffn_hidden": ffn}, "sparsity": {"method": "dense"}})
         count = parameter_counts(tree, vocab_size)[0]
         if best is None or abs(count - target) < abs(best[0] - target):

@@ -40,8 +40,8 @@ from sparse_lm.optim_state import MOMENTS
 from sparse_lm.sparsity.storage import SparseLinear
 
 ARCHITECTURE = "LlamaForCausalLM"
-EXPORT_MARKER = "sparse_lm_export.json"  # marks a directory `convert --format hf` may replace
-IMPORT_MARKER = "sparse_lm_import.json"  # marks a checkpoint root `convert --from-hf` may replace
+EXPORT_MARKER = "sparse_lm_export.json"  # marks a directory `convert export-hf` may replace
+IMPORT_MARKER = "sparse_lm_import.json"  # marks a checkpoint root `convert import-hf` may replace
 RUN_CONFIG = "config.yaml"  # the imported run's config, for `sparse-lm pretrain --config`
 CHECKPOINTS = "checkpoints"  # an import is laid out like a run directory: <out>/checkpoints/step_*
 IGNORED_HF_TENSORS = ("rotary_emb.inv_freq",)  # derived buffers some older exports carry
@@ -60,8 +60,8 @@ def hf_config(m: ModelConfig, ids: dict[str, int | None]) -> dict[str, Any]:
     """config.json for `LlamaForCausalLM`; both rope spellings so transformers 4.x and 5.x read it."""
     return {
         "architectures": [ARCHITECTURE], "model_type": "llama",
-        "vocab_size": m.vocab_size, "hidden_size": m.d_model, "intermediate_size": m.ffn_dim,
-        "num_hidden_layers": m.n_layers, "num_attention_heads": m.n_heads, "num_key_value_heads": m.kv_heads,
+        "vocab_size": m.vocab_size, "hidden_size": m.d_model, "intermediate_size": m.ffn_hidden,
+        "num_hidden_layers": m.n_layers, "num_attention_heads": m.n_heads, "num_key_value_heads": m.n_kv_heads,
         "head_dim": m.head_dim, "max_position_embeddings": m.max_seq_len, "rms_norm_eps": m.norm_eps,
         "rope_theta": m.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta},
         "tie_word_embeddings": m.tie_embeddings, "hidden_act": "silu", "attention_bias": False,

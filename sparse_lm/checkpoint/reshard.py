@@ -10,9 +10,9 @@ A sparse shard's slot order is kept (shard by shard), so a merged model computes
 shards computed: slot order never changes a product, only which slot an entering block takes.
 Splitting gives each new shard the blocks whose global positions fall in it, in canonical order,
 followed by unused slots up to its capacity; a shard whose share exceeds its capacity is an error
-naming the layer (raise the headroom: `convert --shard-headroom`).
+naming the layer (raise the headroom: `convert reshard --shard-headroom`).
 
-`reshard_checkpoint` is `sparse-lm convert --tensor T --pipeline P`: merge every stage and shard
+`reshard_checkpoint` is `sparse-lm convert reshard --tensor T --pipeline P`: merge every stage and shard
 of a checkpoint (weights, Adam moments, offload store) in one process, split for the new layout,
 and write a checkpoint that `pretrain --resume` continues on that layout.
 """

@@ -302,7 +302,7 @@ def check_topology(step_dir: Path, manifest: dict[str, Any], tensor: int, pipeli
     if (saved["tensor"], saved["pipeline"]) != (tensor, pipeline):
         raise UserError(
             f"checkpoint {step_dir}: saved with tensor={saved['tensor']} pipeline={saved['pipeline']}, "
-            f"this run uses tensor={tensor} pipeline={pipeline}; re-shard it with `sparse-lm convert`"
+            f"this run uses tensor={tensor} pipeline={pipeline}; re-shard it with `sparse-lm convert reshard`"
         )
 
 

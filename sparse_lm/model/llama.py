@@ -69,8 +69,8 @@ class Rotary(nn.Module):
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, prefix: str, linear: LinearFactory, rotary: Rotary):
         super().__init__()
-        self.n_heads, self.n_kv, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
-        d, kv_dim = cfg.d_model, cfg.kv_heads * cfg.head_dim
+        self.n_heads, self.n_kv, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        d, kv_dim = cfg.d_model, cfg.n_kv_heads * cfg.head_dim
         self.q_proj = linear(f"{prefix}.q_proj", d, d)
         self.k_proj = linear(f"{prefix}.k_proj", d, kv_dim)
         self.v_proj = linear(f"{prefix}.v_proj", d, kv_dim)
@@ -93,9 +93,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, prefix: str, linear: LinearFactory):
         super().__init__()
-        self.gate_proj = linear(f"{prefix}.gate_proj", cfg.d_model, cfg.ffn_dim)
-        self.up_proj = linear(f"{prefix}.up_proj", cfg.d_model, cfg.ffn_dim)
-        self.down_proj = linear(f"{prefix}.down_proj", cfg.ffn_dim, cfg.d_model)
+        self.gate_proj = linear(f"{prefix}.gate_proj", cfg.d_model, cfg.ffn_hidden)
+        self.up_proj = linear(f"{prefix}.up_proj", cfg.d_model, cfg.ffn_hidden)
+        self.down_proj = linear(f"{prefix}.down_proj", cfg.ffn_hidden, cfg.d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -25,6 +25,12 @@ def run(args: argparse.Namespace) -> int:
 
     overrides = list(args.overrides) + (["checkpoint.resume=must"] if args.resume else [])
     cfg = load_config(args.config, overrides)
+    if args.print_config:
+        from sparse_lm.config_print import config_yaml
+
+        sets = "".join(f" --set {item}" for item in overrides)
+        print(config_yaml(cfg, f"{args.config}{sets}"), end="")
+        return 0
     writes_summary = args.summary_json and os.environ.get("RANK", "0") == "0"
     if writes_summary:
         check_writable(args.summary_json, "--summary-json", is_file=True)
@@ -38,4 +44,6 @@ def register_cli(subparsers) -> None:
     parser = subparsers.add_parser("pretrain", help="train a model (dense or sparse) per a YAML config")
     add_run_args(parser)
     parser.add_argument("--summary-json", default=None, help="also write the final summary here")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (YAML, every field documented) and exit without training")
     parser.set_defaults(func=run)
