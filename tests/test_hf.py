@@ -253,7 +253,7 @@ def test_density_one_round_trip_is_identity(tmp_path, sp_model, transformers_lla
     AutoModelForCausalLM, _ = transformers_llama
     dense_hf = save_dense_hf(tmp_path / "dense", sp_model, tie)
     sparse, back = tmp_path / "sparse", tmp_path / "back"
-    assert convert("import-hf", "--from", str(dense_hf), "--to", str(sparse), "--density", "1.0", "--exploration", "0") == 0
+    assert convert("import-hf", "--from-hf", str(dense_hf), "--to", str(sparse), "--density", "1.0", "--exploration", "0") == 0
     assert convert("export-hf", "--from", str(sparse), "--to", str(back)) == 0
     original, returned = load_file(dense_hf / "model.safetensors"), load_file(back / "model.safetensors")
     assert sorted(original) == sorted(returned)
@@ -271,7 +271,7 @@ def test_density_one_round_trip_is_identity(tmp_path, sp_model, transformers_lla
 def test_import_keeps_exactly_the_top_of_each_layer(tmp_path, dense_hf, block):
     density, exploration = 0.25, 0.15
     sparse, back = tmp_path / "sparse", tmp_path / "back"
-    assert convert("import-hf", "--from", str(dense_hf), "--to", str(sparse), "--density", str(density),
+    assert convert("import-hf", "--from-hf", str(dense_hf), "--to", str(sparse), "--density", str(density),
                    "--exploration", str(exploration), "--block-size", str(block)) == 0
     dense = load_file(dense_hf / "model.safetensors")
     model, cfg, _ = load_trained_model(sparse / "checkpoints")
@@ -306,7 +306,7 @@ def test_imported_checkpoint_restores_into_an_optimizer(tmp_path, dense_hf):
     from sparse_lm.parallel.state import Topology
 
     sparse = tmp_path / "sparse"
-    assert convert("import-hf", "--from", str(dense_hf), "--to", str(sparse), "--density", "0.5", "--exploration", "0.25") == 0
+    assert convert("import-hf", "--from-hf", str(dense_hf), "--to", str(sparse), "--density", "0.5", "--exploration", "0.25") == 0
     cfg_text = (sparse / "config.yaml").read_text()
     assert f"out_dir: {sparse.resolve()}" in cfg_text and "resume: must" in cfg_text and "method: topkast" in cfg_text
     model = build_model(_import_config(sparse))
@@ -327,7 +327,7 @@ def test_import_with_a_parallel_config_writes_a_one_process_config(tmp_path, den
     config.write_text("parallel:\n  tensor: 2\n")
     out = tmp_path / "sparse"
     capsys.readouterr()
-    assert convert("import-hf", "--from", str(dense_hf), "--to", str(out), "--density", "0.5", "--exploration", "0.25",
+    assert convert("import-hf", "--from-hf", str(dense_hf), "--to", str(out), "--density", "0.5", "--exploration", "0.25",
                    "--config", str(config)) == 0
     assert f"first: sparse-lm convert reshard --from {out / 'checkpoints'} --to DIR --tensor 2 --pipeline 1" in capsys.readouterr().out
     assert (_import_config(out).parallel.tensor, _import_config(out).parallel.pipeline) == (1, 1)
@@ -389,7 +389,7 @@ FLAG_FORMS = {
     "export": (["--from", "CKPT", "--to", "OUT", "--format", "hf"], "export-hf --from CKPT --to OUT"),
     "reshard": (["--from", "CKPT", "--to", "OUT", "--tensor", "2", "--drop-optimizer"],
                 "reshard --from CKPT --to OUT --tensor 2 --drop-optimizer"),
-    "import": (["--from-hf=HF", "--to", "OUT", "--density", "0.5"], "import-hf --from=HF --to OUT --density 0.5"),
+    "import": (["--from-hf=HF", "--to", "OUT", "--density", "0.5"], "import-hf --from-hf=HF --to OUT --density 0.5"),
 }
 
 
@@ -408,8 +408,9 @@ def test_flag_form_points_to_the_subcommand(tmp_path, capsys, case):
 @pytest.mark.parametrize("action, option", [("export-hf", "--density"), ("export-hf", "--tensor"),
                                             ("reshard", "--density"), ("import-hf", "--shard-headroom")])
 def test_subcommands_refuse_the_others_options(tmp_path, capsys, action, option):
+    source = "--from-hf" if action == "import-hf" else "--from"
     with pytest.raises(SystemExit) as exit_:
-        main(["convert", action, "--from", str(tmp_path), "--to", str(tmp_path / "out"), option, "1"])
+        main(["convert", action, source, str(tmp_path), "--to", str(tmp_path / "out"), option, "1"])
     assert exit_.value.code == 2 and f"unrecognized arguments: {option} 1" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
@@ -433,7 +434,7 @@ def test_import_errors_are_one_line(tmp_path, dense_hf, capsys, case):
     shutil.copytree(dense_hf, hf)
     if damage:
         damage(hf)
-    args = ["import-hf", "--from", str(hf), "--to", str(tmp_path / "out"), "--density", "0.5", "--exploration", "0.25"]
+    args = ["import-hf", "--from-hf", str(hf), "--to", str(tmp_path / "out"), "--density", "0.5", "--exploration", "0.25"]
     if extra == ["--density"]:
         args = args[:5] + ["--exploration", "0.25"]
     else:
@@ -466,7 +467,7 @@ def test_heldout_eval_of_a_directory_checks_its_tokenizer(tmp_path, sp_model, de
 
 def test_import_refuses_to_overwrite_training_progress(tmp_path, dense_hf, capsys):
     out = tmp_path / "out"
-    args = ["import-hf", "--from", str(dense_hf), "--to", str(out), "--density", "0.5", "--exploration", "0.25"]
+    args = ["import-hf", "--from-hf", str(dense_hf), "--to", str(out), "--density", "0.5", "--exploration", "0.25"]
     assert convert(*args) == 0
     assert convert(*args) == 0  # re-import over an untouched import: fine
     (out / "checkpoints" / "step_00000100").mkdir()
@@ -476,7 +477,7 @@ def test_import_refuses_to_overwrite_training_progress(tmp_path, dense_hf, capsy
 
 
 def test_cli_error_through_a_subprocess(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "sparse_lm", "convert", "import-hf", "--from", str(tmp_path), "--to",
+    done = subprocess.run([sys.executable, "-m", "sparse_lm", "convert", "import-hf", "--from-hf", str(tmp_path), "--to",
                            str(tmp_path / "out"), "--density", "0.1", "--exploration", "0.1"],
                           capture_output=True, text=True, cwd=REPO)
     assert done.returncode == 2

@@ -22,7 +22,7 @@ def flag_form_pointer(argv: list[str]) -> str | None:
     for i, arg in enumerate(args):
         if arg == "--format" or (i and args[i - 1] == "--format") or arg.startswith("--format="):
             continue  # export-hf is the format
-        new.append("--from" + arg[len("--from-hf"):] if arg.partition("=")[0] == "--from-hf" else arg)
+        new.append(arg)
     return (f"options without a subcommand are no longer accepted; use: sparse-lm convert {action} {' '.join(new)} "
             "(subcommands: export-hf, import-hf, reshard)")
 

@@ -31,14 +31,14 @@ def import_hf(args: argparse.Namespace, out: Path) -> str:
 
     hf_dir = Path(args.source)
     if not hf_dir.is_dir():
-        raise UserError(f"--from {hf_dir}: not a directory")
+        raise UserError(f"--from-hf {hf_dir}: not a directory")
     if args.density is None or args.exploration is None:
         raise UserError("import-hf needs --density D (forward set A) and --exploration M (B holds D + M)")
     model_cfg = model_config_from_hf(hf_dir)
     tokenizer_model = hf_dir / "tokenizer.model"
     if not tokenizer_model.is_file():
         if args.tokenizer is None:
-            raise UserError(f"--from {hf_dir}: has no tokenizer.model; pass the sentencepiece model with "
+            raise UserError(f"--from-hf {hf_dir}: has no tokenizer.model; pass the sentencepiece model with "
                             "--tokenizer PATH.model (checkpoints carry one)")
         tokenizer_model = Path(args.tokenizer)
     tokenizer = Tokenizer(tokenizer_model)
@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
 
 def register(actions) -> None:
     parser = actions.add_parser("import-hf", help="import a dense Hugging Face Llama as a sparse (Top-KAST) checkpoint")
-    parser.add_argument("--from", dest="source", required=True, metavar="HFDIR",
+    parser.add_argument("--from-hf", dest="source", required=True, metavar="HFDIR",
                         help="dense Hugging Face Llama directory to import")
     parser.add_argument("--to", required=True, metavar="OUT",
                         help="output directory (created; replaced only if an untouched earlier import)")
