@@ -16,7 +16,6 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Iterator
@@ -42,7 +41,7 @@ def staged_output(out: Path, marker: str, what: str) -> Iterator[Path]:
     """Yield a temporary directory that becomes `out` when the block succeeds. `what` (import,
     re-shard, export) names the direction in messages; an earlier output's marker may record the
     step it wrote (`step`, default 0): any other step under `out` is training progress since."""
-    from sparse_lm.atomic import publish_dir
+    from sparse_lm.atomic import publish_dir, staging_dir, staging_name
     from sparse_lm.checkpoint.store import WRITE_ERRORS, step_dir_name
 
     if out.exists() and not out.is_dir():
@@ -60,11 +59,9 @@ def staged_output(out: Path, marker: str, what: str) -> Iterator[Path]:
         if later or (out / "metrics.jsonl").exists():
             raise UserError(f"--to {out}: holds training progress made after the {what} "
                             f"({later[-1] if later else 'metrics.jsonl'}); refusing to overwrite it")
-    tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
+    tmp = staging_name(out)
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+        staging_dir(out)
         yield tmp
         _fsync_tree(tmp)
         publish_dir(tmp, out)
