@@ -57,6 +57,8 @@ def check_run(cfg: RunConfig) -> Plan:
     global_batch = t.micro_batch * t.grad_accum * data_parallel_size(world, p.tensor, p.pipeline)
     data_dir = Path(cfg.data.path)
     meta = load_meta(data_dir)
+    if not (data_dir / meta["tokenizer"]).is_file():  # every checkpoint carries a copy
+        raise UserError(f"data.path {data_dir}: its tokenizer {meta['tokenizer']} is missing; prepare the data again")
     sampler = train_sampler(PackedSplit(data_dir, "train"), t.seq_len, t.seed, global_batch)
     eval_batches = heldout_batches(PackedSplit(data_dir, "heldout"), t.seq_len, t.micro_batch, t.eval_batches,
                                    full_only=p.pipeline > 1)
