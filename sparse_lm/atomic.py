@@ -1,9 +1,9 @@
 """Crash-safe file writes: write to a temporary name, fsync, rename.
 
 A reader then sees either the old file or the complete new one, never a torn write. Used for
-checkpoints, prepared data, converted models, metrics summaries and eval results alike; every
-temporary file or directory is named by `staging_name` (`.tmp-NAME-PID` beside NAME). `to_json` writes standard
-JSON, here and in metrics.jsonl.
+checkpoints, prepared data, converted models, metrics summaries and eval results alike. The
+temporaries live beside their target: `.NAME.tmp-PID` for a file (`write_bytes`), `.tmp-NAME-PID`
+for a directory (`staging_dir`). `to_json` writes standard JSON, here and in metrics.jsonl.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def fsync_file(path: Path) -> None:
 def write_bytes(path: str | Path, data: bytes) -> None:
     """A failed write (full disk) leaves `path` as it was and removes its temporary file."""
     path = Path(path)
-    tmp = staging_name(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as handle:
             handle.write(data)
