@@ -1,8 +1,9 @@
 """Crash-safe file writes: write to a temporary name, fsync, rename.
 
 A reader then sees either the old file or the complete new one, never a torn write. Used for
-checkpoints, prepared data, metrics summaries and eval results alike. `to_json` writes standard
-JSON, here and in metrics.jsonl.
+checkpoints, prepared data, converted models, metrics summaries and eval results alike. The
+temporaries live beside their target: `.NAME.tmp-PID` for a file (`write_bytes`), `.tmp-NAME-PID`
+for a directory (`staging_dir`). `to_json` writes standard JSON, here and in metrics.jsonl.
 """
 
 from __future__ import annotations
@@ -89,6 +90,23 @@ def _finite(obj: Any) -> Any:
 
 def write_json(path: str | Path, obj: Any) -> None:
     write_text(path, to_json(obj, indent=2, sort_keys=True) + "\n")
+
+
+def staging_name(final: Path, shared: bool = False) -> Path:
+    """The hidden temporary name beside `final` (the same file system, so renaming it into place is
+    atomic): `.tmp-NAME-PID`, or `.tmp-NAME` when `shared` — several processes (the ranks saving one
+    checkpoint) then name it alike, and a writer killed mid-way leaves it for the next to remove."""
+    return final.with_name(f".tmp-{final.name}" if shared else f".tmp-{final.name}-{os.getpid()}")
+
+
+def staging_dir(final: Path, shared: bool = False) -> Path:
+    """Create `staging_name(final, shared)` empty (a leftover under that name is removed), and
+    `final`'s parent with it, for `publish_dir` to move into place once written."""
+    stage = staging_name(final, shared)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir()
+    return stage
 
 
 def publish_dir(tmp: Path, final: Path) -> None:

@@ -1,7 +1,7 @@
 """Crash safety and bad-step handling of real training processes: SIGKILL at a step and in the
 middle of a save, then `--resume`; injected non-finite losses; standalone checkpoint verification.
 
-Faults are caused through `SPARSE_LM_FAULTS` (sparse_lm/train/faults.py) or a real SIGKILL from
+Faults are caused through `SPARSE_LM_FAULTS` (sparse_lm/faults.py) or a real SIGKILL from
 the test; every run is a subprocess of the CLI on the tiny model of tests/cli_runs.py.
 """
 

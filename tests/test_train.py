@@ -315,6 +315,28 @@ def test_eval_on_two_ranks_matches_one_and_reports_word_perplexity(reference_run
     assert one["word_perplexity"] == pytest.approx(math.exp(one["loss"] * one["tokens"] / one["words"]), rel=1e-9)
 
 
+@pytest.mark.parametrize("case", ["heldout_too_short", "resume_without_checkpoint"])
+def test_bad_data_or_resume_is_refused_before_anything_is_built(data_dir, tmp_path, case):
+    """The one-line error comes before the kernels compile (an empty TORCH_EXTENSIONS_DIR stays
+    empty), before the model and the DeepSpeed engine exist (no "model:" line, no checkpoints)."""
+    sections = {"sparsity": {"method": "topkast", "density": 0.2, "exploration": 0.2}}
+    if case == "heldout_too_short":  # the held-out split holds ~6k tokens, the training split ~150k
+        sections |= {"train": {"seq_len": 8192}, "model": {"max_seq_len": 8192}}
+        expected = "fewer than one window of train.seq_len+1=8193"
+    else:
+        sections["checkpoint"] = {"resume": "must"}
+        expected = "checkpoint.resume=must (or --resume) but no checkpoint is there"
+    config = write_config(tmp_path, data_dir, "run", **sections)
+    extensions = tmp_path / "torch_extensions"
+    extensions.mkdir()
+    proc = run_cli("pretrain", "--config", str(config), check=False,
+                   env={"TORCH_EXTENSIONS_DIR": str(extensions), "SPARSE_LM_COMPILED_KERNELS": "1"})
+    assert proc.returncode == 2 and expected in proc.stderr, proc.stderr[-2000:]
+    assert len([x for x in proc.stderr.splitlines() if "error:" in x]) == 1, proc.stderr[-2000:]
+    assert "model:" not in proc.stdout and not list(extensions.iterdir())
+    assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
+
+
 @pytest.fixture(scope="module")
 def other_data(tmp_path_factory) -> Path:
     """A dataset prepared with another tokenizer (vocabulary 640) than the `data_dir` runs."""

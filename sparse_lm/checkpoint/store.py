@@ -11,7 +11,7 @@ Layout of `<root>/step_00000100/`:
 
 Optimizer moments are stored per parameter (not as DeepSpeed's flat partitions) so that a checkpoint
 does not depend on the data-parallel size or ZeRO stage, and conversion can re-shard them.
-Every write goes to `.tmp-step_…` first and is renamed only when complete; `latest` moves last.
+Every write goes to `.tmp-step_…` (`atomic.staging_dir`) first and is renamed only when complete; `latest` moves last.
 """
 
 from __future__ import annotations
@@ -27,12 +27,12 @@ import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from sparse_lm.atomic import publish_dir, recover_dir, sha256_file, write_json, write_text
+from sparse_lm import faults
+from sparse_lm.atomic import publish_dir, recover_dir, sha256_file, staging_dir, staging_name, write_json, write_text
 from sparse_lm.errors import UserError
-from sparse_lm.parallel.layout import canonical_name
 from sparse_lm.optim_state import MOMENTS, ensure_state, get_moment, partitioned, set_moment
+from sparse_lm.parallel.layout import canonical_name
 from sparse_lm.parallel.state import Topology
-from sparse_lm.train import faults
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -123,12 +123,9 @@ def save_checkpoint(
     _refuse_non_finite(model, step, topo.device)
     root = Path(root)
     final = root / step_dir_name(step)
-    tmp = root / f".tmp-{final.name}"
+    tmp = staging_name(final, shared=True)  # every rank writes its shards into it
     if topo.is_main:
-        root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():  # left by a run killed mid-save
-            shutil.rmtree(tmp)
-        tmp.mkdir()
+        staging_dir(final, shared=True)  # removing one left by a run killed mid-save
     _barrier()
 
     moments = {  # every rank takes part: under ZeRO the moments are gathered collectively

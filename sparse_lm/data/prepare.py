@@ -21,7 +21,6 @@ import itertools
 import json
 import os
 import shutil
-import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,7 +31,7 @@ import sentencepiece
 from tqdm import tqdm
 
 import sparse_lm
-from sparse_lm.atomic import publish_dir
+from sparse_lm.atomic import publish_dir, staging_dir
 from sparse_lm.config import load_config
 from sparse_lm.data.packed import FORMAT_VERSION, META_FILE, SPLITS, PackedSplit, load_meta
 from sparse_lm.data.sources import BLANK, ERRORS, CorpusStats, Source, TextFormat, iter_documents, parse_corpus
@@ -407,9 +406,7 @@ def _check_replaceable(out: Path) -> None:
 def _staging_dir(out: Path) -> Iterator[Path]:
     """A hidden directory next to `out` (same file system, so renaming it is atomic), removed if
     the build fails."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:12]}"
-    stage.mkdir()
+    stage = staging_dir(out)
     try:
         yield stage
     finally:

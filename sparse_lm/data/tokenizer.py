@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import sentencepiece as spm
 
+from sparse_lm.atomic import write_bytes
 from sparse_lm.errors import UserError
 
 TRAINER_OPTIONS = dict(
@@ -114,12 +114,7 @@ def train_tokenizer(text_iterable: Iterable[str], out_path: str | Path, vocab_si
     except RuntimeError as exc:
         detail = str(exc).rsplit("] ", 1)[-1].strip()
         raise UserError(f"cannot train a tokenizer with vocab size {vocab_size} on this corpus: {detail}") from None
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(proto.getvalue())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out_path)
+    write_bytes(out_path, proto.getvalue())
     return out_path
 
 

@@ -70,6 +70,15 @@ def _unlink_shm_segment() -> None:
         (Path("/dev/shm") / name).unlink()
 
 
+def data_parallel_size(world: int, tensor: int, pipeline: int) -> int:
+    """The number of model replicas `world` ranks hold; a layout that does not fit is refused."""
+    if world % (tensor * pipeline):
+        raise UserError(
+            f"parallel.tensor × parallel.pipeline = {tensor * pipeline} must divide the number of ranks ({world})"
+        )
+    return world // (tensor * pipeline)
+
+
 def init_distributed(tensor: int = 1, pipeline: int = 1, timeout_s: int = 600) -> Topology:
     """Initialise torch.distributed through DeepSpeed and megatron-core's model-parallel groups.
 
@@ -103,10 +112,7 @@ def init_distributed(tensor: int = 1, pipeline: int = 1, timeout_s: int = 600) -
     if not on_cuda:
         _unlink_shm_segment()
     world = dist.get_world_size()
-    if world % (tensor * pipeline):
-        raise UserError(
-            f"parallel.tensor × parallel.pipeline = {tensor * pipeline} must divide the number of ranks ({world})"
-        )
+    data = data_parallel_size(world, tensor, pipeline)
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(  # its groups (DeepSpeed's data-parallel one too) get the same bound
             tensor_model_parallel_size=tensor, pipeline_model_parallel_size=pipeline,
@@ -117,7 +123,7 @@ def init_distributed(tensor: int = 1, pipeline: int = 1, timeout_s: int = 600) -
         world=world,
         tensor=tensor,
         pipeline=pipeline,
-        data=world // (tensor * pipeline),
+        data=data,
         tp_rank=parallel_state.get_tensor_model_parallel_rank(),
         pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
         dp_rank=parallel_state.get_data_parallel_rank(),

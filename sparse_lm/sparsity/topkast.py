@@ -23,7 +23,6 @@ from torch import nn
 from sparse_lm.config import SparsityConfig
 from sparse_lm.optim_state import write_slots, zero_moments
 from sparse_lm.parallel.layers import collective_device
-from sparse_lm.sparsity.init import stream_id
 from sparse_lm.sparsity.storage import SparseLinear
 
 
@@ -120,6 +119,19 @@ class TopKAST:
         """A line for the run's log about the schedule, if it has more to say than the config."""
         return None
 
+    def stats(self) -> dict[str, float] | None:
+        """This rank's sparse linears for the run's log, or None without any: how many, the
+        parameters their dense weights would add beyond the stored values (`dense_extra`), and the
+        forward density (the blocks of A over all blocks, weighted by block area)."""
+        if not self.layers:
+            return None
+        kept = sum(layer.k_forward * layer.block**2 for layer in self.layers)
+        return {
+            "layers": len(self.layers),
+            "dense_extra": sum(layer.out_features * layer.in_features - layer.values.numel() for layer in self.layers),
+            "forward_density": kept / sum(layer.global_blocks * layer.block**2 for layer in self.layers),
+        }
+
     def after_step(self, step: int, optimizer: torch.optim.Optimizer | None) -> dict[str, float] | None:
         """After optimizer step `step`: reselect when due; returns the reselection's record."""
         return self.reselect_all(optimizer) if self.due(step) else None
@@ -163,9 +175,3 @@ def verify_replicas(layers: list[SparseLinear], group, step: int) -> None:
         raise UserError(f"step {step}: data-parallel replicas selected different sparse sets (checksums "
                         f"{float(both[0]):.6g} vs {-float(both[1]):.6g}); parallel.verify_replicas caught a "
                         "non-deterministic reselection — please report it with the config")
-
-
-def stream_for(module_name: str) -> int:
-    """The initialiser stream of a linear: that of its dense weight's name, so that dense and
-    sparse runs from one seed share θ₀."""
-    return stream_id(f"{module_name}.weight")

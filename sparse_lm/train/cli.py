@@ -21,7 +21,7 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sparse_lm.train.loop import pretrain
+    from sparse_lm.train.preflight import check_run
 
     overrides = list(args.overrides) + (["checkpoint.resume=must"] if args.resume else [])
     cfg = load_config(args.config, overrides)
@@ -34,7 +34,11 @@ def run(args: argparse.Namespace) -> int:
     writes_summary = args.summary_json and os.environ.get("RANK", "0") == "0"
     if writes_summary:
         check_writable(args.summary_json, "--summary-json", is_file=True)
-    summary = pretrain(cfg)
+    plan = check_run(cfg)  # before DeepSpeed and megatron-core are even imported
+
+    from sparse_lm.train.loop import pretrain
+
+    summary = pretrain(cfg, plan)
     if writes_summary:
         write_json(args.summary_json, summary)
     return 0

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,7 +34,7 @@ def staged_output(out: Path, marker: str, what: str) -> Iterator[Path]:
     """Yield a temporary directory that becomes `out` when the block succeeds. `what` (import,
     re-shard, export) names the direction in messages; an earlier output's marker may record the
     step it wrote (`step`, default 0): any other step under `out` is training progress since."""
-    from sparse_lm.atomic import publish_dir
+    from sparse_lm.atomic import publish_dir, staging_dir
     from sparse_lm.checkpoint.store import WRITE_ERRORS, step_dir_name
 
     if out.exists() and not out.is_dir():
@@ -53,11 +52,9 @@ def staged_output(out: Path, marker: str, what: str) -> Iterator[Path]:
         if later or (out / "metrics.jsonl").exists():
             raise UserError(f"--to {out}: holds training progress made after the {what} "
                             f"({later[-1] if later else 'metrics.jsonl'}); refusing to overwrite it")
-    tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
+    tmp = None
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+        tmp = staging_dir(out)
         yield tmp
         _fsync_tree(tmp)
         publish_dir(tmp, out)
@@ -65,4 +62,5 @@ def staged_output(out: Path, marker: str, what: str) -> Iterator[Path]:
         reason = getattr(exc, "strerror", None) or str(exc).strip().splitlines()[0]
         raise UserError(f"--to {out}: writing the {what} failed ({reason}); nothing there was changed") from None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,66 @@
+"""The DeepSpeed engine a run trains with: optimizer, precision, ZeRO stage and gradient clipping."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from sparse_lm.config import RunConfig
+from sparse_lm.parallel.state import DeepSpeedMPU, Topology
+from sparse_lm.train.guard import GuardedStep
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices (linears, embeddings), not norm gains."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def model_parallel_group(topo: Topology):
+    """megatron-core's tensor × pipeline group, or None for a one-rank model."""
+    if topo.tensor * topo.pipeline == 1:
+        return None
+    from sparse_lm.parallel.mcore import parallel_state
+
+    return parallel_state.get_model_parallel_group()
+
+
+def make_engine(model: torch.nn.Module, cfg: RunConfig, topo: Topology):
+    """deepspeed.initialize with a torch AdamW (no FusedAdam compile on CPU); returns (engine,
+    optimizer, guard). A pipeline stage gets DeepSpeed's PipelineEngine (its topology is the
+    module's); otherwise megatron-core's groups are the engine's `mpu`.
+
+    Gradient clipping: with ZeRO-0 `GuardedStep` measures, skips and clips (see `train/guard.py`)
+    and DeepSpeed's is off; under ZeRO-1 DeepSpeed clips. It is always written out, because
+    DeepSpeed defaults `gradient_clipping` to 1.0 when unset.
+    """
+    import deepspeed
+
+    t = cfg.train
+    bf16 = t.precision == "bf16" or (t.precision == "auto" and topo.device.type == "cuda")
+    optimizer = torch.optim.AdamW(
+        _param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, foreach=False
+    )
+    # DeepSpeed's bf16 without ZeRO keeps its fp32 masters apart from the parameters, out of reach
+    # of reselection (which rewrites slots) and checkpoints (which save the masters; every save
+    # failed); ZeRO-1 links them to each parameter (`optim_state.partitioned`) on one rank as on
+    # many, so a bf16 run uses it. A pipeline's bf16 optimizer links them already.
+    zero_stage = 1 if bf16 and cfg.parallel.zero_stage == 0 and topo.pipeline == 1 else cfg.parallel.zero_stage
+    guard = None
+    if zero_stage == 0:
+        guard = GuardedStep(optimizer, model, t.grad_clip, topo.tp_rank, model_parallel_group(topo))
+    ds_config = {
+        "train_micro_batch_size_per_gpu": t.micro_batch,
+        "gradient_accumulation_steps": t.grad_accum,
+        "gradient_clipping": t.grad_clip if guard is None else 0.0,
+        "zero_optimization": {"stage": zero_stage},
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 2**31 - 1,
+    }
+    extra = {} if topo.pipeline > 1 else {"mpu": DeepSpeedMPU()}
+    engine, optimizer, _, _ = deepspeed.initialize(
+        model=model.to(topo.device), optimizer=optimizer, config=ds_config, dist_init_required=False, **extra
+    )
+    return engine, optimizer, guard
