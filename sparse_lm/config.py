@@ -17,8 +17,11 @@ import yaml
 from sparse_lm.errors import UserError
 from sparse_lm.parallel.layout import COLUMN_PARALLEL
 
-# The linears inside a Transformer block, in forward order (Hugging Face Llama names).
-BLOCK_LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# The linears inside a Transformer block, in forward order (Hugging Face Llama names), each with the
+# block's sub-module that holds it: the one list the model, the sparsity targets and the allocation use.
+BLOCK_LINEARS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+                 "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+BLOCK_LINEAR_NAMES = tuple(BLOCK_LINEARS)
 SPARSITY_METHODS = ("dense", "static", "topkast", "spartan")
 # How Spartan splits its budget over layers (docs/design/spartan.md, sparsity/allocation.py).
 ALLOCATIONS = ("uniform", "global", "erk", "cost", "pipeline_balanced")
@@ -139,6 +142,7 @@ class TrainConfig:
     seed: int = 1234
     precision: str = "auto"
     max_bad_steps: int = 5  # consecutive non-finite steps (skipped) before the run stops
+    activation_checkpointing: bool = False  # recompute each block's forward in backward: less memory, ~1/3 more compute
     log_every: int = 10
     eval_every: int = 50
     eval_batches: int = 8

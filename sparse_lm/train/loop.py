@@ -207,7 +207,7 @@ def _pretrain(cfg: RunConfig, topo: Topology) -> dict[str, Any]:
         check_writable(t.out_dir, "train.out_dir")
         check_writable(cfg.checkpoint_dir, "checkpoint.dir")
     cfg.model = resolve_vocab(cfg.model, meta["vocab_size"])  # stored resolved in checkpoints
-    model = build_model(cfg, pipeline=topo.pipeline)
+    model = build_model(cfg, topology=topo)
     engine, optimizer, guard = make_engine(model, cfg, topo)
     state = RunState()
     config_dict = cfg.to_dict()  # as checkpoints save it, and as a resume must match it
