@@ -104,12 +104,15 @@ def test_tensor_and_pipeline_parallel_runs_are_identical_with_recomputed_blocks(
 
 def _pipeline_blocks_body(rank, world):
     """This rank's stage's blocks' `recompute`, built without and with the flag."""
+    import deepspeed
+
     from sparse_lm.config import RunConfig
     from sparse_lm.model.build import build_model
     from sparse_lm.model.llama import Block
     from sparse_lm.parallel.state import init_distributed, shutdown
 
     try:
+        deepspeed.init_distributed(dist_backend="gloo", verbose=False)  # DeepSpeed's handle on run_distributed's group
         topology = init_distributed(1, 2)
         flags = []
         for recompute in (False, True):
