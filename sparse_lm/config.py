@@ -27,8 +27,11 @@ import yaml
 from sparse_lm.errors import UserError
 from sparse_lm.parallel.layout import COLUMN_PARALLEL
 
-# The linears inside a Transformer block, in forward order (Hugging Face Llama names).
-BLOCK_LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# The linears inside a Transformer block, in forward order (Hugging Face Llama names), each with the
+# block's sub-module that holds it: the one list the model, the sparsity targets and the allocation use.
+BLOCK_LINEARS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+                 "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+BLOCK_LINEAR_NAMES = tuple(BLOCK_LINEARS)
 
 SparsityMethod = Literal["dense", "static", "topkast", "spartan"]
 Granularity = Literal["element", "block"]
@@ -201,6 +204,8 @@ class TrainConfig:
     """Compute precision; auto: bf16 on a CUDA device, fp32 otherwise."""
     max_bad_steps: int = 5
     """Consecutive non-finite steps (each skipped) before the run stops."""
+    activation_checkpointing: bool = False
+    """Recompute each block's forward in backward: less activation memory for ~1/3 more compute."""
     log_every: int = 10
     """Steps between progress lines and metrics records."""
     eval_every: int = 50

@@ -15,7 +15,9 @@ steps on each and reports
   keeps freed memory);
 - the largest single allocation of any operator in that step, overall and inside the sparse
   products, beside the linears' dense weight sizes: the kernels promise no transient larger than a
-  layer's dense weight (element mode's tile) and none of weight size at all in block mode.
+  layer's dense weight (element mode's tile) and none of weight size at all in block mode;
+- the same step's transient peak and step time with activation checkpointing
+  (`train.activation_checkpointing`: every block's forward recomputed in backward), `recompute_*`.
 The dense run is the reference for the ratios.
 """
 
@@ -103,8 +105,19 @@ def _measure(variant: str, args: argparse.Namespace, queue) -> None:
         if schedule.due(step):
             reselect_s.append(schedule.reselect_all(optimizer)["seconds"])
     linears = [m.in_features * m.out_features * 4 for m in model.modules() if hasattr(m, "in_features")]
+    kept = _step_allocations(train_step)
+    for block in model.layers:  # activation checkpointing, as `build_model` sets it from the config
+        block.recompute = True
+    recompute_s = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        train_step()
+        recompute_s.append(time.perf_counter() - t0)
+    recomputed = _step_allocations(train_step)
     queue.put({
-        **_step_allocations(train_step),
+        **kept,
+        "recompute_step_peak_bytes": recomputed["step_peak_bytes"],
+        "recompute_step_s": recompute_s,
         "smallest_linear_dense_weight_bytes": min(linears),
         "largest_linear_dense_weight_bytes": max(linears),
         "model_state": state,
@@ -146,8 +159,9 @@ def main(argv: list[str] | None = None) -> int:
               f"largest allocation {r['largest_allocation_bytes'] / 2**20:.2f} MiB ({r['largest_allocation_op']}), "
               f"in sparse kernels {r['largest_kernel_allocation_bytes'] / 2**20:.2f} MiB "
               f"({r['largest_kernel_allocation_op'] or '-'}); linears' dense weights "
-              f"{r['smallest_linear_dense_weight_bytes'] / 2**20:.2f}-{r['largest_linear_dense_weight_bytes'] / 2**20:.2f} MiB",
-              file=sys.stderr)
+              f"{r['smallest_linear_dense_weight_bytes'] / 2**20:.2f}-{r['largest_linear_dense_weight_bytes'] / 2**20:.2f} MiB; "
+              f"with activation checkpointing: step peak {r['recompute_step_peak_bytes'] / 2**20:.1f} MiB, "
+              f"step {min(r['recompute_step_s']):.2f} s against {min(r['step_s']):.2f} s", file=sys.stderr)
     dense = results["dense"]
     report = {
         "config": vars(args),
@@ -159,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         "dense_peak_rss_bytes": dense["peak_rss_bytes"],
         "dense_step_s": dense["step_s"],
         "dense_step_peak_bytes": dense["step_peak_bytes"],
+        "dense_recompute_step_peak_bytes": dense["recompute_step_peak_bytes"],
+        "dense_recompute_step_s": dense["recompute_step_s"],
         "dense_largest_allocation_bytes": dense["largest_allocation_bytes"],
         "smallest_linear_dense_weight_bytes": dense["smallest_linear_dense_weight_bytes"],
         "largest_linear_dense_weight_bytes": dense["largest_linear_dense_weight_bytes"],
@@ -177,6 +193,10 @@ def main(argv: list[str] | None = None) -> int:
             "step_time_ratio": min(r["step_s"]) / min(dense["step_s"]),
             "step_peak_bytes": r["step_peak_bytes"],
             "step_peak_ratio": r["step_peak_bytes"] / dense["step_peak_bytes"],
+            "recompute_step_peak_bytes": r["recompute_step_peak_bytes"],
+            "recompute_step_peak_over_kept": r["recompute_step_peak_bytes"] / r["step_peak_bytes"],
+            "recompute_step_s": r["recompute_step_s"],
+            "recompute_step_time_over_kept": min(r["recompute_step_s"]) / min(r["step_s"]),
             "largest_allocation_bytes": r["largest_allocation_bytes"],
             "largest_allocation_op": r["largest_allocation_op"],
             "largest_kernel_allocation_bytes": r["largest_kernel_allocation_bytes"],
@@ -189,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps({k: {kk: report[k][kk] for kk in ("ratio", "peak_rss_ratio", "step_time_ratio", "step_peak_ratio",
-                                                    "kernel_allocation_over_largest_dense_weight")}
+                                                    "kernel_allocation_over_largest_dense_weight",
+                                                    "recompute_step_peak_over_kept")}
                       for k in VARIANTS if k != "dense"}, indent=2))
     return 0
 

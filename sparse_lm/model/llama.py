@@ -1,36 +1,63 @@
 """A plain Llama-style decoder: RMSNorm, rotary embeddings, SwiGLU, optional grouped-query attention.
 
-The model only decides *shapes*; every projection inside a block is built by a `LinearFactory`
-(name, in_features, out_features — the whole layer's), so sparse and tensor-parallel linears
-replace `nn.Linear` without touching the blocks: a tensor-parallel factory returns this rank's
-shard, and attention simply sees fewer heads. The vocabulary (embedding, LM head, loss) is split
-over tensor-parallel ranks with megatron-core's vocab-parallel embedding and cross-entropy. Names, the rotary convention (rotate-half) and the GQA head order
-follow Hugging Face's `LlamaForCausalLM`, so export is a renaming of keys, not a numerical change.
+The model only decides *shapes*; how its weights are stored and split is handed in:
+* every projection inside a block is built by a `LinearFactory` (name, in_features, out_features
+  — the whole layer's), so sparse and tensor-parallel linears replace `nn.Linear` without
+  touching the blocks: a tensor-parallel factory returns this rank's shard, and attention simply
+  sees fewer heads;
+* the vocabulary (embedding, LM head, tied product, loss) comes from a `Vocabulary`: the whole of
+  it by default, this rank's slice under tensor parallelism (`parallel.layers.VocabShard`).
+`model.build` makes both from the run's config and topology; weights are written by `model.init`.
+Names, the rotary convention (rotate-half) and the GQA head order follow Hugging Face's
+`LlamaForCausalLM`, so export is a renaming of keys, not a numerical change.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from sparse_lm.config import ModelConfig
+from sparse_lm.config import BLOCK_LINEARS, ModelConfig, block_linear_shapes
 from sparse_lm.errors import UserError
-from sparse_lm.parallel.layers import ShardLinear, enter_region, shard_spec, sharded_modules, vocab_cross_entropy, vocab_embedding
-from sparse_lm.parallel.layout import ShardSpec, canonical_name
 
 LinearFactory = Callable[[str, int, int], nn.Module]
-
-# Output projections get their init scaled by 1/sqrt(2·n_layers) so the residual stream stays O(1).
-RESIDUAL_OUTPUTS = ("o_proj", "down_proj")
 
 
 def dense_linear(name: str, in_features: int, out_features: int) -> nn.Module:
     return nn.Linear(in_features, out_features, bias=False)
+
+
+class Vocabulary:
+    """The token embedding, the LM head, the product with a tied embedding and the loss, over the
+    whole vocabulary."""
+
+    def embedding(self, vocab_size: int, dim: int) -> nn.Module:
+        return nn.Embedding(vocab_size, dim)
+
+    def head(self, dim: int, vocab_size: int) -> nn.Module:
+        return nn.Linear(dim, vocab_size, bias=False)
+
+    def tied_logits(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, weight)
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean token loss, in fp32."""
+        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+
+
+def add_linears(owner: nn.Module, cfg: ModelConfig, prefix: str, linear: LinearFactory) -> None:
+    """Give a block's `self_attn` or `mlp` (`owner`, named `prefix`) its linears — those the
+    config's list of a block's linears (`config.BLOCK_LINEARS`) puts there, at their whole shapes."""
+    part = prefix.rsplit(".", 1)[-1]
+    for leaf, (rows, cols) in block_linear_shapes(cfg).items():
+        if BLOCK_LINEARS[leaf] == part:
+            owner.add_module(leaf, linear(f"{prefix}.{leaf}", cols, rows))
 
 
 class RMSNorm(nn.Module):
@@ -70,11 +97,7 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, prefix: str, linear: LinearFactory, rotary: Rotary):
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        d, kv_dim = cfg.d_model, cfg.n_kv_heads * cfg.head_dim
-        self.q_proj = linear(f"{prefix}.q_proj", d, d)
-        self.k_proj = linear(f"{prefix}.k_proj", d, kv_dim)
-        self.v_proj = linear(f"{prefix}.v_proj", d, kv_dim)
-        self.o_proj = linear(f"{prefix}.o_proj", d, d)
+        add_linears(self, cfg, prefix, linear)  # q_proj, k_proj, v_proj, o_proj
         self.rotary = rotary
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -93,59 +116,55 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, prefix: str, linear: LinearFactory):
         super().__init__()
-        self.gate_proj = linear(f"{prefix}.gate_proj", cfg.d_model, cfg.ffn_hidden)
-        self.up_proj = linear(f"{prefix}.up_proj", cfg.d_model, cfg.ffn_hidden)
-        self.down_proj = linear(f"{prefix}.down_proj", cfg.ffn_hidden, cfg.d_model)
+        add_linears(self, cfg, prefix, linear)  # gate_proj, up_proj, down_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, index: int, linear: LinearFactory, rotary: Rotary):
+    """One Transformer block. With `recompute` (activation checkpointing) a training forward keeps
+    only the block's input: its inner activations are computed again during backward, from the
+    same weights, masks and inputs, so gradients are unchanged and memory drops to one block's
+    worth. Nothing in a block's forward draws random numbers or changes state, so the second
+    forward is the first one exactly."""
+
+    def __init__(self, cfg: ModelConfig, index: int, linear: LinearFactory, rotary: Rotary,
+                 recompute: bool = False):
         super().__init__()
         prefix = f"layers.{index}"
         self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.self_attn = Attention(cfg, f"{prefix}.self_attn", linear, rotary)
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg, f"{prefix}.mlp", linear)
+        self.recompute = recompute
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.recompute and torch.is_grad_enabled():
+            return checkpoint(self.residual, x, use_reentrant=False)
+        return self.residual(x)
+
+    def residual(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x))
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-def make_embedding(cfg: ModelConfig) -> tuple[nn.Module, ShardSpec | None]:
-    """The token embedding — this rank's vocabulary slice under tensor parallelism — and that slice."""
-    spec = shard_spec("embed_tokens")
-    if spec is None:
-        return nn.Embedding(cfg.vocab_size, cfg.d_model), None
-    return vocab_embedding(cfg.vocab_size, cfg.d_model, spec), spec
-
-
-def make_head(cfg: ModelConfig) -> tuple[RMSNorm, nn.Module | None]:
-    """Final norm and LM head (None when tied to the embedding), vocabulary-split like the embedding."""
-    spec = shard_spec("lm_head")
-    norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-    if cfg.tie_embeddings:
-        return norm, None
-    if spec is None:
-        return norm, nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-    return norm, ShardLinear(cfg.d_model, cfg.vocab_size // spec.size, spec)
-
-
 class Llama(nn.Module):
-    """Decoder-only LM. `forward(ids)` gives logits; `forward(ids, labels)` gives the mean token loss."""
+    """Decoder-only LM. `forward(ids)` gives logits; `forward(ids, labels)` gives the mean token loss.
+    `recompute`: activation checkpointing of every block (see `Block`)."""
 
-    def __init__(self, cfg: ModelConfig, linear: LinearFactory = dense_linear):
+    def __init__(self, cfg: ModelConfig, linear: LinearFactory = dense_linear, vocab: Vocabulary | None = None,
+                 recompute: bool = False):
         super().__init__()
         if not cfg.vocab_size:
             raise ValueError("ModelConfig.vocab_size must be resolved (see resolve_vocab) before building")
         self.cfg = cfg
+        self.vocab = vocab or Vocabulary()
         rotary = Rotary(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
-        self.embed_tokens, self.vocab_spec = make_embedding(cfg)
-        self.layers = nn.ModuleList(Block(cfg, i, linear, rotary) for i in range(cfg.n_layers))
-        self.norm, self.lm_head = make_head(cfg)
+        self.embed_tokens = self.vocab.embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg, i, linear, rotary, recompute) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = None if cfg.tie_embeddings else self.vocab.head(cfg.d_model, cfg.vocab_size)
 
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
         """Logits over the vocabulary — this rank's slice of it under tensor parallelism."""
@@ -155,53 +174,13 @@ class Llama(nn.Module):
         x = self.norm(x)
         if self.lm_head is not None:
             return self.lm_head(x)
-        return F.linear(enter_region(x, self.vocab_spec), self.embed_tokens.weight)
+        return self.vocab.tied_logits(x, self.embed_tokens.weight)
 
     def forward(self, ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         logits = self.logits(ids)
         if labels is None:
             return logits
-        return vocab_cross_entropy(logits, labels, self.vocab_spec)
-
-
-def init_weights(model: nn.Module, seed: int, sparse_init: Callable | None = None) -> None:
-    """Normal(0, σ) for embeddings and linears, σ/√(2L) for residual outputs, ones for norms.
-
-    Values come from the counter-based initialiser (`sparsity.init`): element g of parameter p is
-    a function of (seed, p's name, g) only, so every rank, every parallel layout and a dense or
-    sparse run of the same seed build the same θ₀. A sparse linear (any module with `initialize`)
-    picks its sets from that θ₀ itself — `sparse_init(module, seed, stream, std)` if given.
-    `model` is a `Llama` or one pipeline stage of it (`model.pipeline`); names are canonical
-    (the single-process model's), so every stage regenerates the numbers the whole model would.
-    """
-    from sparse_lm.sparsity.init import counter_normal_rows, stream_id
-
-    cfg = model.cfg
-    residual_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
-
-    def std_of(name: str) -> float:
-        return residual_std if any(f"{r}." in f"{name}." for r in RESIDUAL_OUTPUTS) else cfg.init_std
-
-    sparse_prefixes = []
-    specs = {canonical_name(name): spec for name, spec in sharded_modules(model)}
-    with torch.no_grad():
-        for name, module in model.named_modules():
-            name = canonical_name(name)
-            if hasattr(module, "initialize"):
-                (sparse_init or type(module).initialize)(module, seed, stream_id(f"{name}.weight"), std_of(name))
-                sparse_prefixes.append(f"{name}.")
-        for name, param in model.named_parameters():
-            name = canonical_name(name)
-            if any(name.startswith(prefix) for prefix in sparse_prefixes):
-                continue
-            if name.endswith("layernorm.weight") or name == "norm.weight":
-                param.fill_(1.0)
-                continue
-            rows, cols = param.shape if param.ndim == 2 else (1, param.numel())
-            spec = specs.get(name.rsplit(".", 1)[0])  # a tensor-parallel shard regenerates its own slice
-            (_, global_cols), (row0, col0) = (spec.global_shape((rows, cols)), spec.offset((rows, cols))) if spec else ((rows, cols), (0, 0))
-            values = counter_normal_rows(seed, stream_id(name), global_cols, row0, col0, rows, cols, std_of(name), param.device)
-            param.copy_(values.view(param.shape))
+        return self.vocab.loss(logits, labels)
 
 
 def resolve_vocab(cfg: ModelConfig, tokenizer_vocab: int) -> ModelConfig:

@@ -16,24 +16,24 @@ import torch
 from torch import nn
 
 from sparse_lm.config import ModelConfig
-from sparse_lm.model.llama import Block, LinearFactory, Rotary, make_embedding, make_head
-from sparse_lm.parallel.layers import vocab_cross_entropy
+from sparse_lm.model.llama import Block, LinearFactory, RMSNorm, Rotary, Vocabulary
+from sparse_lm.parallel.state import Topology
 
 
 class EmbeddingStage(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, vocab: Vocabulary):
         super().__init__()
-        self.embed_tokens, _ = make_embedding(cfg)
+        self.embed_tokens = vocab.embedding(cfg.vocab_size, cfg.d_model)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(ids)
 
 
 class BlockStage(nn.Module):
-    def __init__(self, cfg: ModelConfig, index: int, linear: LinearFactory):
+    def __init__(self, cfg: ModelConfig, index: int, linear: LinearFactory, recompute: bool):
         super().__init__()
         rotary = Rotary(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
-        self.layers = nn.ModuleDict({str(index): Block(cfg, index, linear, rotary)})
+        self.layers = nn.ModuleDict({str(index): Block(cfg, index, linear, rotary, recompute)})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         (block,) = self.layers.values()
@@ -41,31 +41,31 @@ class BlockStage(nn.Module):
 
 
 class HeadStage(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, vocab: Vocabulary):
         super().__init__()
-        self.norm, self.lm_head = make_head(cfg)
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = vocab.head(cfg.d_model, cfg.vocab_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.norm(x))
 
 
-def build_pipeline(cfg: ModelConfig, linear: LinearFactory, pipeline: int, tensor: int) -> nn.Module:
-    """This rank's stage of the pipeline: blocks split evenly over `pipeline` stages, the embedding
-    on the first, the head on the last. Tied embeddings would span two stages and are refused by
-    the config."""
+def build_pipeline(cfg: ModelConfig, linear: LinearFactory, vocab: Vocabulary, topology: Topology,
+                   recompute: bool = False) -> nn.Module:
+    """This rank's stage of the pipeline: blocks split evenly over `topology.pipeline` stages, the
+    embedding on the first, the head on the last. Tied embeddings would span two stages and are
+    refused by the config. `recompute`: activation checkpointing, block by block (`llama.Block`),
+    which DeepSpeed's pipeline engine sees as ordinary layers."""
     from deepspeed.pipe import LayerSpec, PipelineModule
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
-    import torch.distributed as dist
 
-    from sparse_lm.parallel.layers import shard_spec
-
-    data = dist.get_world_size() // (pipeline * tensor)
-    spec = shard_spec("embed_tokens")
-    layers = [LayerSpec(EmbeddingStage, cfg), *(LayerSpec(BlockStage, cfg, i, linear) for i in range(cfg.n_layers)),
-              LayerSpec(HeadStage, cfg)]
+    layers = [LayerSpec(EmbeddingStage, cfg, vocab),
+              *(LayerSpec(BlockStage, cfg, i, linear, recompute) for i in range(cfg.n_layers)),
+              LayerSpec(HeadStage, cfg, vocab)]
     module = PipelineModule(
-        layers, topology=PipeModelDataParallelTopology(num_pp=pipeline, num_mp=tensor, num_dp=data),
-        loss_fn=lambda logits, labels: vocab_cross_entropy(logits, labels, spec), partition_method="type:BlockStage",
+        layers, topology=PipeModelDataParallelTopology(num_pp=topology.pipeline, num_mp=topology.tensor,
+                                                       num_dp=topology.data),
+        loss_fn=vocab.loss, partition_method="type:BlockStage",
     )
     module.cfg = cfg
     return module

@@ -18,20 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparse_lm.parallel.layout import ShardSpec, partition_dim
-
-
-def tensor_parallel_rank_size() -> tuple[int, int]:
-    """(rank, size) of this process in its tensor-parallel group; (0, 1) without model parallelism."""
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        return 0, 1
-    from sparse_lm.parallel.mcore import parallel_state
-
-    if not parallel_state.model_parallel_is_initialized():
-        return 0, 1
-    return parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_world_size()
+from sparse_lm.parallel.layout import ShardSpec
 
 
 def tensor_parallel_group():
@@ -49,13 +36,6 @@ def collective_device(group) -> torch.device:
     if group is not None and dist.get_backend(group) == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
-
-
-def shard_spec(module_name: str) -> ShardSpec | None:
-    """This rank's ShardSpec for a module, or None when it is replicated or TP is 1."""
-    rank, size = tensor_parallel_rank_size()
-    dim = partition_dim(module_name)
-    return None if size == 1 or dim is None else ShardSpec(dim, rank, size)
 
 
 def enter_region(x: torch.Tensor, spec: ShardSpec | None) -> torch.Tensor:
@@ -98,26 +78,38 @@ class ShardLinear(nn.Module):
         return leave_region(F.linear(enter_region(x, self.spec), self.weight), self.spec)
 
 
-def vocab_embedding(vocab: int, dim: int, spec: ShardSpec) -> nn.Module:
-    """megatron-core's VocabParallelEmbedding (rows = this rank's vocabulary slice); its weights
-    are written by our initialiser, so megatron's own initialisation is skipped."""
-    from sparse_lm.parallel.mcore import ModelParallelConfig, tensor_parallel
+class VocabShard:
+    """The vocabulary split over the tensor-parallel group, `spec` being this rank's rows: what
+    `model.build` hands the model in place of `llama.Vocabulary` (the whole vocabulary) — the
+    same four constructors and products, on megatron-core's vocab-parallel embedding and
+    cross-entropy, the LM head being this rank's rows of it."""
 
-    config = ModelParallelConfig(tensor_model_parallel_size=spec.size, use_cpu_initialization=True,
-                                 perform_initialization=False)
-    embedding = tensor_parallel.VocabParallelEmbedding(vocab, dim, init_method=nn.init.zeros_, config=config)
-    mark_sharded(embedding.weight, spec)
-    embedding.spec = spec
-    return embedding
+    def __init__(self, spec: ShardSpec):
+        self.spec = spec
 
+    def embedding(self, vocab_size: int, dim: int) -> nn.Module:
+        """megatron-core's VocabParallelEmbedding; its weights are written by our initialiser, so
+        megatron's own initialisation is skipped."""
+        from sparse_lm.parallel.mcore import ModelParallelConfig, tensor_parallel
 
-def vocab_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, spec: ShardSpec | None) -> torch.Tensor:
-    """Mean token loss from logits of the whole vocabulary, or of this rank's vocabulary slice."""
-    if spec is None:
-        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
-    from sparse_lm.parallel.mcore import tensor_parallel
+        config = ModelParallelConfig(tensor_model_parallel_size=self.spec.size, use_cpu_initialization=True,
+                                     perform_initialization=False)
+        embedding = tensor_parallel.VocabParallelEmbedding(vocab_size, dim, init_method=nn.init.zeros_, config=config)
+        mark_sharded(embedding.weight, self.spec)
+        embedding.spec = self.spec
+        return embedding
 
-    return tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels).mean()
+    def head(self, dim: int, vocab_size: int) -> nn.Module:
+        return ShardLinear(dim, vocab_size // self.spec.size, self.spec)
+
+    def tied_logits(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.linear(enter_region(x, self.spec), weight)
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean token loss from this rank's slice of the logits."""
+        from sparse_lm.parallel.mcore import tensor_parallel
+
+        return tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels).mean()
 
 
 def sharded_modules(model: nn.Module):

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from sparse_lm.config import BLOCK_LINEAR_NAMES, RunConfig, block_linear_shapes
+from sparse_lm.config import BLOCK_LINEAR_NAMES, BLOCK_LINEARS, RunConfig, block_linear_shapes
 from sparse_lm.parallel.layers import collective_device
 from sparse_lm.parallel.layout import stage_of
 from sparse_lm.sparsity.threshold import select_topk_positions
@@ -65,8 +65,7 @@ def sparse_linear_shapes(cfg: RunConfig) -> list[LayerShape]:
     for i in range(m.n_layers):
         for leaf in BLOCK_LINEAR_NAMES:
             if leaf in cfg.sparsity.targets:
-                group = "mlp" if leaf in ("gate_proj", "up_proj", "down_proj") else "self_attn"
-                name = f"layers.{i}.{group}.{leaf}"
+                name = f"layers.{i}.{BLOCK_LINEARS[leaf]}.{leaf}"
                 shapes.append(LayerShape(name, *dims[leaf], stage_of(name, m.n_layers, cfg.parallel.pipeline)))
     return shapes
 

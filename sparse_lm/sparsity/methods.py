@@ -6,25 +6,28 @@ from __future__ import annotations
 from torch import nn
 
 from sparse_lm.config import RunConfig, SparsityConfig
-from sparse_lm.parallel.layers import ShardLinear, shard_spec
+from sparse_lm.parallel.layers import ShardLinear
 from sparse_lm.parallel.layout import local_size
+from sparse_lm.parallel.plan import TensorPlan
 from sparse_lm.sparsity.spartan import Spartan, SpartanLinear
 from sparse_lm.sparsity.storage import SparseLinear
 from sparse_lm.sparsity.topkast import TopKAST
 
 
-def linear_factory(cfg: SparsityConfig, headroom: float = 0.25, micro_batches: int = 1):
+def linear_factory(cfg: SparsityConfig, headroom: float = 0.25, micro_batches: int = 1,
+                   plan: TensorPlan | None = None):
     """The model's `LinearFactory`: a sparse linear for the targeted block linears (SpartanLinear
-    for Spartan, SparseLinear otherwise), dense for the rest; under tensor parallelism each is this
-    rank's shard (`in_features`/`out_features` are the shard's), between megatron-core's mappings.
+    for Spartan, SparseLinear otherwise), dense for the rest; under tensor parallelism (`plan`,
+    None: whole layers) each is this rank's shard, between megatron-core's mappings.
     `headroom`: spare slots per shard (`storage`). `micro_batches`: backward passes per optimizer
     step (train.grad_accum). The exploration penalty λθ is added by every backward pass, while
     DeepSpeed divides each micro-batch's loss by their number; each pass therefore adds λθ / that
     number, so that a step's gradient carries λθ once, as a dense Top-KAST's would."""
     penalty = cfg.penalty / micro_batches if cfg.method == "topkast" else 0.0
+    plan = plan or TensorPlan()
 
     def make(name: str, in_features: int, out_features: int) -> nn.Module:
-        spec = shard_spec(name)
+        spec = plan.linear(name)
         if spec is not None:  # this rank's shard of the [out_features, in_features] layer
             if spec.dim == 0:
                 out_features = local_size(out_features, spec.size, f"the output width of {name}")

@@ -131,7 +131,7 @@ def _pretrain(cfg: RunConfig, plan: Plan, topo: Topology) -> dict[str, Any]:
 
 def setup(cfg: RunConfig, plan: Plan, topo: Topology) -> Run:
     """Model, engine, resumed state, metrics log and sparsity schedule of a checked run."""
-    model = build_model(cfg, pipeline=topo.pipeline)
+    model = build_model(cfg, topology=topo)
     engine, optimizer, guard = make_engine(model, cfg, topo)
     state, manifest = RunState(), None
     if plan.resume_from is not None:
