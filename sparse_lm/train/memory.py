@@ -1,10 +1,15 @@
 """Model-state memory per rank, counted from the tensors that actually exist.
 
-"Model state" is what a training rank must hold besides activations: parameters, their
-gradients, the optimizer's tensors and the model's buffers (a sparse layer's indices, A masks and
-offload store). It is measured here from live tensors, not from formulas, so a hidden dense copy
-anywhere would show up. The dense figure for comparison is what the same shapes occupy as a dense
-model trained with the same optimizer: fp32 weights + gradients + Adam's two moments.
+"Model state" is every byte a training rank holds besides activations and transient workspaces:
+parameters (the bf16 copy under bf16), gradients (wherever the engine keeps them: `param.grad` or
+DeepSpeed's flat gradient buffers), the fp32 master weights DeepSpeed keeps under ZeRO and bf16,
+Adam's moments, the sparse layers' indices and A masks, their cached θ₀ block scores and the
+offload host store. It is measured from live tensors, not from formulas — the optimizer wrapper's
+attributes are walked, not just `optimizer.state` — so a hidden copy anywhere shows up; tensors
+sharing storage (parameters that are views into a flat buffer) are counted once, at the size of
+the storage. `sparse_lm.plan` predicts the same parts from shapes alone, and its tests check it
+against this count. The dense figure for comparison is what the same shapes occupy as a dense
+model trained with fp32 weights, gradients and Adam's two moments.
 """
 
 from __future__ import annotations
@@ -15,25 +20,66 @@ from torch import nn
 from sparse_lm.sparsity.storage import SparseLinear
 
 ADAM_DENSE_BYTES_PER_WEIGHT = 4 + 4 + 8  # fp32 weight, gradient, exp_avg and exp_avg_sq
+PARTS = ("parameters", "gradients", "master_weights", "optimizer_moments", "indices_masks", "score_caches",
+         "offload_host", "engine_buffers")
+# DeepSpeed's fp32 master partitions: ZeRO-1/2 (`DeepSpeedZeroOptimizer`) and `BF16_Optimizer`.
+MASTER_ATTRIBUTES = ("single_partition_of_fp32_groups", "fp32_groups_flat_partition")
 
 
-def _bytes(tensor: torch.Tensor | None) -> int:
-    return 0 if tensor is None else tensor.numel() * tensor.element_size()
+class _Counter:
+    """Bytes per part, each storage counted once (the first part that reaches it)."""
+
+    def __init__(self):
+        self.parts = dict.fromkeys(PARTS, 0)
+        self.seen: set[int] = set()
+        self.walked: set[int] = set()
+
+    def add(self, part: str, tensor) -> None:
+        if not torch.is_tensor(tensor) or tensor.device.type == "meta":
+            return
+        storage = tensor.untyped_storage()
+        key = storage.data_ptr()
+        if key == 0 or key in self.seen:
+            return
+        self.seen.add(key)
+        self.parts[part] += storage.nbytes()
+
+    def walk(self, part: str, obj, depth: int = 0) -> None:
+        """Every tensor inside lists, tuples and dicts (keys too) under `obj`."""
+        if torch.is_tensor(obj):
+            self.add(part, obj)
+        elif isinstance(obj, (list, tuple, dict)) and depth < 8 and id(obj) not in self.walked:
+            self.walked.add(id(obj))
+            for item in (list(obj.keys()) + list(obj.values())) if isinstance(obj, dict) else obj:
+                self.walk(part, item, depth + 1)
 
 
 def model_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, int]:
-    """Bytes of parameters, gradients, optimizer state and buffers held by this rank."""
+    """Bytes of each part of the model state held by this rank, and their `total`.
+
+    `optimizer`: what `deepspeed.initialize` returned (a ZeRO or bf16 wrapper, or the torch
+    optimizer itself) or a plain torch optimizer."""
+    count = _Counter()
     params = list(model.parameters())
-    optimizer_bytes = 0
+    for param in params:
+        count.add("parameters", param)
+    for param in params:
+        count.add("gradients", param.grad)
+    for name, buffer in model.named_buffers():
+        if _derived(model, name):
+            continue
+        count.add("offload_host" if name.endswith("complement") else "indices_masks", buffer)
+    for module in model.modules():
+        if isinstance(module, SparseLinear):
+            count.add("score_caches", module._initial_scores)
     if optimizer is not None:
-        for state in optimizer.state.values():
-            optimizer_bytes += sum(_bytes(v) for v in state.values() if torch.is_tensor(v) and v.ndim)
-    parts = {
-        "parameters": sum(_bytes(p) for p in params),
-        "gradients": sum(_bytes(p.grad) for p in params),
-        "optimizer": optimizer_bytes,
-        "buffers": sum(_bytes(b) for _, b in model.named_buffers() if not _derived(model, _)),
-    }
+        inner = getattr(optimizer, "optimizer", optimizer)
+        for attribute in MASTER_ATTRIBUTES:
+            count.walk("master_weights", getattr(optimizer, attribute, None))
+        count.walk("optimizer_moments", dict(inner.state))
+        for name, value in vars(optimizer).items():  # flat gradient buckets, padding, anything else
+            count.walk("gradients" if "grad" in name else "engine_buffers", value)
+    parts = dict(count.parts)
     parts["total"] = sum(parts.values())
     return parts
 

@@ -1,0 +1,133 @@
+"""`sparse-lm plan`: will this run fit? Memory per rank and FLOPs per token, sparse against dense,
+from the config's shapes alone (seconds, whatever the model size)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from sparse_lm.atomic import check_writable, write_json
+from sparse_lm.config import RunConfig, load_config
+from sparse_lm.errors import UserError
+from sparse_lm.plan.flops import plan_flops
+from sparse_lm.plan.memory import HOST_PARTS, STATE_PARTS, Layout, dense_of, layout_of, plan_memory, resolved
+from sparse_lm.plan.presets import LLAMA_FAMILY
+
+GIB = 2**30
+
+
+def plan(cfg: RunConfig, world: int | None = None, gpu_memory_gib: float | None = None) -> dict:
+    """The report `sparse-lm plan` prints and writes (see docs/guide/plan.md for its keys)."""
+    cfg = resolved(cfg)
+    layout = layout_of(cfg, world)
+    sparse, dense = plan_memory(cfg, layout), plan_memory(dense_of(cfg), layout)
+    report = {
+        "layout": {**dataclasses.asdict(layout), "world": layout.tensor * layout.pipeline * layout.data},
+        "model": dataclasses.asdict(cfg.model),
+        "sparsity": {k: getattr(cfg.sparsity, k) for k in ("method", "density", "exploration", "granularity", "block_size")},
+        "tokens_per_micro_batch": cfg.train.micro_batch * cfg.train.seq_len,
+        "per_rank": sparse["per_rank"],
+        "stages": sparse["stages"],
+        "dense": dense["per_rank"],
+        "dense_stages": dense["stages"],
+        "flops_per_token": plan_flops(cfg),
+    }
+    if gpu_memory_gib is not None:
+        limit = gpu_memory_gib * GIB
+        report["gpu_memory_bytes"] = int(limit)
+        report["fits"] = sparse["per_rank"]["total_bytes"] <= limit
+        report["dense_fits"] = dense["per_rank"]["total_bytes"] <= limit
+        report["largest_fitting"] = largest_fitting(cfg, layout, limit)
+    return report
+
+
+def family_member(cfg: RunConfig, shape: dict) -> RunConfig | None:
+    """`cfg` with its model shape replaced by a family member's, or None where the run's layout or
+    block size cannot hold that shape."""
+    try:
+        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **shape)).validate()
+    except UserError:
+        return None
+
+
+def largest_fitting(cfg: RunConfig, layout: Layout, limit: float) -> dict:
+    """The largest family member that fits `limit` bytes per rank, sparse and dense, with this run's
+    layout, sparsity and batch, and every member's totals."""
+    members, best = {}, {"sparse": None, "dense": None}
+    for name, shape in LLAMA_FAMILY.items():
+        member = family_member(cfg, shape)
+        if member is None:
+            members[name] = None
+            continue
+        totals = {"sparse": plan_memory(member, layout)["per_rank"]["total_bytes"],
+                  "dense": plan_memory(dense_of(member), layout)["per_rank"]["total_bytes"]}
+        members[name] = totals
+        for kind, total in totals.items():
+            if total <= limit:
+                best[kind] = name
+    return {**best, "members": members}
+
+
+def _gib(n: float) -> str:
+    return f"{n / GIB:9.2f}"
+
+
+def format_report(report: dict) -> str:
+    """The table for people: per part, sparse against dense, of the fullest rank."""
+    sparse, dense, flops = report["per_rank"], report["dense"], report["flops_per_token"]
+    lay = Layout(**{k: v for k, v in report["layout"].items() if k != "world"})
+    lines = [f"layout: {lay.describe()}; {report['tokens_per_micro_batch']} tokens per micro-batch",
+             f"fullest rank: stage {sparse['stage']} (sparse), stage {dense['stage']} (dense)",
+             f"{'GiB per rank':<34}{'sparse':>9}  {'dense':>9}"]
+    for part in (*STATE_PARTS, "activations", "workspace"):
+        lines.append(f"  {part:<32}{_gib(sparse['parts'][part])}  {_gib(dense['parts'][part])}")
+    lines.append(f"  {'model state (device)':<32}{_gib(sparse['model_state_bytes'])}  {_gib(dense['model_state_bytes'])}")
+    lines.append(f"  {'total on the device':<32}{_gib(sparse['total_bytes'])}  {_gib(dense['total_bytes'])}")
+    for part in HOST_PARTS:
+        lines.append(f"  {part + ' (host memory)':<32}{_gib(sparse['parts'][part])}  {_gib(dense['parts'][part])}")
+    for kind in ("checkpointed", "full"):
+        lines.append(f"  {'activations, ' + kind:<32}{_gib(sparse['activations_bytes'][kind])}  "
+                     f"{_gib(dense['activations_bytes'][kind])}")
+    lines.append(f"  {'  of which kernel workspace':<32}{_gib(sparse['kernel_workspace_bytes'])}  "
+                 f"{_gib(dense['kernel_workspace_bytes'])}")
+    lines.append(f"forward FLOPs per token: sparse {flops['sparse'] / 1e9:.3f} G, dense {flops['dense'] / 1e9:.3f} G "
+                 f"(ratio {flops['ratio']:.3f})")
+    if report["layout"]["pipeline"] > 1:
+        stages = " / ".join(f"{s['total_bytes'] / GIB:.1f}" for s in report["stages"])
+        lines.append(f"stages: GiB per rank {stages}; slowest stage over the mean: sparse "
+                     f"{flops['sparse_stage_imbalance']:.3f}, dense {flops['dense_stage_imbalance']:.3f}")
+    if "fits" in report:
+        limit = report["gpu_memory_bytes"] / GIB
+        best = report["largest_fitting"]
+        lines.append(f"fits {limit:g} GiB per GPU: sparse {'yes' if report['fits'] else 'no'}, "
+                     f"dense {'yes' if report['dense_fits'] else 'no'}")
+        lines.append(f"largest Llama that fits this layout: sparse {best['sparse'] or 'none'}, "
+                     f"dense {best['dense'] or 'none'}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.gpu_memory_gib is not None and not args.gpu_memory_gib > 0:
+        raise UserError(f"--gpu-memory-gib {args.gpu_memory_gib}: expected a positive number of GiB")
+    if args.json:
+        check_writable(args.json, "--json", is_file=True)
+    report = plan(load_config(args.config, args.overrides), args.world, args.gpu_memory_gib)
+    print(format_report(report))
+    if args.json:
+        write_json(args.json, report)
+    return 0
+
+
+def register_cli(subparsers) -> None:
+    parser = subparsers.add_parser("plan", help="memory per rank and FLOPs per token of a config, sparse vs dense")
+    parser.add_argument("--config", required=True, help="YAML run config, e.g. configs/llama-13b.yaml")
+    parser.add_argument(
+        "--set", dest="overrides", action="extend", nargs="+", default=[], metavar="SECTION.FIELD=VALUE",
+        help="override config fields, e.g. --set train.micro_batch=2 (repeatable)",
+    )
+    parser.add_argument("--world", type=int, default=None,
+                        help="number of GPUs (default: parallel.tensor × parallel.pipeline, one data-parallel replica)")
+    parser.add_argument("--gpu-memory-gib", type=float, default=None,
+                        help="memory of one GPU: say whether each rank fits, and the largest Llama that does")
+    parser.add_argument("--json", default=None, help="also write the numbers here")
+    parser.set_defaults(func=run)

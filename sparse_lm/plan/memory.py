@@ -1,0 +1,290 @@
+"""Memory per rank of a run, predicted from its config's shapes alone (nothing of model size is built).
+
+The model state follows what the run's engine holds (`train/memory.model_state_bytes` measures the
+same parts from live tensors, and the tests compare the two):
+
+* fp32 without ZeRO (a torch AdamW): fp32 weights, gradients and both moments, per rank whole;
+* ZeRO-1, and bf16 (which always runs DeepSpeed's ZeRO-1 or, in a pipeline, its bf16 optimizer):
+  the weights and gradients in the training dtype, whole on every rank, and the fp32 master copy
+  and both moments split over the data-parallel ranks.
+
+A sparse linear stores its shard's `capacity` slots of b×b values (B, plus the tensor-parallel
+headroom), an int32 index (int64 past 2^31 blocks) and a bool A-mask per slot, Spartan one int64
+budget, with `complement: regenerate` and b ≥ 8 a cached fp32 θ₀ score per block of its shard, and
+with `complement: offload` a dense fp32 copy of its shard in host memory.
+
+Activations are what autograd saves per micro-batch (this model's own operations: RMSNorm keeps its
+fp32 input and normalised output, attention runs a fused kernel that keeps q, k, v, its output and
+the row log-sum-exp — no seq × seq matrix — and SwiGLU keeps its three [tokens, ffn] inputs and
+product), times the micro-batches a pipeline stage holds under 1F1B: min(stages − stage,
+micro-batches). With activation checkpointing a block keeps only its input, and one block's
+activations are rebuilt at a time. The workspace is the largest transient of a step, counted on top:
+the backward pass's gradients in flight and the sparse kernels' bounded workspaces, the optimizer
+step's fp32 gradient partition, a reselection's scoring chunks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from sparse_lm.config import BLOCK_LINEAR_NAMES, RunConfig, block_linear_shapes
+from sparse_lm.errors import UserError
+from sparse_lm.model.llama import resolve_vocab
+from sparse_lm.parallel.layout import COLUMN_PARALLEL, stage_of
+from sparse_lm.sparsity.kernels import GATHER_CHUNK_ELEMENTS, GATHER_TOKENS, MAX_TILE_ELEMENTS
+from sparse_lm.sparsity.storage import CACHED_SCORES_MIN_BLOCK, SCORE_CHUNK_ELEMENTS, shard_capacity
+
+STATE_PARTS = ("parameters", "gradients", "master_weights", "optimizer_moments", "indices_masks", "score_caches",
+               "rotary_tables")
+HOST_PARTS = ("offload_host",)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a run is spread and which optimizer holds its state (as `train.loop.make_engine` sets it up)."""
+
+    tensor: int
+    pipeline: int
+    data: int
+    zero_stage: int  # what DeepSpeed runs: bf16 without a pipeline always uses ZeRO-1
+    bf16: bool
+    checkpointing: bool
+
+    @property
+    def dtype_bytes(self) -> int:
+        return 2 if self.bf16 else 4
+
+    @property
+    def partitioned(self) -> bool:
+        """fp32 masters and moments split over data-parallel ranks (ZeRO-1, or DeepSpeed's bf16 optimizer)."""
+        return self.bf16 or self.zero_stage == 1
+
+    def describe(self) -> str:
+        return (f"tensor {self.tensor} × pipeline {self.pipeline} × data {self.data}, "
+                f"{'bf16' if self.bf16 else 'fp32'}, ZeRO-{self.zero_stage}"
+                f"{' (bf16 optimizer)' if self.bf16 and self.pipeline > 1 and self.zero_stage == 0 else ''}, "
+                f"activation checkpointing {'on' if self.checkpointing else 'off'}")
+
+
+def checkpointing_of(cfg: RunConfig) -> bool:
+    return bool(getattr(cfg.train, "activation_checkpointing", False))
+
+
+def layout_of(cfg: RunConfig, world: int | None = None) -> Layout:
+    """The layout on `world` ranks (default: one data-parallel replica). `train.precision: auto`
+    is read as bf16: a plan is for GPUs."""
+    p = cfg.parallel
+    model_ranks = p.tensor * p.pipeline
+    world = model_ranks if world is None else world
+    if world < 1 or world % model_ranks:
+        raise UserError(f"--world {world}: expected a multiple of parallel.tensor × parallel.pipeline = {model_ranks}")
+    bf16 = cfg.train.precision != "fp32"
+    zero = 1 if bf16 and p.zero_stage == 0 and p.pipeline == 1 else p.zero_stage
+    return Layout(p.tensor, p.pipeline, world // model_ranks, zero, bf16, checkpointing_of(cfg))
+
+
+def resolved(cfg: RunConfig) -> RunConfig:
+    """`cfg` with `model.vocab_size` resolved from `data.vocab_size` when automatic (as training does)."""
+    if cfg.model.vocab_size:
+        return cfg
+    return dataclasses.replace(cfg, model=resolve_vocab(cfg.model, cfg.data.vocab_size))
+
+
+def dense_of(cfg: RunConfig) -> RunConfig:
+    """The same run with every linear dense."""
+    return dataclasses.replace(cfg, sparsity=dataclasses.replace(cfg.sparsity, method="dense", allocation="uniform"))
+
+
+@dataclass(frozen=True)
+class SparseShard:
+    """What one rank stores of one sparse linear."""
+
+    rows: int  # the shard's [rows, cols]
+    cols: int
+    block: int
+    capacity: int
+    index_bytes: int
+    budget_bytes: int
+    score_cache_bytes: int
+    offload_bytes: int
+
+    @property
+    def weights(self) -> int:
+        return self.capacity * self.block**2
+
+
+def sparse_shard(cfg: RunConfig, leaf: str) -> SparseShard:
+    """A `SparseLinear`'s storage on one rank, from the layer's global shape (its constructor's sums)."""
+    s, tp = cfg.sparsity, cfg.parallel.tensor
+    rows, cols = block_linear_shapes(cfg.model)[leaf]
+    if tp > 1:
+        rows, cols = (rows // tp, cols) if leaf in COLUMN_PARALLEL else (rows, cols // tp)
+    b = s.block
+    n_blocks = (rows // b) * (cols // b)
+    global_blocks = n_blocks * tp
+    exploration = {"static": 0.0, "spartan": 1 - s.density if s.candidates == "dense" else s.exploration}.get(
+        s.method, s.exploration)
+    k_forward = max(1, math.ceil(s.density * global_blocks))
+    k_backward = min(global_blocks, max(k_forward, math.ceil((s.density + exploration) * global_blocks)))
+    capacity = shard_capacity(k_backward, tp, n_blocks, cfg.parallel.shard_headroom)
+    index = 4 if n_blocks < 2**31 - 1 else 8
+    caches = s.complement == "regenerate" and b >= CACHED_SCORES_MIN_BLOCK
+    return SparseShard(rows, cols, b, capacity, capacity * (index + 1), 8 if s.method == "spartan" else 0,
+                       4 * n_blocks if caches else 0, 4 * rows * cols if s.complement == "offload" else 0)
+
+
+def _is_sparse(cfg: RunConfig, leaf: str) -> bool:
+    return cfg.sparsity.method != "dense" and leaf in cfg.sparsity.targets
+
+
+def stage_layers(cfg: RunConfig, stage: int) -> list[int]:
+    m, p = cfg.model, cfg.parallel.pipeline
+    return [i for i in range(m.n_layers) if stage_of(f"layers.{i}", m.n_layers, p) == stage]
+
+
+def stage_contents(cfg: RunConfig, stage: int) -> dict[str, int]:
+    """Elements optimised and bytes of buffers one rank of `stage` holds."""
+    m, tp, p = cfg.model, cfg.parallel.tensor, cfg.parallel.pipeline
+    weights = buffers = caches = host = 0
+    dims = block_linear_shapes(m)
+    layers = stage_layers(cfg, stage)
+    for leaf in BLOCK_LINEAR_NAMES:
+        if _is_sparse(cfg, leaf):
+            shard = sparse_shard(cfg, leaf)
+            weights += len(layers) * shard.weights
+            buffers += len(layers) * (shard.index_bytes + shard.budget_bytes)
+            caches += len(layers) * shard.score_cache_bytes
+            host += len(layers) * shard.offload_bytes
+        else:
+            rows, cols = dims[leaf]
+            weights += len(layers) * rows * cols // tp
+    weights += 2 * m.d_model * len(layers)  # the two RMSNorm gains per block
+    vocab_rows = m.vocab_size // tp
+    if stage == 0:
+        weights += vocab_rows * m.d_model
+    if stage == p - 1:
+        weights += m.d_model + (0 if m.tie_embeddings else vocab_rows * m.d_model)
+    rotary_tables = len(layers) if p > 1 else 1  # a pipeline's block stages build one each
+    return {"weights": weights, "buffers": buffers, "caches": caches, "host": host,
+            "rotary_elements": rotary_tables * 2 * m.max_seq_len * m.head_dim}
+
+
+def model_state(cfg: RunConfig, layout: Layout, stage: int) -> dict[str, int]:
+    """Bytes of each part of one rank's model state (`offload_host` in host memory, the rest on the device)."""
+    c = stage_contents(cfg, stage)
+    w, e = c["weights"], layout.dtype_bytes
+    dp = layout.data if layout.partitioned else 1
+    return {
+        "parameters": w * e,
+        "gradients": w * (e if layout.partitioned else 4),
+        "master_weights": 4 * math.ceil(w / dp) if layout.partitioned else 0,
+        "optimizer_moments": 8 * math.ceil(w / dp),
+        "indices_masks": c["buffers"],
+        "score_caches": c["caches"],
+        "rotary_tables": c["rotary_elements"] * e,
+        "offload_host": c["host"],
+    }
+
+
+def in_flight(layout: Layout, stage: int, micro_batches: int) -> int:
+    """Micro-batches whose activations a stage holds at once under 1F1B (one without a pipeline)."""
+    return 1 if layout.pipeline == 1 else min(layout.pipeline - stage, micro_batches)
+
+
+def block_activations(cfg: RunConfig, layout: Layout) -> int:
+    """Bytes one Transformer block saves for its backward pass, per micro-batch, on one rank: two
+    RMSNorms (fp32 input, normalised output, scaled output: (4 + 2e)·n·d each, not split by tensor
+    parallelism), attention's q, k, v (k, v repeated to all heads), its output and the re-laid-out
+    input of o_proj (5·e·n·d / T) with the fp32 log-sum-exp, and SwiGLU's gate, silu, up and product
+    (4·e·n·f / T)."""
+    m, t, tp, e = cfg.model, cfg.train, layout.tensor, layout.dtype_bytes
+    n = t.micro_batch * t.seq_len
+    return (2 * (4 + 2 * e) * n * m.d_model + e * n * (5 * m.d_model + 4 * m.ffn_dim) // tp
+            + 4 * n * m.n_heads // tp)
+
+
+def activations(cfg: RunConfig, layout: Layout, stage: int, checkpointing: bool) -> dict[str, int]:
+    """`saved`: bytes held for the backward passes in flight; `transient`: the most the backward
+    pass allocates on top (gradients in flight, a checkpointed block's rebuilt activations)."""
+    m, t, tp, e = cfg.model, cfg.train, layout.tensor, layout.dtype_bytes
+    n = t.micro_batch * t.seq_len
+    layers = len(stage_layers(cfg, stage))
+    full = block_activations(cfg, layout)
+    per_block = e * n * m.d_model if checkpointing else full
+    saved = layers * per_block
+    transient = e * n * (3 * m.ffn_dim // tp + 2 * m.d_model) + (full if checkpointing and layers else 0)
+    vocab = m.vocab_size // tp
+    if stage == layout.pipeline - 1:  # final norm; the loss keeps fp32 log-probabilities of the vocabulary slice
+        saved += (4 + 2 * e) * n * m.d_model + 4 * n * vocab
+        transient = max(transient, (8 + (e if layout.bf16 else 0)) * n * vocab)
+    if stage == 0:  # the embedding's gradient is dense
+        transient = max(transient, e * vocab * m.d_model)
+    flight = in_flight(layout, stage, t.grad_accum)
+    pipe_buffers = 0 if layout.pipeline == 1 else 2 * max(2, flight) * e * n * m.d_model
+    return {"saved": flight * saved + pipe_buffers, "transient": transient}
+
+
+def kernel_workspace(cfg: RunConfig, layout: Layout) -> int:
+    """The sparse products' largest transient: element mode scatters at most MAX_TILE_ELEMENTS of a
+    shard densely; block mode gathers activations and products into workspaces of at most
+    GATHER_CHUNK_ELEMENTS (and a [in, GATHER_TOKENS] transposed pass)."""
+    e, widest = layout.dtype_bytes, 0
+    for leaf in BLOCK_LINEAR_NAMES:
+        if not _is_sparse(cfg, leaf):
+            continue
+        shard = sparse_shard(cfg, leaf)
+        numel = shard.rows * shard.cols
+        if shard.block == 1:
+            widest = max(widest, min(numel, MAX_TILE_ELEMENTS) * e)
+        else:
+            widest = max(widest, (3 * min(GATHER_CHUNK_ELEMENTS, numel) + shard.cols * GATHER_TOKENS) * e)
+    return widest
+
+
+def step_workspace(cfg: RunConfig, layout: Layout, stage: int) -> int:
+    """The optimizer step's transient: ZeRO's fp32 gradient partition, or torch AdamW's per-tensor
+    temporaries (two of the largest parameter); and a reselection's scoring chunks."""
+    w = stage_contents(cfg, stage)["weights"]
+    if layout.partitioned:
+        optimizer = 4 * math.ceil(w / layout.data)
+    else:
+        largest = max([cfg.model.vocab_size // layout.tensor * cfg.model.d_model]
+                      + [sparse_shard(cfg, leaf).weights for leaf in BLOCK_LINEAR_NAMES if _is_sparse(cfg, leaf)])
+        optimizer = 2 * 4 * largest
+    reselect = 3 * 4 * SCORE_CHUNK_ELEMENTS if cfg.sparsity.method != "dense" else 0
+    return max(optimizer, reselect)
+
+
+def rank_memory(cfg: RunConfig, layout: Layout, stage: int) -> dict:
+    """One rank of `stage`: its parts (device and host), activations with and without checkpointing,
+    and `total_bytes`, the device's fullest moment: model state + saved activations (per the config's
+    checkpointing) + `workspace`, what the backward pass adds on top of them, or what the optimizer
+    step (or a reselection) adds beyond the activations it follows."""
+    state = model_state(cfg, layout, stage)
+    full = activations(cfg, layout, stage, checkpointing=False)
+    ckpt = activations(cfg, layout, stage, checkpointing=True)
+    chosen = ckpt if layout.checkpointing else full
+    kernels = kernel_workspace(cfg, layout)
+    # The optimizer step and reselection run after the backward pass has freed the activations.
+    workspace = max(chosen["transient"] + kernels, step_workspace(cfg, layout, stage) - chosen["saved"])
+    parts = {**state, "activations": chosen["saved"], "workspace": workspace}
+    device = {k: v for k, v in parts.items() if k not in HOST_PARTS}
+    return {
+        "stage": stage,
+        "parts": parts,
+        "model_state_bytes": sum(state[k] for k in STATE_PARTS),
+        "host_bytes": sum(parts[k] for k in HOST_PARTS),
+        "activations_bytes": {"checkpointed": ckpt["saved"], "full": full["saved"]},
+        "activation_transient_bytes": {"checkpointed": ckpt["transient"], "full": full["transient"]},
+        "kernel_workspace_bytes": kernels,
+        "in_flight_micro_batches": in_flight(layout, stage, cfg.train.grad_accum),
+        "total_bytes": sum(device.values()),
+    }
+
+
+def plan_memory(cfg: RunConfig, layout: Layout) -> dict:
+    """Every stage's rank, and the fullest one (`per_rank`)."""
+    stages = [rank_memory(cfg, layout, stage) for stage in range(layout.pipeline)]
+    return {"per_rank": max(stages, key=lambda r: r["total_bytes"]), "stages": stages}

@@ -1,0 +1,183 @@
+"""`sparse-lm plan` against real runs: its model-state parts per rank against the tensors of real
+DeepSpeed engines (one rank, and tensor 2 × pipeline 2 over four gloo ranks; element and block
+granularity; ZeRO-0, ZeRO-1, bf16), its activation estimate against the profiler's step peak, and
+`model_state_bytes` against every tensor alive in the process (gc), under ZeRO-1 + bf16."""
+
+from __future__ import annotations
+
+import gc
+import json
+
+import pytest
+import torch
+
+from sparse_lm.config import load_config
+from sparse_lm.plan.memory import activations, kernel_workspace, layout_of, model_state, resolved
+from tests.cli_runs import REPO, run_cli
+from tests.distributed import run_distributed
+
+# The plan's parts that `model_state_bytes` measures (the rotary tables are derived, not state).
+MEASURED_PARTS = ("parameters", "gradients", "master_weights", "optimizer_moments", "indices_masks", "score_caches",
+                  "offload_host")
+SINGLE_CASES = [  # (overrides) on configs/tiny.yaml, one rank
+    ["sparsity.granularity=element", "parallel.zero_stage=0", "train.precision=fp32"],
+    ["sparsity.granularity=element", "parallel.zero_stage=1", "train.precision=fp32", "sparsity.complement=offload"],
+    ["sparsity.granularity=block", "parallel.zero_stage=0", "train.precision=fp32"],
+    ["sparsity.granularity=block", "parallel.zero_stage=1", "train.precision=fp32"],
+    ["sparsity.granularity=block", "parallel.zero_stage=0", "train.precision=bf16"],  # runs ZeRO-1
+]
+PIPELINE_CASES = [  # on configs/tiny-tp2-pp2.yaml, four ranks
+    ["sparsity.granularity=element", "parallel.zero_stage=0", "train.precision=fp32"],
+    ["sparsity.granularity=block", "parallel.zero_stage=1", "train.precision=fp32"],
+]
+
+
+def _live_storages() -> dict[int, int]:
+    """Bytes of every CPU tensor storage alive in this process, by address."""
+    live = {}
+    for obj in gc.get_objects():
+        if torch.is_tensor(obj) and obj.device.type == "cpu":
+            storage = obj.untyped_storage()
+            live[storage.data_ptr()] = storage.nbytes()
+    return live
+
+
+def _measure_at_step(engine, optimizer, before: dict[int, int] | None) -> dict:
+    """Wrap `optimizer.step` so that its first call records `model_state_bytes` (and, given the
+    storages alive `before` the engine was built, gc's count of those added since, less the
+    derived rotary tables) while the step's gradients are still there; returns the record."""
+    from sparse_lm.train.memory import model_state_bytes
+
+    measured, inner_step = {}, optimizer.step
+
+    def step(*args, **kwargs):
+        if not measured:
+            measured.update(model_state_bytes(engine.module, optimizer))
+            if before is not None:
+                gc.collect()
+                derived = {b.untyped_storage().data_ptr() for n, b in engine.module.named_buffers()
+                           if n.endswith(("cos", "sin"))}
+                measured["gc"] = sum(n for ptr, n in _live_storages().items() if ptr not in before and ptr not in derived)
+        return inner_step(*args, **kwargs)
+
+    optimizer.step = step
+    return measured
+
+
+def _train_and_measure(rank: int, world: int, config: str, cases: list[list[str]], with_gc: bool = False) -> list:
+    """Per case: (pipeline stage, model_state_bytes measured at the optimizer step, gc's count)."""
+    from sparse_lm.model import resolve_vocab
+    from sparse_lm.model.build import build_model
+    from sparse_lm.parallel.state import init_distributed
+    from sparse_lm.train.loop import make_engine
+
+    results = []
+    for overrides in cases:
+        cfg = load_config(REPO / config, ["train.micro_batch=2", "train.seq_len=32", *overrides])
+        topo = init_distributed(cfg.parallel.tensor, cfg.parallel.pipeline)
+        cfg.model = resolve_vocab(cfg.model, cfg.data.vocab_size)
+        gc.collect()
+        before = _live_storages() if with_gc else {}
+        model = build_model(cfg, pipeline=topo.pipeline)
+        engine, optimizer, _ = make_engine(model, cfg, topo)
+        measured = _measure_at_step(engine, optimizer, before if with_gc else None)
+        gen = torch.Generator().manual_seed(0)
+        rows = [torch.randint(0, cfg.model.vocab_size, (cfg.train.micro_batch, cfg.train.seq_len + 1), generator=gen)
+                for _ in range(cfg.train.grad_accum)]
+        if topo.pipeline > 1:
+            engine.train_batch(iter([(r[:, :-1], r[:, 1:]) for r in rows]))
+        else:
+            for r in rows:
+                loss = engine(r[:, :-1], r[:, 1:])
+                engine.backward(loss)
+                del loss
+                engine.step()
+        results.append((topo.pp_rank, measured))
+        del engine, optimizer, model
+        gc.collect()
+    return results
+
+
+def _check_against_plan(config: str, cases: list[list[str]], results: list, world: int) -> None:
+    for overrides, (stage, measured) in zip(cases, results):
+        cfg = resolved(load_config(REPO / config, ["train.micro_batch=2", "train.seq_len=32", *overrides]))
+        planned = model_state(cfg, layout_of(cfg, world), stage)
+        for part in MEASURED_PARTS:
+            assert planned[part] == pytest.approx(measured[part], rel=0.02, abs=256), (overrides, stage, part)
+        assert measured["engine_buffers"] == 0, (overrides, stage)
+        assert sum(planned[p] for p in MEASURED_PARTS) == pytest.approx(measured["total"], rel=0.02), (overrides, stage)
+
+
+def test_plan_matches_the_engines_tensors_on_one_rank():
+    (results,) = run_distributed(_train_and_measure, 1, "configs/tiny.yaml", SINGLE_CASES, timeout=300)
+    _check_against_plan("configs/tiny.yaml", SINGLE_CASES, results, 1)
+
+
+def test_plan_matches_every_rank_of_tensor_2_pipeline_2():
+    per_rank = run_distributed(_train_and_measure, 4, "configs/tiny-tp2-pp2.yaml", PIPELINE_CASES, timeout=300)
+    assert sorted(stage for results in per_rank for stage, _ in results[:1]) == [0, 0, 1, 1]
+    for results in per_rank:
+        _check_against_plan("configs/tiny-tp2-pp2.yaml", PIPELINE_CASES, results, 4)
+
+
+def test_model_state_bytes_counts_every_tensor_under_zero1_bf16():
+    """Under bf16 + ZeRO-1 the engine holds bf16 weights and gradients (flat buffers) and fp32 masters
+    beside Adam's moments: the count is every tensor the engine added to the process, nothing
+    missed or counted twice (views of one flat buffer are one storage)."""
+    cases = [["sparsity.granularity=block", "train.precision=bf16", "parallel.zero_stage=1"]]
+    ((_, measured),) = run_distributed(_train_and_measure, 1, "configs/tiny.yaml", cases, True, timeout=300)[0]
+    assert measured["master_weights"] > 0 and measured["gradients"] > 0
+    assert measured["master_weights"] == pytest.approx(2 * measured["parameters"], rel=0.01)  # fp32 of bf16
+    assert measured["total"] == pytest.approx(measured["gc"], rel=1e-3, abs=1024)
+
+
+def _profiled_peak(fn) -> int:
+    """Most bytes live at once during `fn`, above what was live before it (the profiler's record
+    of every allocation and free)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    live = peak = 0
+    for _, nbytes in sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                            if e.name() == "[memory]"):
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+@pytest.mark.parametrize("overrides", [["sparsity.method=dense"], ["sparsity.granularity=element"],
+                                       ["sparsity.granularity=block", "model.n_kv_heads=2"]])
+def test_activation_estimate_matches_the_profiled_step(overrides):
+    from sparse_lm.model.build import build_model
+
+    cfg = resolved(load_config(REPO / "configs/tiny.yaml", ["train.precision=fp32", "train.micro_batch=4",
+                                                            "train.seq_len=256", *overrides]))
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    ids = torch.randint(0, cfg.model.vocab_size, (cfg.train.micro_batch, cfg.train.seq_len + 1))
+
+    def forward_backward():
+        model(ids[:, :-1], ids[:, 1:]).backward()
+
+    forward_backward()  # the gradients exist before the measured pass, as in training
+    measured = _profiled_peak(forward_backward)
+    layout = layout_of(cfg)
+    estimate = activations(cfg, layout, 0, checkpointing=False)
+    planned = estimate["saved"] + estimate["transient"] + kernel_workspace(cfg, layout)
+    assert planned == pytest.approx(measured, rel=0.15), (planned, measured)
+
+
+def test_plan_cli_answers_for_13b_and_writes_json(tmp_path):
+    out = tmp_path / "plan.json"
+    proc = run_cli("plan", "--config", str(REPO / "configs/llama-13b.yaml"), "--gpu-memory-gib", "80",
+                   "--json", str(out))
+    assert "fits 80 GiB per GPU: sparse yes, dense no" in proc.stdout
+    report = json.loads(out.read_text())
+    parts = report["per_rank"]["parts"]
+    assert report["per_rank"]["total_bytes"] == sum(v for k, v in parts.items() if k != "offload_host")
+    assert report["fits"] is True and report["dense"]["total_bytes"] > 80 * 2**30
+    assert report["flops_per_token"]["sparse"] < 0.2 * report["flops_per_token"]["dense"]
+    assert report["largest_fitting"]["sparse"] == "13B"
+    bad = run_cli("plan", "--config", str(REPO / "configs/llama-13b.yaml"), "--world", "3", check=False)
+    assert bad.returncode == 2 and "--world 3" in bad.stderr
