@@ -43,15 +43,16 @@ def _live_storages() -> dict[int, int]:
 
 
 def _measure_at_step(engine, optimizer, before: dict[int, int] | None) -> dict:
-    """Wrap `optimizer.step` so that its first call records `model_state_bytes` (and, given the
+    """Wrap `optimizer.step` so that its second call (Adam creates its moments at the first) records `model_state_bytes` (and, given the
     storages alive `before` the engine was built, gc's count of those added since, less the
     derived rotary tables) while the step's gradients are still there; returns the record."""
     from sparse_lm.train.memory import model_state_bytes
 
-    measured, inner_step = {}, optimizer.step
+    measured, inner_step, calls = {}, optimizer.step, []
 
     def step(*args, **kwargs):
-        if not measured:
+        calls.append(1)
+        if len(calls) == 2:
             measured.update(model_state_bytes(engine.module, optimizer))
             if before is not None:
                 gc.collect()
@@ -84,9 +85,10 @@ def _train_and_measure(rank: int, world: int, config: str, cases: list[list[str]
         gen = torch.Generator().manual_seed(0)
         rows = [torch.randint(0, cfg.model.vocab_size, (cfg.train.micro_batch, cfg.train.seq_len + 1), generator=gen)
                 for _ in range(cfg.train.grad_accum)]
-        if topo.pipeline > 1:
-            engine.train_batch(iter([(r[:, :-1], r[:, 1:]) for r in rows]))
-        else:
+        for _ in range(2):
+            if topo.pipeline > 1:
+                engine.train_batch(iter([(r[:, :-1], r[:, 1:]) for r in rows]))
+                continue
             for r in rows:
                 loss = engine(r[:, :-1], r[:, 1:])
                 engine.backward(loss)
