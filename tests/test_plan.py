@@ -67,11 +67,14 @@ def _measure_at_step(engine, optimizer, before: dict[int, int] | None) -> dict:
 
 def _train_and_measure(rank: int, world: int, config: str, cases: list[list[str]], with_gc: bool = False) -> list:
     """Per case: (pipeline stage, model_state_bytes measured at the optimizer step, gc's count)."""
+    import deepspeed
+
     from sparse_lm.model import resolve_vocab
     from sparse_lm.model.build import build_model
     from sparse_lm.parallel.state import init_distributed
     from sparse_lm.train.loop import make_engine
 
+    deepspeed.init_distributed(dist_backend="gloo")  # the pipeline engine talks through DeepSpeed's comm layer
     results = []
     for overrides in cases:
         cfg = load_config(REPO / config, ["train.micro_batch=2", "train.seq_len=32", *overrides])
@@ -181,5 +184,5 @@ def test_plan_cli_answers_for_13b_and_writes_json(tmp_path):
     assert report["fits"] is True and report["dense"]["total_bytes"] > 80 * 2**30
     assert report["flops_per_token"]["sparse"] < 0.2 * report["flops_per_token"]["dense"]
     assert report["largest_fitting"]["sparse"] == "13B"
-    bad = run_cli("plan", "--config", str(REPO / "configs/llama-13b.yaml"), "--world", "3", check=False)
+    bad = run_cli("plan", "--config", str(REPO / "configs/llama-70b.yaml"), "--world", "3", check=False)
     assert bad.returncode == 2 and "--world 3" in bad.stderr
