@@ -201,7 +201,7 @@ def block_activations(cfg: RunConfig, layout: Layout) -> int:
     (4·e·n·f / T)."""
     m, t, tp, e = cfg.model, cfg.train, layout.tensor, layout.dtype_bytes
     n = t.micro_batch * t.seq_len
-    return (2 * (4 + 2 * e) * n * m.d_model + e * n * (5 * m.d_model + 4 * m.ffn_dim) // tp
+    return (2 * (4 + 2 * e) * n * m.d_model + e * n * (5 * m.d_model + 4 * m.ffn_hidden) // tp
             + 4 * n * m.n_heads // tp)
 
 
@@ -214,7 +214,7 @@ def activations(cfg: RunConfig, layout: Layout, stage: int, checkpointing: bool)
     full = block_activations(cfg, layout)
     per_block = e * n * m.d_model if checkpointing else full
     saved = layers * per_block
-    transient = e * n * (3 * m.ffn_dim // tp + 2 * m.d_model) + (full if checkpointing and layers else 0)
+    transient = e * n * (3 * m.ffn_hidden // tp + 2 * m.d_model) + (full if checkpointing and layers else 0)
     vocab = m.vocab_size // tp
     if stage == layout.pipeline - 1:  # final norm; the loss keeps fp32 log-probabilities of the vocabulary slice
         saved += (4 + 2 * e) * n * m.d_model + 4 * n * vocab
