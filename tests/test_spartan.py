@@ -115,9 +115,10 @@ ORACLE_CASES = [
     (4, "global", "backward_set", 0.25, F64, None),
     (4, "global", "dense", 0.25, F64, None),  # B is every block, yet the budget is re-split every 5 steps
     (4, "uniform", "backward_set", 0.25, F32, None),
-    # the in-place kernels at D = 0.1 (|B| ≤ 20% of each grid; d_model 4·b): fp32 and fp64
-    (16, "global", "backward_set", 0.1, F32, "in_place"), (16, "uniform", "backward_set", 0.1, F64, "in_place"),
-    (32, "uniform", "backward_set", 0.1, F32, "in_place"), (1, "global", "backward_set", 0.1, F32, "in_place"),
+    # the in-place kernels at D = 0.1 (|B| ≤ 20% of each grid; d_model 4·b); blocks in float64: in fp32
+    # a 16×16 or 32×32 block's soft mask (β = 160 or 320) turns rounding into near-tie flips of A
+    (16, "global", "backward_set", 0.1, F64, "in_place"), (16, "uniform", "backward_set", 0.1, F64, "in_place"),
+    (32, "uniform", "backward_set", 0.1, F64, "in_place"), (1, "global", "backward_set", 0.1, F32, "in_place"),
 ]
 
 
@@ -158,7 +159,7 @@ def test_spartan_follows_the_dense_oracle(block, allocation_name, candidates, de
                 assert int(layer.budget) == d.budget and layer.k_now == d.k_now, (step, layer.name)
                 assert torch.equal(_selected(layer, forward=False), d.B), (step, layer.name)
                 assert torch.equal(_selected(layer, forward=True), d.A), (step, layer.name)
-                torch.testing.assert_close(layer.dense_weight(forward_only=False), d.theta, rtol=0,
+                torch.testing.assert_close(layer.dense_weight(forward_only=False).to(d.theta.dtype), d.theta, rtol=0,
                                            atol=1e-7 if exact else 2e-4,
                                            msg=lambda m, at=(step, layer.name): f"{at}: {m}")
                 budgets_seen.add(int(layer.budget))
