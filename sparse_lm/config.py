@@ -37,7 +37,7 @@ SparsityMethod = Literal["dense", "static", "topkast", "spartan"]
 Granularity = Literal["element", "block"]
 Complement = Literal["regenerate", "offload"]
 # How Spartan splits its budget over layers (docs/design/spartan.md, sparsity/allocation.py).
-Allocation = Literal["uniform", "global", "erk", "cost", "pipeline_balanced"]
+Allocation = Literal["uniform", "global", "erk", "pipeline_balanced"]
 Candidates = Literal["backward_set", "dense"]
 Precision = Literal["auto", "fp32", "bf16"]
 ResumePolicy = Literal["auto", "never", "must"]

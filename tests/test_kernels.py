@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from sparse_lm.sparsity import compiled, kernels
-from sparse_lm.sparsity.kernels import SparseMatmul, from_blocks, scatter_blocks
+from sparse_lm.sparsity.kernels import SparseMatmul
 
 
 def _layer(out_f, in_f, block, n_used, n_a, spare, dtype, seed=0, empty_row=False, empty_col=False):
@@ -37,16 +37,29 @@ def _layer(out_f, in_f, block, n_used, n_a, spare, dtype, seed=0, empty_row=Fals
     return values, mask, index
 
 
+def _entries(index, shape, block):
+    """(rows, cols) [n, b, b]: the weight entries of each slot's block, by the layout's definition —
+    slot s holds the b×b block at block-row index[s] // (in/b), block-column index[s] % (in/b) —
+    written out here rather than taken from the code under test."""
+    r, c = index.long() // (shape[1] // block), index.long() % (shape[1] // block)
+    offsets = torch.arange(block, device=index.device)
+    return ((r * block).view(-1, 1, 1) + offsets.view(1, -1, 1)).expand(-1, block, block), \
+        ((c * block).view(-1, 1, 1) + offsets.view(1, 1, -1)).expand(-1, block, block)
+
+
 def _dense(values, mask, index, shape, block):
-    n = (shape[0] // block) * (shape[1] // block)
-    blocks = scatter_blocks(values * mask.view(-1, 1, 1).to(values.dtype), index.long(), n)
-    return from_blocks(blocks, shape[0] // block, shape[1] // block)
+    """W_A [out, in]: the blocks of the used slots in A at their positions, zeros elsewhere."""
+    keep = mask & (index.long() < (shape[0] // block) * (shape[1] // block))
+    rows, cols = _entries(index[keep], shape, block)
+    weight = values.new_zeros(shape)
+    weight[rows, cols] = values[keep]
+    return weight
 
 
 def _check(shape, block, n_used, n_a, spare=3, dtype=torch.float32, lead=(2, 5), penalty=0.0, rtol=None,
            atol=None, device="cpu", **kw):
     values0, mask, index = (t.to(device) for t in _layer(*shape, block, n_used, n_a, spare, dtype, **kw))
-    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-10, "atol": 1e-10}
     tol = {name: given if given is not None else tol[name] for name, given in (("rtol", rtol), ("atol", atol))}
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(*lead, shape[1], generator=gen, dtype=dtype).to(device).requires_grad_(True)
@@ -63,10 +76,9 @@ def _check(shape, block, n_used, n_a, spare=3, dtype=torch.float32, lead=(2, 5),
     (ref_y * weight).sum().backward()
 
     used = index.long() < (shape[0] // block) * (shape[1] // block)
-    grads = effective.grad  # dL/dW_A, sampled at all of B below
-    rows, cols = shape[0] // block, shape[1] // block
-    expected = grads.view(rows, block, cols, block).transpose(1, 2).reshape(-1, block, block)
-    expected = torch.cat([expected, expected.new_zeros(1, block, block)])[index.long()]  # unused: zeros
+    expected = torch.zeros_like(values0)  # dL/dW_A sampled at all of B; unused slots: zeros
+    rows, cols = _entries(index[used], shape, block)
+    expected[used] = effective.grad[rows, cols]
     if penalty:
         expected = expected + torch.where(mask, penalty, penalty / 0.25).to(dtype).view(-1, 1, 1) * values0
     torch.testing.assert_close(y, ref_y, **tol)
@@ -150,7 +162,7 @@ def test_random_element_layers(path, seed):
     tokens = int(torch.randint(1, 1100, (1,), generator=gen))
     dtype = (torch.float32, torch.float64)[seed % 2]
     _check((out_f, in_f), 1, n_used, n_a, dtype=dtype, lead=(tokens,), seed=seed,
-           **(dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else {}))
+           **({"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {}))
 
 
 @pytest.mark.parametrize("block", [1, 32])
@@ -227,9 +239,8 @@ def test_compiled_kernels_only_where_they_run():
 
 
 def test_forced_path_is_checked():
-    with pytest.raises(ValueError, match="path must be one of"):
-        with kernels.forced_path("csr"):
-            pass
+    with pytest.raises(ValueError, match="path must be one of"), kernels.forced_path("csr"):
+        pass
     x = torch.zeros(3, 64, dtype=torch.bfloat16)
     with kernels.forced_path("in_place"), pytest.raises(RuntimeError, match="no in-place kernels take torch.bfloat16"):
         SparseMatmul.apply(x, torch.zeros(2, 32, 32, dtype=torch.bfloat16), torch.ones(2, dtype=torch.bool),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -100,8 +101,16 @@ def _assert_failed_save_lost_nothing(proc, reason: str, config, run_dir, referen
         assert losses[step] == pytest.approx(reference[step], rel=1e-6, abs=1e-6), step
 
 
+KILL_SEED = 19
+
+
 def test_sigkill_at_a_random_step_resumes_exactly(reference, data_dir, tmp_path):
-    """A real SIGKILL from outside, once step 8 is logged (after the step-6 checkpoint)."""
+    """A real SIGKILL from outside, as soon as a step drawn at random (seeded, printed) among 7-10 is
+    logged — after the step-6 checkpoint, well before the end. The process must have died by that
+    signal with step 6 its last checkpoint (a run that finished first would prove nothing); the
+    resumed run then reproduces every step of the uninterrupted one."""
+    kill_after = random.Random(KILL_SEED).randint(7, STEPS - 2)
+    print(f"SIGKILL once step {kill_after} is logged (random.Random({KILL_SEED}))")
     config = write_config(tmp_path, data_dir, "run", **SPARSE)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update(OMP_NUM_THREADS="1", MASTER_PORT=free_port())
@@ -109,12 +118,14 @@ def test_sigkill_at_a_random_step_resumes_exactly(reference, data_dir, tmp_path)
                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics = tmp_path / "run" / "metrics.jsonl"
     deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.is_file() and any(r["step"] >= 8 for r in records(tmp_path / "run", "step")):
-            break
-        time.sleep(0.05)
+    while time.time() < deadline and proc.poll() is None and not _has_step(metrics, kill_after):
+        time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    assert proc.wait() == -signal.SIGKILL, "the run ended before the kill"
+    logged = max(step for step in range(1, STEPS + 1) if _has_step(metrics, step))
+    assert kill_after <= logged < STEPS, logged
+    ckpt = tmp_path / "run" / "checkpoints"
+    assert (ckpt / "latest").read_text().strip() == "step_00000006"
     run_cli("pretrain", "--config", str(config), "--resume")
     losses = _losses_after_resume(tmp_path / "run")
     for step in range(1, STEPS + 1):

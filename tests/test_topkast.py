@@ -8,32 +8,40 @@ import torch
 
 from sparse_lm.config import ModelConfig, SparsityConfig
 from sparse_lm.model import Llama, init_weights
-from sparse_lm.sparsity import kernels
-from sparse_lm.sparsity.storage import SparseLinear, block_sums
+from sparse_lm.sparsity import compiled, kernels
 from sparse_lm.sparsity.methods import linear_factory
+from sparse_lm.sparsity.storage import SparseLinear, block_sums
 from sparse_lm.sparsity.topkast import TopKAST, initialize_static, reselect, sparse_layers
 from tests.reference.dense_topkast import DenseTopKASTLinear
 
 LR, BETAS, EPS, WD = 3e-2, (0.9, 0.95), 1e-8, 0.1
 
 
-def _two_layer_run(complement: str, block: int, steps: int = 60, every: int = 5):
-    """A 2-layer MLP regression trained sparse and dense-oracle side by side; yields per-step pairs."""
+def _two_layer_run(complement: str, block: int, steps: int = 60, every: int = 5, dims=((32, 24), (16, 32)),
+                   density: float = 0.25, exploration: float = 0.25, specs=(None, None), headroom: float = 0.25):
+    """A 2-layer MLP regression trained sparse and dense-oracle side by side; yields per-step pairs.
+
+    dims: (out, in) of each whole layer. specs: each layer's tensor-parallel shard (layer 0 split by
+    rows, layer 1 by columns, as Megatron's column- and row-parallel pair) or None; the oracle is
+    always the whole layer."""
     torch.manual_seed(0)
-    dims = [(32, 24), (16, 32)]  # (out, in)
-    penalty, density, exploration = 1e-2, 0.25, 0.25
-    sparse = [SparseLinear(f"l{i}", i_, o, density, exploration, block, penalty, complement) for i, (o, i_) in enumerate(dims)]
-    dense = []
-    for i, (layer, (o, i_)) in enumerate(zip(sparse, dims)):
+    penalty = 1e-2
+    sparse, dense = [], []
+    for i, ((o, i_), spec) in enumerate(zip(dims, specs)):
+        local_o, local_i = (o, i_) if spec is None else (o // spec.size, i_) if spec.dim == 0 else (o, i_ // spec.size)
+        layer = SparseLinear(f"l{i}", local_i, local_o, density, exploration, block, penalty, complement, spec=spec,
+                             headroom=headroom)
         layer.initialize(seed=7, stream=100 + i, std=0.3)
+        sparse.append(layer)
         dense.append(DenseTopKASTLinear(o, i_, density, exploration, block, penalty, complement, 7, 100 + i, 0.3))
     opt = torch.optim.AdamW([l.values for l in sparse], lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, foreach=False)
     gen = torch.Generator().manual_seed(1)
     for step in range(1, steps + 1):
-        x = torch.randn(64, 24, generator=gen)
-        target = torch.randn(64, 16, generator=gen)
-        # sparse
-        loss_s = ((sparse[1](torch.relu(sparse[0](x))) - target) ** 2).mean()
+        x = torch.randn(64, dims[0][1], generator=gen)
+        target = torch.randn(64, dims[1][0], generator=gen)
+        # sparse (sharded: layer 0's input gradient and layer 1's output are summed over the ranks)
+        hidden = torch.relu(sparse[0](x))
+        loss_s = ((sparse[1](hidden) - target) ** 2).mean()
         opt.zero_grad()
         loss_s.backward()
         opt.step()
@@ -47,8 +55,39 @@ def _two_layer_run(complement: str, block: int, steps: int = 60, every: int = 5)
         if step % every == 0:
             for layer, d in zip(sparse, dense):
                 reselected.append(reselect(layer, opt).entered_b / layer.k_backward)
+                assert layer.capped_ranks == 0, step  # a shard at capacity would depart from the exact top-k
                 d.select()
         yield step, loss_s.item(), loss_d.item(), sparse, dense, reselected
+
+
+def _local(layer: SparseLinear, whole: torch.Tensor, grid: bool) -> torch.Tensor:
+    """The part of an oracle tensor (a block mask over the whole grid, or θ [out, in]) that this
+    (possibly sharded) layer holds."""
+    if grid:
+        whole = whole.view(layer.block_rows * (layer.spec.size if layer.spec and layer.spec.dim == 0 else 1), -1)
+        r0, c0 = layer.row0 // layer.block, layer.col0 // layer.block
+        return whole[r0 : r0 + layer.block_rows, c0 : c0 + layer.block_cols].reshape(-1)
+    return whole[layer.row0 : layer.row0 + layer.out_features, layer.col0 : layer.col0 + layer.in_features]
+
+
+def _assert_follows_oracle(run, rel: float, tol: float) -> float:
+    """Every step: the loss to `rel`, B and A exactly, θ (B and the complement) to rtol = atol = tol.
+    Returns the summed fraction of B that changed at reselections (this shard's count)."""
+    changed = 0.0
+    for step, loss_s, loss_d, sparse, dense, reselected in run:
+        assert loss_s == pytest.approx(loss_d, rel=rel, abs=1e-7), step
+        for layer, d in zip(sparse, dense):
+            index, live = layer.index.long(), layer.live
+            selected_b = torch.zeros(layer.n_blocks, dtype=torch.bool)
+            selected_b[index[live]] = True
+            assert torch.equal(selected_b, _local(layer, d.B, grid=True)), step
+            selected_a = torch.zeros(layer.n_blocks, dtype=torch.bool)
+            selected_a[index[layer.forward_mask]] = True
+            assert torch.equal(selected_a, _local(layer, d.A, grid=True)), step
+            torch.testing.assert_close(layer.dense_weight(forward_only=False), _local(layer, d.theta, grid=False),
+                                       rtol=tol, atol=tol, msg=lambda m, at=f"step {step}, {layer.name}": f"{at}: {m}")
+        changed += sum(reselected)
+    return changed
 
 
 @pytest.mark.parametrize("complement, block", [
@@ -57,20 +96,85 @@ def test_sparse_training_follows_the_dense_oracle(complement, block):
     """60 steps, 12 reselections: losses to rel 1e-5, selections exactly, θ (B and complement) to
     rtol 1e-5 / atol 1e-5 with θ ~ 0.3 (fp32; sums run in different orders, and Adam magnifies
     the difference for entries whose gradient is near zero). Block 8 with `regenerate` scores
-    reselections from θ₀'s kept block scores and regenerates only entering blocks."""
-    changed = 0
-    for step, loss_s, loss_d, sparse, dense, reselected in _two_layer_run(complement, block):
-        assert loss_s == pytest.approx(loss_d, rel=1e-5, abs=1e-7), step
-        for layer, d in zip(sparse, dense):
-            selected_b = torch.zeros(layer.n_blocks, dtype=torch.bool)
-            selected_b[layer.index.long()] = True
-            assert torch.equal(selected_b, d.B), step
-            selected_a = torch.zeros(layer.n_blocks, dtype=torch.bool)
-            selected_a[layer.index.long()[layer.forward_mask]] = True
-            assert torch.equal(selected_a, d.A), step
-            torch.testing.assert_close(layer.dense_weight(forward_only=False), d.theta, rtol=1e-5, atol=1e-5)
-        changed += sum(reselected)
+    reselections from θ₀'s kept block scores and regenerates only entering blocks. At these
+    densities most products take the dense tiles; the kernels' own paths are followed by the
+    cases below."""
+    changed = _assert_follows_oracle(_two_layer_run(complement, block), rel=1e-5, tol=1e-5)
     assert changed > 0  # the run must have moved blocks between B and the complement
+
+
+# Shapes and densities at which each product takes the path named (D = 0.1: A is 10% of each grid,
+# B 20%): two layers 128 → 192 → 64, 40 steps with a reselection every 5.
+KERNEL_CASES = {
+    "in_place-b16": {"block": 16, "complement": "regenerate", "path": "in_place"},
+    "in_place-b32": {"block": 32, "complement": "offload", "path": "in_place"},
+    "gathered-b32": {"block": 32, "complement": "regenerate", "path": "gathered"},  # no compiled kernels
+    "in_place-elements": {"block": 1, "complement": "regenerate", "path": "in_place"},
+}
+KERNEL_DIMS = ((192, 128), (64, 192))
+
+
+def _kernel_run(case: str, specs=(None, None)):
+    c = KERNEL_CASES[case]
+    return _two_layer_run(c["complement"], c["block"], steps=40, dims=KERNEL_DIMS, density=0.1, exploration=0.1,
+                          specs=specs, headroom=1.0)
+
+
+def _check_paths(paths, case: str) -> None:
+    """Every product (forward, input and value gradients) of the run took the case's path."""
+    assert {product for product, _ in paths} == {"forward", "input_grad", "value_grad"}, paths
+    assert {path for _, path in paths} == {KERNEL_CASES[case]["path"]}, paths
+
+
+def _without_compiled_kernels(monkeypatch, case: str) -> None:
+    """The gathered case: the in-place kernels unavailable (as with no C++ compiler)."""
+    if KERNEL_CASES[case]["path"] == "gathered":
+        monkeypatch.setattr(compiled, "ops", lambda: None)
+
+
+@pytest.mark.parametrize("case", list(KERNEL_CASES))
+def test_kernel_paths_follow_the_dense_oracle(monkeypatch, case):
+    """The same oracle, fp32, on shapes where every product takes an in-place or the gathered path
+    (recorded and asserted, so a rule change that routes them back to the tiles fails here): 40
+    steps, 8 reselections, losses to rel 1e-5, A and B exactly and θ to 1e-5 at every step."""
+    _without_compiled_kernels(monkeypatch, case)
+    with kernels.recorded_paths() as paths:
+        changed = _assert_follows_oracle(_kernel_run(case), rel=1e-5, tol=1e-5)
+    assert changed > 0
+    _check_paths(paths, case)
+
+
+def _tensor_parallel_body(rank, world):
+    from sparse_lm.parallel.layout import ShardSpec
+    from sparse_lm.parallel.mcore import parallel_state
+
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=world)
+    ops, changed = compiled.ops, {}
+    try:
+        for case in KERNEL_CASES:  # one launch for all cases: starting the ranks is most of the time
+            compiled.ops = (lambda: None) if KERNEL_CASES[case]["path"] == "gathered" else ops
+            specs = (ShardSpec(dim=0, rank=rank, size=world), ShardSpec(dim=1, rank=rank, size=world))
+            with kernels.recorded_paths() as paths:
+                try:
+                    changed[case] = _assert_follows_oracle(_kernel_run(case, specs), rel=1e-5, tol=1e-5)
+                except AssertionError as exc:
+                    raise AssertionError(f"{case}: {exc}") from exc
+            _check_paths(paths, case)
+        return changed
+    finally:
+        compiled.ops = ops
+        parallel_state.destroy_model_parallel()
+
+
+def test_kernel_paths_on_two_tensor_parallel_ranks_follow_the_dense_oracle():
+    """Each case on TP 2 over gloo (layer 0 split by rows, layer 1 by columns, B's and A's budgets
+    selected over both shards): each rank's shard follows its part of the whole-layer oracle —
+    losses, A, B and θ at every step — with every product on the case's path."""
+    from tests.distributed import run_distributed
+
+    changed = run_distributed(_tensor_parallel_body, 2, timeout=600)
+    for case in KERNEL_CASES:
+        assert changed[0][case] + changed[1][case] > 0, case
 
 
 def test_reselection_moves_blocks_and_zeros_their_moments():

@@ -15,14 +15,11 @@ buffer saved with it.
   blocks), so the sparse FLOPs are water-filled against it: stage s gets f_s blocks with
   dense_s + f_s·q equal across stages (q = 2b² FLOPs per block per token) within one block, then
   f_s is spread over the stage's layers in proportion to their size.
-* `global`: one hard threshold on the unit value uⱼ = Σ|θ|/cⱼ over the candidate blocks of all
-  layers, by the sharded histogram select over the tensor × pipeline group (docs/design/threshold.md).
-* `cost`: `global` with cⱼ = the block's FLOPs and the budget in FLOPs. Every element of a
-  Llama's block linears costs the same 2 FLOPs per token, so on this model it picks exactly the
-  blocks `global` picks (a test checks it); it is kept as its own name because the two differ as
-  soon as layers of different per-element cost are made sparse.
+* `global`: one hard threshold on the unit value uⱼ = Σ|θ|/b² (every block costs the same
+  2b² FLOPs per token) over the candidate blocks of all layers, by the sharded histogram select
+  over the tensor × pipeline group (docs/design/threshold.md).
 
-The first three depend only on the config (`static_budgets`); the last two are recomputed from
+The first three depend only on the config (`static_budgets`); `global` is recomputed from
 the weights at every reselection of B (`reallocate`). Between reallocations each layer's soft
 top-k runs against its own budget over its tensor-parallel group. That is where we depart from
 one model-wide μ: a pipeline stage runs its forward and backward at times of its own (1F1B), so a
@@ -44,7 +41,7 @@ from sparse_lm.parallel.layout import stage_of
 from sparse_lm.sparsity.threshold import select_topk_positions
 
 STATIC = ("uniform", "erk", "pipeline_balanced")
-DYNAMIC = ("global", "cost")
+DYNAMIC = ("global",)
 
 
 @dataclass(frozen=True)
@@ -188,7 +185,7 @@ def apportion(real: list[float], total: int, lo: list[int], hi: list[int]) -> li
 
 @torch.no_grad()
 def reallocate(layers: list, total: int, group: dist.ProcessGroup | None) -> None:
-    """`global`/`cost`: give each layer the blocks of its B that lie above one threshold on the unit
+    """`global`: give each layer the blocks of its B that lie above one threshold on the unit
     value over all `layers` of all ranks of `group` (tensor × pipeline), exactly `total` in all.
 
     `layers` are this rank's `SpartanLinear`s (a stage's tensor-parallel ranks hold the same

@@ -14,6 +14,7 @@ docs/design/kernels.md.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 
 import torch
@@ -139,6 +140,28 @@ def forced_path(path: str):
         yield
     finally:
         _forced_path = previous
+
+
+_recorders: list[collections.Counter] = []
+
+
+@contextlib.contextmanager
+def recorded_paths():
+    """A Counter of (product, path) for every product run inside the block — product one of
+    "forward", "input_grad", "value_grad", path one of PATHS — so that a test can assert which
+    path its products really took (and fail if a rule change routes them elsewhere). Outside such
+    a block recording costs one test of an empty list per product."""
+    counts: collections.Counter = collections.Counter()
+    _recorders.append(counts)
+    try:
+        yield counts
+    finally:
+        _recorders.remove(counts)
+
+
+def _record(product: str, path: str) -> None:
+    for counts in _recorders:
+        counts[product, path] += 1
 
 
 def in_place_ops(a: torch.Tensor, block: int):
@@ -340,6 +363,7 @@ def _product(a, values, forward_mask, index, shape, block, transpose: bool):
     n_blocks = (shape[0] // block) * cols
     in_a = forward_mask & (index < n_blocks)
     path = _layer_path(a, block, int(torch.count_nonzero(in_a)), shape, len(index))  # .sum() would copy to int64
+    _record("forward" if transpose else "input_grad", path)
     if path == "in_place" and block == 1:  # the kernel groups the elements itself (a radix sort)
         return compiled.ops().element_product(a.contiguous(), values.view(-1).to(a.dtype), index, in_a, *shape,
                                               transpose)
@@ -365,6 +389,7 @@ def _value_gradient(g, x, index, shape, block, grad_values):
     n_blocks = (shape[0] // block) * cols
     in_b = index < n_blocks
     path = _layer_path(g, block, int(torch.count_nonzero(in_b)), shape, len(index))
+    _record("value_grad", path)
     if path == "in_place" and block == 1:  # zeros for unused slots, like grad_values
         grad_values.view(-1).copy_(compiled.ops().element_sddmm(g.contiguous(), x.contiguous(), index, *shape))
         return None

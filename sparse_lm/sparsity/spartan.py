@@ -90,7 +90,7 @@ def spartan_layers(model: nn.Module) -> list[SpartanLinear]:
 
 class Spartan(TopKAST):
     """The schedule: B reselected by magnitude every `reselect_every` steps (Top-KAST's), the
-    budget re-split at the same time for `global`/`cost`, and after every step the schedules
+    budget re-split at the same time for `global`, and after every step the schedules
     advanced and A re-picked — until the finetune phase freezes both."""
 
     def __init__(self, model: nn.Module, cfg: RunConfig, group=None):
