@@ -20,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     from sparse_lm.checkpoint.convert_cli import register_cli as register_convert
     from sparse_lm.data.prepare import register_cli as register_prepare
     from sparse_lm.eval.cli import register_cli as register_eval
+    from sparse_lm.generate.cli import register_cli as register_generate
     from sparse_lm.train.cli import register_cli as register_pretrain
 
     parser = argparse.ArgumentParser(prog="sparse-lm", description=__doc__.splitlines()[0])
@@ -27,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_prepare(sub)
     register_pretrain(sub)
     register_eval(sub)
+    register_generate(sub)
     register_convert(sub)
     register_checkpoint(sub)
     return parser

@@ -57,10 +57,10 @@ class Rotary(nn.Module):
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [batch, heads, seq, head_dim]."""
+    def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """x: [batch, heads, seq, head_dim], at positions start, start + 1, ..."""
         seq = x.shape[-2]
-        cos, sin = self.cos[:seq].to(x.dtype), self.sin[:seq].to(x.dtype)
+        cos, sin = self.cos[start:start + seq].to(x.dtype), self.sin[start:start + seq].to(x.dtype)
         half = x.shape[-1] // 2
         rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
         return x * cos + rotated * sin
@@ -77,16 +77,25 @@ class Attention(nn.Module):
         self.o_proj = linear(f"{prefix}.o_proj", d, d)
         self.rotary = rotary
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache=None) -> torch.Tensor:
+        """`cache` (generation): this layer's keys and values of the positions before x — an object
+        with `length` and `append(k, v)` returning all keys and values so far (see generate/cache.py)."""
         b, t, _ = x.shape
+        start = 0 if cache is None else cache.length
         q = self.q_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
-        q, k = self.rotary(q), self.rotary(k)
+        q, k = self.rotary(q, start), self.rotary(k, start)
+        if cache is not None:
+            k, v = cache.append(k, v)
         if self.n_kv != self.n_heads:
             rep = self.n_heads // self.n_kv
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if start == 0:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:  # query i (position start + i) sees keys 0 .. start + i
+            mask = torch.ones(t, start + t, dtype=torch.bool, device=x.device).tril(start)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -110,8 +119,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg, f"{prefix}.mlp", linear)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x))
+    def forward(self, x: torch.Tensor, cache=None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -147,11 +156,13 @@ class Llama(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, i, linear, rotary) for i in range(cfg.n_layers))
         self.norm, self.lm_head = make_head(cfg)
 
-    def logits(self, ids: torch.Tensor) -> torch.Tensor:
-        """Logits over the vocabulary — this rank's slice of it under tensor parallelism."""
+    def logits(self, ids: torch.Tensor, cache=None) -> torch.Tensor:
+        """Logits over the vocabulary — this rank's slice of it under tensor parallelism. `cache`
+        (generation): one per-layer cache per block (see `Attention.forward`); ids then continue
+        the positions it holds."""
         x = self.embed_tokens(ids)
-        for layer in self.layers:
-            x = layer(x)
+        for i, layer in enumerate(self.layers):
+            x = layer(x) if cache is None else layer(x, cache[i])
         x = self.norm(x)
         if self.lm_head is not None:
             return self.lm_head(x)
