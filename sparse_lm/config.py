@@ -143,6 +143,8 @@ class TrainConfig:
     eval_every: int = 50
     eval_batches: int = 8
     out_dir: str = "runs/tiny"
+    # DeepSpeed's monitors, fed the scalars of metrics.jsonl: {tensorboard: DIR, csv: DIR, wandb: PROJECT}
+    monitor: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -271,10 +273,17 @@ def _validate(cfg: RunConfig) -> None:
     _require(0 <= t.seed < 2**31, "train.seed", "an integer in [0, 2^31)", t.seed)  # seeds torch generators
     _require(t.precision in ("auto", "fp32", "bf16"), "train.precision", "one of: auto, fp32, bf16", t.precision)
     _require(bool(t.out_dir), "train.out_dir", "a directory path", t.out_dir)
+    for key, value in t.monitor.items():
+        _require(key in MONITORS, f"train.monitor.{key}", f"one of {', '.join(MONITORS)}", key)
+        _require(isinstance(value, str) and bool(value), f"train.monitor.{key}", MONITORS[key], value)
 
     _require(c.every >= 1, "checkpoint.every", "an integer >= 1", c.every)
     _require(c.keep >= 1, "checkpoint.keep", "an integer >= 1", c.keep)
     _require(c.resume in ("auto", "never", "must"), "checkpoint.resume", "one of: auto, never, must", c.resume)
+
+
+MONITORS = {"tensorboard": "a directory for TensorBoard event files", "csv": "a directory for CSV files",
+            "wandb": "a Weights & Biases project name"}
 
 
 def _coerce(name: str, value: Any, default: Any) -> Any:
@@ -299,6 +308,8 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
         if isinstance(value, str):  # --set sparsity.targets=q_proj,v_proj
             value = [v.strip() for v in value.split(",") if v.strip()]
         _require(isinstance(value, list) and all(isinstance(v, str) for v in value), name, "a list of names", value)
+    elif kind is dict:
+        _require(isinstance(value, dict), name, "a mapping", value)
     return value
 
 

@@ -33,7 +33,8 @@ from sparse_lm.train import faults
 from sparse_lm.train.guard import GuardedStep
 from sparse_lm.train.batches import heldout_batches, train_sampler
 from sparse_lm.train.memory import dense_equivalent_bytes, model_state_bytes
-from sparse_lm.train.metrics import MetricsLog, format_eta, peak_rss_bytes
+from sparse_lm.train.metrics import MetricsLog, format_eta, layer_densities, peak_rss_bytes
+from sparse_lm.train.monitor import deepspeed_monitor_config
 from sparse_lm.train.schedule import learning_rate
 
 
@@ -75,6 +76,7 @@ def make_engine(model: torch.nn.Module, cfg: RunConfig, topo: Topology):
         "zero_optimization": {"stage": zero_stage},
         "bf16": {"enabled": bf16},
         "steps_per_print": 2**31 - 1,
+        **deepspeed_monitor_config(t.monitor),
     }
     extra = {} if topo.pipeline > 1 else {"mpu": DeepSpeedMPU()}
     engine, optimizer, _, _ = deepspeed.initialize(
@@ -216,7 +218,8 @@ def _pretrain(cfg: RunConfig, topo: Topology) -> dict[str, Any]:
         _check_same_tokenizer(find_checkpoint(resume_from), meta, data_dir)
         manifest = load_checkpoint(resume_from, engine.module, optimizer, topo, config=config_dict)
         state = RunState(**manifest["state"])
-    log = MetricsLog(Path(t.out_dir) / "metrics.jsonl", enabled=topo.is_main, start_step=state.step)
+    log = MetricsLog(Path(t.out_dir) / "metrics.jsonl", enabled=topo.is_main, start_step=state.step,
+                     monitor=engine.monitor if engine.monitor.enabled else None)
     if resume_from is not None:
         log.say(f"resumed from {manifest['path']} at step {state.step}")
         log.write("resume", step=state.step, path=manifest["path"])
@@ -249,6 +252,8 @@ def _pretrain(cfg: RunConfig, topo: Topology) -> dict[str, Any]:
 
     schedule = make_schedule(engine.module, cfg, group=_model_parallel_group(topo))
     schedule.start(state.step)
+    if layers and state.step == 0:  # a resumed run has its step's record
+        log.write("density", step=state.step, layers=layer_densities(engine.module))
     note = schedule.describe()
     if note:
         log.say(note)
@@ -317,6 +322,7 @@ def _pretrain(cfg: RunConfig, topo: Topology) -> dict[str, Any]:
 
                 verify_replicas(schedule.layers, parallel_state.get_data_parallel_group(), state.step)
             log.write("reselect", step=state.step, **change)
+            log.write("density", step=state.step, layers=layer_densities(engine.module))
             if state.step % t.log_every == 0:
                 log.say(f"step {state.step:>6}/{t.steps} | reselected: {change['changed_b']:.1%} of B and "
                         f"{change['changed_a']:.1%} of A changed in {change['seconds']:.2f} s")
