@@ -20,7 +20,9 @@ def build_parser() -> argparse.ArgumentParser:
     from sparse_lm.checkpoint.convert import register_cli as register_convert
     from sparse_lm.data.prepare import register_cli as register_prepare
     from sparse_lm.eval.cli import register_cli as register_eval
+    from sparse_lm.generate.cli import register_cli as register_generate
     from sparse_lm.plan.cli import register_cli as register_plan
+    from sparse_lm.report.cli import register_cli as register_report
     from sparse_lm.train.cli import register_cli as register_pretrain
 
     parser = argparse.ArgumentParser(prog="sparse-lm", description=__doc__.splitlines()[0])
@@ -28,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     register_prepare(sub)
     register_pretrain(sub)
     register_eval(sub)
+    register_generate(sub)
+    register_report(sub)
     register_convert(sub)
     register_checkpoint(sub)
     register_plan(sub)

@@ -214,6 +214,8 @@ class TrainConfig:
     """Held-out micro-batches per evaluation."""
     out_dir: str = "runs/tiny"
     """Run directory: metrics.jsonl, the summary and (by default) the checkpoints."""
+    monitor: dict = field(default_factory=dict)
+    """DeepSpeed's monitors, fed the scalars of metrics.jsonl: {tensorboard: DIR, csv: DIR, wandb: PROJECT}."""
 
 
 @dataclass
@@ -382,12 +384,19 @@ def _validate_train(cfg: RunConfig) -> None:
     _require(t.max_bad_steps >= 1, "train.max_bad_steps", "an integer >= 1", t.max_bad_steps)
     _require(0 <= t.seed < 2**31, "train.seed", "an integer in [0, 2^31)", t.seed)  # seeds torch generators
     _require(bool(t.out_dir), "train.out_dir", "a directory path", t.out_dir)
+    for key, value in t.monitor.items():
+        _require(key in MONITORS, f"train.monitor.{key}", f"one of {', '.join(MONITORS)}", key)
+        _require(isinstance(value, str) and bool(value), f"train.monitor.{key}", MONITORS[key], value)
 
 
 def _validate_checkpoint(cfg: RunConfig) -> None:
     c = cfg.checkpoint
     _require(c.every >= 1, "checkpoint.every", "an integer >= 1", c.every)
     _require(c.keep >= 1, "checkpoint.keep", "an integer >= 1", c.keep)
+
+
+MONITORS = {"tensorboard": "a directory for TensorBoard event files", "csv": "a directory for CSV files",
+            "wandb": "a Weights & Biases project name"}
 
 
 _VALIDATORS = {"model": _validate_model, "sparsity": _validate_sparsity, "parallel": _validate_parallel,
@@ -421,6 +430,8 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
         if isinstance(value, str):  # --set sparsity.targets=q_proj,v_proj
             value = [v.strip() for v in value.split(",") if v.strip()]
         _require(isinstance(value, list) and all(isinstance(v, str) for v in value), name, "a list of names", value)
+    elif hint is dict:
+        _require(isinstance(value, dict), name, "a mapping", value)
     return value
 
 

@@ -234,7 +234,7 @@ def is_hf_dir(path: str | Path) -> bool:
 
 
 class _HFTokenizer:
-    """The two things `eval` needs from a tokenizer, for an HF directory without tokenizer.model."""
+    """What `eval` and `generate` need from a tokenizer, for an HF directory without tokenizer.model."""
 
     def __init__(self, path: Path):
         from transformers import AutoTokenizer
@@ -247,10 +247,17 @@ class _HFTokenizer:
     def encode(self, text: str) -> list[int]:
         return self._tok(text, add_special_tokens=False)["input_ids"]
 
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(ids, skip_special_tokens=True)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._tok)
+
 
 def load_hf_for_eval(path: str | Path, device: str | torch.device = "cpu") -> dict[str, Any]:
-    """{logits_fn, tokenizer, seq_len, max_seq_len, data_path, step} for an HF Llama directory, its
-    model on `device`.
+    """{logits_fn, model, tokenizer, seq_len, max_seq_len, data_path, step} for an HF Llama directory,
+    its model on `device`.
 
     The tokenizer is our tokenizer.model when the directory has one (every export does), else the
     HF tokenizer; the default context and data path come from the export's marker when present.
@@ -272,6 +279,7 @@ def load_hf_for_eval(path: str | Path, device: str | torch.device = "cpu") -> di
     max_len = int(model.config.max_position_embeddings)
     return {
         "logits_fn": lambda ids: model(input_ids=ids, use_cache=False).logits,
+        "model": model,
         "tokenizer": tokenizer,
         "seq_len": min(int(marker.get("seq_len", max_len)), max_len),
         "max_seq_len": max_len,

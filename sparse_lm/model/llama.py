@@ -84,10 +84,10 @@ class Rotary(nn.Module):
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [batch, heads, seq, head_dim]."""
+    def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """x: [batch, heads, seq, head_dim], at positions start, start + 1, ..."""
         seq = x.shape[-2]
-        cos, sin = self.cos[:seq].to(x.dtype), self.sin[:seq].to(x.dtype)
+        cos, sin = self.cos[start:start + seq].to(x.dtype), self.sin[start:start + seq].to(x.dtype)
         half = x.shape[-1] // 2
         rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
         return x * cos + rotated * sin
@@ -100,16 +100,25 @@ class Attention(nn.Module):
         add_linears(self, cfg, prefix, linear)  # q_proj, k_proj, v_proj, o_proj
         self.rotary = rotary
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache=None) -> torch.Tensor:
+        """`cache` (generation): this layer's keys and values of the positions before x — an object
+        with `length` and `append(k, v)` returning all keys and values so far (see generate/cache.py)."""
         b, t, _ = x.shape
+        start = 0 if cache is None else cache.length
         q = self.q_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
-        q, k = self.rotary(q), self.rotary(k)
+        q, k = self.rotary(q, start), self.rotary(k, start)
+        if cache is not None:
+            k, v = cache.append(k, v)
         if self.n_kv != self.n_heads:
             rep = self.n_heads // self.n_kv
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if start == 0:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:  # query i (position start + i) sees keys 0 .. start + i
+            mask = torch.ones(t, start + t, dtype=torch.bool, device=x.device).tril(start)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -139,13 +148,13 @@ class Block(nn.Module):
         self.mlp = MLP(cfg, f"{prefix}.mlp", linear)
         self.recompute = recompute
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.recompute and torch.is_grad_enabled():
+    def forward(self, x: torch.Tensor, cache=None) -> torch.Tensor:
+        if self.recompute and cache is None and torch.is_grad_enabled():
             return checkpoint(self.residual, x, use_reentrant=False)
-        return self.residual(x)
+        return self.residual(x, cache)
 
-    def residual(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x))
+    def residual(self, x: torch.Tensor, cache=None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -166,11 +175,13 @@ class Llama(nn.Module):
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else self.vocab.head(cfg.d_model, cfg.vocab_size)
 
-    def logits(self, ids: torch.Tensor) -> torch.Tensor:
-        """Logits over the vocabulary — this rank's slice of it under tensor parallelism."""
+    def logits(self, ids: torch.Tensor, cache=None) -> torch.Tensor:
+        """Logits over the vocabulary — this rank's slice of it under tensor parallelism. `cache`
+        (generation): one per-layer cache per block (see `Attention.forward`); ids then continue
+        the positions it holds."""
         x = self.embed_tokens(ids)
-        for layer in self.layers:
-            x = layer(x)
+        for i, layer in enumerate(self.layers):
+            x = layer(x) if cache is None else layer(x, cache[i])
         x = self.norm(x)
         if self.lm_head is not None:
             return self.lm_head(x)

@@ -9,6 +9,7 @@ import torch
 from sparse_lm.config import RunConfig
 from sparse_lm.parallel.state import DeepSpeedMPU, Topology
 from sparse_lm.train.guard import GuardedStep
+from sparse_lm.train.monitor import deepspeed_monitor_config
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -58,6 +59,7 @@ def make_engine(model: torch.nn.Module, cfg: RunConfig, topo: Topology):
         "zero_optimization": {"stage": zero_stage},
         "bf16": {"enabled": bf16},
         "steps_per_print": 2**31 - 1,
+        **deepspeed_monitor_config(t.monitor),
     }
     extra = {} if topo.pipeline > 1 else {"mpu": DeepSpeedMPU()}
     engine, optimizer, _, _ = deepspeed.initialize(

@@ -32,7 +32,7 @@ from sparse_lm.termination import Terminated, stopped_by_sigterm
 from sparse_lm.train.engine import make_engine, model_parallel_group
 from sparse_lm.train.guard import GuardedStep
 from sparse_lm.train.memory import dense_equivalent_bytes, model_state_bytes
-from sparse_lm.train.metrics import MetricsLog, format_eta, peak_rss_bytes
+from sparse_lm.train.metrics import MetricsLog, format_eta, layer_densities, peak_rss_bytes
 from sparse_lm.train.preflight import Plan, check_run
 from sparse_lm.train.schedule import learning_rate
 
@@ -137,7 +137,8 @@ def setup(cfg: RunConfig, plan: Plan, topo: Topology) -> Run:
     if plan.resume_from is not None:
         manifest = load_checkpoint(plan.resume_from, engine.module, optimizer, topo, config=plan.config)
         state = RunState(**manifest["state"])
-    log = MetricsLog(Path(cfg.train.out_dir) / "metrics.jsonl", enabled=topo.is_main, start_step=state.step)
+    log = MetricsLog(Path(cfg.train.out_dir) / "metrics.jsonl", enabled=topo.is_main, start_step=state.step,
+                     monitor=engine.monitor if engine.monitor.enabled else None)
     if manifest is not None:
         log.say(f"resumed from {manifest['path']} at step {state.step}")
         log.write("resume", step=state.step, path=manifest["path"])
@@ -149,6 +150,8 @@ def setup(cfg: RunConfig, plan: Plan, topo: Topology) -> Run:
               tokens_per_step=plan.global_batch * cfg.train.seq_len)
     _log_model(run)
     schedule.start(state.step)
+    if schedule.layers and state.step == 0:  # a resumed run has its step's record
+        log.write("density", step=state.step, layers=layer_densities(engine.module))
     note = schedule.describe()
     if note:
         log.say(note)
@@ -260,6 +263,7 @@ def reselect(run: Run) -> None:
 
         verify_replicas(run.schedule.layers, parallel_state.get_data_parallel_group(), state.step)
     run.log.write("reselect", step=state.step, **change)
+    run.log.write("density", step=state.step, layers=layer_densities(run.engine.module))
     if state.step % t.log_every == 0:
         run.log.say(f"step {state.step:>6}/{t.steps} | reselected: {change['changed_b']:.1%} of B and "
                     f"{change['changed_a']:.1%} of A changed in {change['seconds']:.2f} s")

@@ -10,11 +10,22 @@ from pathlib import Path
 from typing import Any
 
 from sparse_lm.atomic import to_json, write_text
+from sparse_lm.train.monitor import scalar_events
 
 
 def peak_rss_bytes() -> int:
     """Peak resident set size of this process (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def layer_densities(model) -> dict[str, float]:
+    """Each sparse linear's forward density |A| / blocks, by canonical name (the shard's, for a
+    tensor-parallel layer), as this rank holds them."""
+    from sparse_lm.parallel.layout import canonical_name
+    from sparse_lm.sparsity.storage import SparseLinear
+
+    return {canonical_name(name): round(float(m.forward_mask.sum()) / m.n_blocks, 6)
+            for name, m in model.named_modules() if isinstance(m, SparseLinear)}
 
 
 def format_eta(seconds: float) -> str:
@@ -31,8 +42,10 @@ class MetricsLog:
     file keeps one record per step, from the attempt that continues.
     """
 
-    def __init__(self, path: str | Path, enabled: bool, start_step: int):
+    def __init__(self, path: str | Path, enabled: bool, start_step: int, monitor=None):
+        """`monitor`: DeepSpeed's (`engine.monitor`) to send each record's numbers to as well."""
         self.enabled = enabled
+        self.monitor = monitor
         self._handle = None
         if enabled:
             path = Path(path)
@@ -44,6 +57,10 @@ class MetricsLog:
     def write(self, kind: str, **fields: Any) -> None:
         if self._handle is not None:
             self._handle.write(to_json({"kind": kind, "time": round(time.time(), 3), **fields}) + "\n")
+            if self.monitor is not None:
+                events = scalar_events(kind, fields)
+                if events:
+                    self.monitor.write_events(events)
 
     def say(self, text: str) -> None:
         if self.enabled:
