@@ -25,7 +25,7 @@ def exported(tmp_path_factory, sp_model):  # noqa: F811
     """(sparse_lm checkpoint, its Hugging Face export) of a model with logits of a few units."""
     root = tmp_path_factory.mktemp("gen")
     ckpt = make_checkpoint(root / "ckpt", sp_model)
-    assert main(["convert", "--from", str(ckpt), "--to", str(root / "hf")]) == 0
+    assert main(["convert", "export-hf", "--from", str(ckpt), "--to", str(root / "hf")]) == 0
     return ckpt, root / "hf"
 
 

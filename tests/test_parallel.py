@@ -43,6 +43,8 @@ def _sections(variant: str, tensor: int, data: int = 1, accum: int = 2, **parall
     of fp32)."""
     if data > 1:
         parallel.update(zero_stage=1, verify_replicas=True)
+    if variant != "element":  # 8×8-block grids: one shard may take well over its half of B's 32 blocks;
+        parallel.setdefault("shard_headroom", 1.0)  # room for all of B, so no shard is capacity-bound
     return {"model": MODEL, "sparsity": VARIANTS[variant], "parallel": {"tensor": tensor, **parallel},
             "train": {"steps": STEPS_TP, "micro_batch": 4 // data // accum, "grad_accum": accum, "lr": LR},
             "checkpoint": {"every": 6, "keep": 3}}

@@ -82,7 +82,7 @@ def _train_and_measure(rank: int, world: int, config: str, cases: list[list[str]
         cfg.model = resolve_vocab(cfg.model, cfg.data.vocab_size)
         gc.collect()
         before = _live_storages() if with_gc else {}
-        model = build_model(cfg, pipeline=topo.pipeline)
+        model = build_model(cfg, topology=topo)
         engine, optimizer, _ = make_engine(model, cfg, topo)
         measured = _measure_at_step(engine, optimizer, before if with_gc else None)
         gen = torch.Generator().manual_seed(0)

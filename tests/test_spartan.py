@@ -127,7 +127,9 @@ ORACLE_CASES = [
                                                           for c in ORACLE_CASES])
 def test_spartan_follows_the_dense_oracle(block, allocation_name, candidates, density, default_dtype, path):
     """30 steps (warmup 9, reselection every 5, finetune from step 24). float64: losses to rel
-    1e-9, A, B and budgets exactly, θ to 1e-7 at every step (θ ~ 0.05). Spartan's steep soft mask
+    1e-6 (the model takes its cross-entropy in fp32, so the two losses may differ by an fp32 ulp of
+    the logits' rounding: 1.1e-7 seen on one machine), A, B and budgets exactly, θ to 1e-7 at every
+    step (θ ~ 0.05). Spartan's steep soft mask
     (β = 10·b) and Adam amplify fp32 rounding between two implementations, so in fp32 the losses
     agree to rel 1e-5 and θ to 2e-4 at every step; A, B and budgets are still identical. Where a
     path is named, every product took it (recorded)."""
@@ -152,7 +154,7 @@ def test_spartan_follows_the_dense_oracle(block, allocation_name, candidates, de
             opt.step()
             record = schedule.after_step(step, opt)
             loss_d = oracle.step(step, ids)
-            assert loss.item() == pytest.approx(loss_d, rel=1e-9 if exact else 1e-5), (step, loss.item() / loss_d - 1)
+            assert loss.item() == pytest.approx(loss_d, rel=1e-6 if exact else 1e-5), (step, loss.item() / loss_d - 1)
             moved += record["changed_b"] if record else 0
             for layer in layers:
                 d = oracle.layers[layer.name]

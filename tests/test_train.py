@@ -320,9 +320,10 @@ def test_bad_data_or_resume_is_refused_before_anything_is_built(data_dir, tmp_pa
     """The one-line error comes before the kernels compile (an empty TORCH_EXTENSIONS_DIR stays
     empty), before the model and the DeepSpeed engine exist (no "model:" line, no checkpoints)."""
     sections = {"sparsity": {"method": "topkast", "density": 0.2, "exploration": 0.2}}
-    if case == "heldout_too_short":  # the held-out split holds ~6k tokens, the training split ~150k
-        sections |= {"train": {"seq_len": 8192}, "model": {"max_seq_len": 8192}}
-        expected = "fewer than one window of train.seq_len+1=8193"
+    if case == "heldout_too_short":  # a window one token longer than the held-out split (training: ~150k tokens)
+        seq_len = json.loads((data_dir / "meta.json").read_text())["splits"]["heldout"]["tokens"]
+        sections |= {"train": {"seq_len": seq_len}, "model": {"max_seq_len": seq_len}}
+        expected = f"fewer than one window of train.seq_len+1={seq_len + 1}"
     else:
         sections["checkpoint"] = {"resume": "must"}
         expected = "checkpoint.resume=must (or --resume) but no checkpoint is there"
