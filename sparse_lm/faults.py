@@ -43,7 +43,8 @@ def _faults() -> dict[str, set[int]]:
         if not name:
             continue
         if name not in faults or not first.isdigit() or (last and not last.isdigit()):
-            raise UserError(f"{ENV}: expected items like nan_loss@5-7, kill_in_save@12, kill_rank1@3 or stall_rank1@3, got {item!r}")
+            raise UserError(f"{ENV}: expected items like nan_loss@5-7, kill_in_save@12, kill_rank1@3 or "
+                            f"stall_rank1@3, got {item!r}")
         faults[name].update(range(int(first), int(last or first) + 1))
     return faults
 

@@ -26,8 +26,10 @@ def test_heldout_batches_keep_order_and_drop_a_partial_batch_only_under_a_pipeli
 def test_heldout_split_too_short_is_one_line(data_dir):
     split = PackedSplit(data_dir, "heldout")
     n = split.n_tokens
-    with pytest.raises(UserError, match=rf"\(heldout split\): {n} tokens, fewer than one window of train.seq_len\+1={n + 1};"):
+    with pytest.raises(UserError, match=rf"\(heldout split\): {n} tokens, fewer than one window of "
+                                        rf"train.seq_len\+1={n + 1};"):
         heldout_batches(split, n, 4, 8)
     assert len(heldout_batches(split, n - 1, 4, 8)) == 1  # exactly one window
-    with pytest.raises(UserError, match=rf"{n} tokens make 1 windows .* fewer than one micro-batch \(train.micro_batch=4\)"):
+    with pytest.raises(UserError,
+                       match=rf"{n} tokens make 1 windows .* fewer than one micro-batch \(train.micro_batch=4\)"):
         heldout_batches(split, n - 1, 4, 8, full_only=True)

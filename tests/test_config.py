@@ -14,7 +14,8 @@ def test_tiny_preset_loads_and_overrides_apply():
     assert cfg.model.d_model == 256
 
 
-@pytest.mark.parametrize("path", sorted(str(p) for p in (Path(__file__).parents[1] / "configs").glob("*.yaml") if not p.name.startswith("study-")))
+@pytest.mark.parametrize("path", sorted(str(p) for p in (Path(__file__).parents[1] / "configs").glob("*.yaml")
+                                        if not p.name.startswith("study-")))
 def test_presets_are_valid(path):
     load_config(path)
 
@@ -29,23 +30,29 @@ def test_presets_are_valid(path):
         ("train.precision=fp8", "config field train.precision: expected one of: auto, fp32, bf16, got 'fp8'"),
         ("model.tie_embeddings=maybe", "config field model.tie_embeddings: expected true or false, got 'maybe'"),
         ("data.heldout_fraction=1.5", "config field data.heldout_fraction: expected a number in (0, 1), got 1.5"),
-        ("sparsity.method=magic", "config field sparsity.method: expected one of: dense, static, topkast, spartan, got 'magic'"),
+        ("sparsity.method=magic",
+         "config field sparsity.method: expected one of: dense, static, topkast, spartan, got 'magic'"),
         ("sparsity.density=0", "config field sparsity.density: expected a number in (0, 1], got 0.0"),
         ("sparsity.exploration=0.95", "config field sparsity.exploration: expected at most 1 - sparsity.density = 0.9"),
-        ("sparsity.granularity=block sparsity.block_size=48", "config field sparsity.block_size: expected a divisor of model.d_model=256, got 48"),
+        ("sparsity.granularity=block sparsity.block_size=48",
+         "config field sparsity.block_size: expected a divisor of model.d_model=256, got 48"),
         ("sparsity.targets=q_proj,lm_head", "config field sparsity.targets: expected a non-empty list drawn from"),
-        ("sparsity.complement=disk", "config field sparsity.complement: expected one of: regenerate, offload, got 'disk'"),
+        ("sparsity.complement=disk",
+         "config field sparsity.complement: expected one of: regenerate, offload, got 'disk'"),
         ("parallel.zero_stage=3", "config field parallel.zero_stage: expected 0 or 1"),
         ("parallel.tensor=3", "config field parallel.tensor: expected a divisor of model.n_heads"),
         ("parallel.pipeline=0", "config field parallel.pipeline: expected an integer in [1, model.n_layers"),
-        ("parallel.pipeline=2 model.tie_embeddings=true", "config field model.tie_embeddings: expected false with parallel.pipeline > 1"),
+        ("parallel.pipeline=2 model.tie_embeddings=true",
+         "config field model.tie_embeddings: expected false with parallel.pipeline > 1"),
         ("parallel.shard_headroom=-1", "config field parallel.shard_headroom: expected a number >= 0"),
         ("train.max_bad_steps=0", "config field train.max_bad_steps: expected an integer >= 1, got 0"),
         ("train.lr=.inf", "config field train.lr: expected a finite number, got inf"),
         ("train.lr=inf", "config field train.lr: expected a finite number, got inf"),
         ("train.grad_clip=.nan", "config field train.grad_clip: expected a finite number, got nan"),
-        ("sparsity.freeze_masks_after=-.inf", "config field sparsity.freeze_masks_after: expected a finite number, got -inf"),
-        ("train.seed=100000000000000", "config field train.seed: expected an integer in [0, 2^31), got 100000000000000"),
+        ("sparsity.freeze_masks_after=-.inf",
+         "config field sparsity.freeze_masks_after: expected a finite number, got -inf"),
+        ("train.seed=100000000000000",
+         "config field train.seed: expected an integer in [0, 2^31), got 100000000000000"),
         ("train.seed=-1", "config field train.seed: expected an integer in [0, 2^31), got -1"),
         ("train.stpes=3", "--set: unknown field train.stpes"),
         ("trian.steps=3", "--set: unknown section 'trian'"),
@@ -110,7 +117,8 @@ def test_choice_fields_are_literals_checked_also_for_configs_built_in_python():
     with pytest.raises(UserError, match=r"^config field sparsity.method: expected one of: dense, static, topkast, "
                                         r"spartan, got 'magic'$"):
         RunConfig(sparsity=SparsityConfig(method="magic")).validate()
-    with pytest.raises(UserError, match=r"^config field train.precision: expected one of: auto, fp32, bf16, got 'fp8'$"):
+    with pytest.raises(UserError, match=r"^config field train.precision: expected one of: auto, fp32, bf16, "
+                                        r"got 'fp8'$"):
         RunConfig(train=TrainConfig(precision="fp8")).validate()
 
 
@@ -160,5 +168,6 @@ def test_print_config_prints_the_resolved_config_and_trains_nothing(tmp_path, ca
     assert (tree["model"]["ffn_hidden"], tree["model"]["n_kv_heads"], tree["train"]["steps"]) == (384, 4, 7)
     assert "#   model.vocab_size: null → the tokenizer's size in data/stdlib" in text
     assert "#   train.precision: auto → bf16 on a CUDA device" in text
-    assert "  # Key/value heads (grouped-query attention); null: n_heads (multi-head attention).\n  n_kv_heads: 4" in text
+    assert ("  # Key/value heads (grouped-query attention); null: n_heads (multi-head attention).\n"
+            "  n_kv_heads: 4") in text
     assert not out_dir.exists()

@@ -490,7 +490,8 @@ def test_num_proc_does_not_change_the_output(tmp_path, tok_model):
     """num_proc=2 writes byte-identical token and index files to num_proc=1, on a corpus large
     enough to span several map and pack batches."""
     rng = random.Random(7)
-    docs = [f"{i} " + " ".join(rng.choice(["def", "x", "  ", "\t", "🙂", "汉字", "\n"]) for _ in range(rng.randint(1, 12)))
+    docs = [f"{i} " + " ".join(rng.choice(["def", "x", "  ", "\t", "🙂", "汉字", "\n"])
+                               for _ in range(rng.randint(1, 12)))
             for i in range(5000)]
     corpus = write_jsonl(tmp_path / "many.jsonl", [{"text": d} for d in docs])
     outs = {}
@@ -578,7 +579,8 @@ def expected_stdlib_docs(max_bytes: int) -> list[str]:
     rel = []
     for folder, dirs, names in os.walk(root):
         dirs[:] = [d for d in dirs if d not in ("site-packages", "dist-packages")]
-        rel += [Path(folder, n).relative_to(root).as_posix() for n in names if n.endswith(".py") and not n.startswith(".")]
+        rel += [Path(folder, n).relative_to(root).as_posix()
+                for n in names if n.endswith(".py") and not n.startswith(".")]
     docs, total = [], 0
     for name in sorted(rel):
         raw = (root / name).read_bytes()
@@ -683,7 +685,8 @@ def test_hub_dataset_column_that_is_not_text(tmp_path):
     spec = f"hf:{tmp_path / 'ds'}"
     for field, kind in (("text", "int64"), ("words", "List")):
         with pytest.raises(UserError, match=rf"corpus {spec}: column '{field}' holds .*{kind}.*, not strings; "
-                                            r"columns are \['text', 'words', 'body'\] \(choose one with --text-field\)"):
+                                            r"columns are \['text', 'words', 'body'\] "
+                                            r"\(choose one with --text-field\)"):
             list(iter_documents(parse_corpus([spec], field), CorpusStats()))
     assert [text for text, _ in iter_documents(parse_corpus([spec], "body"), CorpusStats())] == ["first", "second"]
 

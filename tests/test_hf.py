@@ -253,7 +253,8 @@ def test_density_one_round_trip_is_identity(tmp_path, sp_model, transformers_lla
     AutoModelForCausalLM, _ = transformers_llama
     dense_hf = save_dense_hf(tmp_path / "dense", sp_model, tie)
     sparse, back = tmp_path / "sparse", tmp_path / "back"
-    assert convert("import-hf", "--from-hf", str(dense_hf), "--to", str(sparse), "--density", "1.0", "--exploration", "0") == 0
+    assert convert("import-hf", "--from-hf", str(dense_hf), "--to", str(sparse), "--density", "1.0",
+                   "--exploration", "0") == 0
     assert convert("export-hf", "--from", str(sparse), "--to", str(back)) == 0
     original, returned = load_file(dense_hf / "model.safetensors"), load_file(back / "model.safetensors")
     assert sorted(original) == sorted(returned)
@@ -306,7 +307,8 @@ def test_imported_checkpoint_restores_into_an_optimizer(tmp_path, dense_hf):
     from sparse_lm.parallel.state import Topology
 
     sparse = tmp_path / "sparse"
-    assert convert("import-hf", "--from-hf", str(dense_hf), "--to", str(sparse), "--density", "0.5", "--exploration", "0.25") == 0
+    assert convert("import-hf", "--from-hf", str(dense_hf), "--to", str(sparse), "--density", "0.5",
+                   "--exploration", "0.25") == 0
     cfg_text = (sparse / "config.yaml").read_text()
     assert f"out_dir: {sparse.resolve()}" in cfg_text and "resume: must" in cfg_text and "method: topkast" in cfg_text
     model = build_model(_import_config(sparse))
@@ -327,9 +329,10 @@ def test_import_with_a_parallel_config_writes_a_one_process_config(tmp_path, den
     config.write_text("parallel:\n  tensor: 2\n")
     out = tmp_path / "sparse"
     capsys.readouterr()
-    assert convert("import-hf", "--from-hf", str(dense_hf), "--to", str(out), "--density", "0.5", "--exploration", "0.25",
-                   "--config", str(config)) == 0
-    assert f"first: sparse-lm convert reshard --from {out / 'checkpoints'} --to DIR --tensor 2 --pipeline 1" in capsys.readouterr().out
+    assert convert("import-hf", "--from-hf", str(dense_hf), "--to", str(out), "--density", "0.5",
+                   "--exploration", "0.25", "--config", str(config)) == 0
+    assert (f"first: sparse-lm convert reshard --from {out / 'checkpoints'} --to DIR --tensor 2 --pipeline 1"
+            in capsys.readouterr().out)
     assert (_import_config(out).parallel.tensor, _import_config(out).parallel.pipeline) == (1, 1)
     manifest = json.loads((out / "checkpoints" / "step_00000000" / "manifest.json").read_text())
     assert manifest["config"]["parallel"]["tensor"] == 1 and manifest["topology"]["tensor"] == 1
@@ -434,7 +437,8 @@ def test_import_errors_are_one_line(tmp_path, dense_hf, capsys, case):
     shutil.copytree(dense_hf, hf)
     if damage:
         damage(hf)
-    args = ["import-hf", "--from-hf", str(hf), "--to", str(tmp_path / "out"), "--density", "0.5", "--exploration", "0.25"]
+    args = ["import-hf", "--from-hf", str(hf), "--to", str(tmp_path / "out"), "--density", "0.5",
+            "--exploration", "0.25"]
     if extra == ["--density"]:
         args = args[:5] + ["--exploration", "0.25"]
     else:
@@ -477,8 +481,8 @@ def test_import_refuses_to_overwrite_training_progress(tmp_path, dense_hf, capsy
 
 
 def test_cli_error_through_a_subprocess(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "sparse_lm", "convert", "import-hf", "--from-hf", str(tmp_path), "--to",
-                           str(tmp_path / "out"), "--density", "0.1", "--exploration", "0.1"],
+    done = subprocess.run([sys.executable, "-m", "sparse_lm", "convert", "import-hf", "--from-hf", str(tmp_path),
+                           "--to", str(tmp_path / "out"), "--density", "0.1", "--exploration", "0.1"],
                           capture_output=True, text=True, cwd=REPO)
     assert done.returncode == 2
     assert done.stderr == f"sparse-lm convert: error: Hugging Face directory {tmp_path}: config.json is missing\n"

@@ -289,9 +289,10 @@ def test_reshard_round_trip_is_exact(tp_runs, tmp_path):
     from safetensors.torch import load_file
 
     source = tp_runs("element", 2, pipeline=2) / "checkpoints"
-    run_cli("convert", "reshard", "--from", str(source), "--to", str(tmp_path / "one"), "--tensor", "1", "--pipeline", "1")
-    proc = run_cli("convert", "reshard", "--from", str(tmp_path / "one"), "--to", str(tmp_path / "back"), "--tensor", "2",
-                   "--pipeline", "2")
+    run_cli("convert", "reshard", "--from", str(source), "--to", str(tmp_path / "one"), "--tensor", "1",
+            "--pipeline", "1")
+    proc = run_cli("convert", "reshard", "--from", str(tmp_path / "one"), "--to", str(tmp_path / "back"),
+                   "--tensor", "2", "--pipeline", "2")
     assert "re-sharded step 12" in proc.stdout
     assert json.loads((tmp_path / "one" / "step_00000012" / "manifest.json").read_text())["topology"]["tensor"] == 1
     for kind in ("model", "optim"):
@@ -301,7 +302,8 @@ def test_reshard_round_trip_is_exact(tp_runs, tmp_path):
             if kind == "optim":  # moments follow their slots: order them by the model shard's index
                 index = {k: v for k, v in load_file(source / "step_00000012" / name.replace("optim", "model")).items()
                          if k.endswith(".index")}
-                index_back = {k: v for k, v in load_file(tmp_path / "back" / "step_00000012" / name.replace("optim", "model")).items()
+                index_back = {k: v for k, v in load_file(tmp_path / "back" / "step_00000012"
+                                                         / name.replace("optim", "model")).items()
                               if k.endswith(".index")}
                 want, got = _sorted_shard(want | index), _sorted_shard(got | index_back)
             else:
@@ -316,8 +318,8 @@ def test_training_resumes_on_another_layout_after_convert(tp_runs, data_dir, tmp
     """A one-process checkpoint at step 6, re-sharded to TP2 × PP2, resumes on 4 ranks with the
     one-process run's losses for steps 7-12."""
     single = tp_runs("element", 1)
-    run_cli("convert", "reshard", "--from", str(single / "checkpoints" / "step_00000006"), "--to", str(tmp_path / "ckpt"),
-            "--tensor", "2", "--pipeline", "2")
+    run_cli("convert", "reshard", "--from", str(single / "checkpoints" / "step_00000006"),
+            "--to", str(tmp_path / "ckpt"), "--tensor", "2", "--pipeline", "2")
     sections = _sections("element", 2, pipeline=2)
     sections["checkpoint"]["dir"] = str(tmp_path / "ckpt")
     config = write_config(tmp_path, data_dir, "resumed", **sections)

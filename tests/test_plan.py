@@ -43,9 +43,10 @@ def _live_storages() -> dict[int, int]:
 
 
 def _measure_at_step(engine, optimizer, before: dict[int, int] | None) -> dict:
-    """Wrap `optimizer.step` so that its second call (Adam creates its moments at the first) records `model_state_bytes` (and, given the
-    storages alive `before` the engine was built, gc's count of those added since, less the
-    derived rotary tables) while the step's gradients are still there; returns the record."""
+    """Wrap `optimizer.step` so that its second call (Adam creates its moments at the first) records
+    `model_state_bytes` (and, given the storages alive `before` the engine was built, gc's count of
+    those added since, less the derived rotary tables) while the step's gradients are still there;
+    returns the record."""
     from sparse_lm.train.memory import model_state_bytes
 
     measured, inner_step, calls = {}, optimizer.step, []
@@ -58,7 +59,8 @@ def _measure_at_step(engine, optimizer, before: dict[int, int] | None) -> dict:
                 gc.collect()
                 derived = {b.untyped_storage().data_ptr() for n, b in engine.module.named_buffers()
                            if n.endswith(("cos", "sin"))}
-                measured["gc"] = sum(n for ptr, n in _live_storages().items() if ptr not in before and ptr not in derived)
+                measured["gc"] = sum(n for ptr, n in _live_storages().items()
+                                     if ptr not in before and ptr not in derived)
         return inner_step(*args, **kwargs)
 
     optimizer.step = step

@@ -66,7 +66,8 @@ def test_disk_full_during_save_is_one_line_and_loses_nothing(reference, data_dir
     """Writing step 12 fails with ENOSPC (injected after its model shard is on disk): one line, the
     partial step removed, step 6 still `latest` and verified; after freeing space, resume is exact."""
     config = write_config(tmp_path, data_dir, "run", **SPARSE)
-    proc = run_cli("pretrain", "--config", str(config), check=False, env={"SPARSE_LM_FAULTS": f"disk_full_in_save@{STEPS}"})
+    proc = run_cli("pretrain", "--config", str(config), check=False,
+                   env={"SPARSE_LM_FAULTS": f"disk_full_in_save@{STEPS}"})
     _assert_failed_save_lost_nothing(proc, "No space left on device", config, tmp_path / "run", reference)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from sparse_lm.sparsity.soft_topk import solve_offset, soft_topk
+from sparse_lm.sparsity.soft_topk import soft_topk, solve_offset
 from tests.distributed import run_distributed
 
 

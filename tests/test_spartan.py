@@ -25,8 +25,8 @@ def _config(steps=30, allocation_name="uniform", block=1, pipeline=1, n_layers=2
     sparsity = {"method": "spartan", "density": 0.25, "exploration": 0.25, "reselect_every": 5,
                 "warmup_frac": 0.3, "finetune_frac": 0.2, "allocation": allocation_name,
                 "granularity": "block" if block > 1 else "element", "block_size": block} | sparsity
-    cfg = RunConfig(model=ModelConfig(vocab_size=64, d_model=d_model, n_layers=n_layers, n_heads=2, ffn_hidden=2 * d_model,
-                                      max_seq_len=16),
+    cfg = RunConfig(model=ModelConfig(vocab_size=64, d_model=d_model, n_layers=n_layers, n_heads=2,
+                                      ffn_hidden=2 * d_model, max_seq_len=16),
                     sparsity=SparsityConfig(**sparsity), train=TrainConfig(steps=steps, seq_len=16),
                     parallel=ParallelConfig(pipeline=pipeline))
     return cfg.validate()
@@ -231,7 +231,8 @@ def test_budget_anneals_from_b_to_the_target():
 def _llama_cfg(allocation_name, n_layers=3, pipeline=2, vocab_size=8192, **sparsity) -> RunConfig:
     s = {"method": "spartan", "density": 0.1, "exploration": 0.1, "granularity": "block", "block_size": 16,
          "allocation": allocation_name} | sparsity
-    cfg = RunConfig(model=ModelConfig(vocab_size=vocab_size, d_model=256, n_layers=n_layers, n_heads=4, max_seq_len=256),
+    cfg = RunConfig(model=ModelConfig(vocab_size=vocab_size, d_model=256, n_layers=n_layers, n_heads=4,
+                                      max_seq_len=256),
                     sparsity=SparsityConfig(**s), parallel=ParallelConfig(pipeline=pipeline))
     return cfg.validate()
 

@@ -19,11 +19,13 @@ def test_study_pipeline_produces_every_artefact(data_dir, tmp_path):
     study = {
         "base": {"model": {"d_model": 64, "n_layers": 2, "n_heads": 4, "max_seq_len": 32},
                  "data": {"path": str(data_dir)},
-                 "train": {"steps": 4, "seq_len": 32, "micro_batch": 4, "eval_every": 2, "eval_batches": 2, "warmup_steps": 1},
+                 "train": {"steps": 4, "seq_len": 32, "micro_batch": 4, "eval_every": 2, "eval_batches": 2,
+                           "warmup_steps": 1},
                  "checkpoint": {"every": 4, "keep": 1}},
         "seeds": [7, 8],
         "variants": {"dense": {},
-                     "topkast-75": {"sparsity": {"method": "topkast", "density": 0.25, "exploration": 0.25, "reselect_every": 2}},
+                     "topkast-75": {"sparsity": {"method": "topkast", "density": 0.25, "exploration": 0.25,
+                                                 "reselect_every": 2}},
                      "small-dense-75": {"small_dense": "topkast-75"}},
     }
     config = tmp_path / "study.yaml"

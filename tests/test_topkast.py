@@ -34,7 +34,7 @@ def _two_layer_run(complement: str, block: int, steps: int = 60, every: int = 5,
         layer.initialize(seed=7, stream=100 + i, std=0.3)
         sparse.append(layer)
         dense.append(DenseTopKASTLinear(o, i_, density, exploration, block, penalty, complement, 7, 100 + i, 0.3))
-    opt = torch.optim.AdamW([l.values for l in sparse], lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, foreach=False)
+    opt = torch.optim.AdamW([m.values for m in sparse], lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, foreach=False)
     gen = torch.Generator().manual_seed(1)
     for step in range(1, steps + 1):
         x = torch.randn(64, dims[0][1], generator=gen)
@@ -240,7 +240,8 @@ def test_nothing_dense_persists_in_a_sparse_model(granularity):
         held |= {f"state.{k}": v for k, v in opt.state[layer.values].items() if torch.is_tensor(v) and v.ndim}
         held["grad"] = layer.values.grad
         for name, tensor in held.items():
-            assert tensor.numel() <= min(layer.k_backward * layer.block**2, 0.5 * dense), (layer.name, name, tensor.shape)
+            assert tensor.numel() <= min(layer.k_backward * layer.block**2, 0.5 * dense), (
+                layer.name, name, tensor.shape)
         assert layer.values.numel() == layer.k_backward * layer.block**2
 
 

@@ -19,6 +19,7 @@ import torch
 
 from tests.cli_runs import REFERENCE_VARIANTS, REPO, STEPS, free_port, records, run_cli, write_config
 
+
 @pytest.fixture(scope="module")
 def trained(reference_runs) -> Path:
     return reference_runs("dense")
@@ -119,7 +120,8 @@ def test_resume_must_without_a_checkpoint_names_the_setting(data_dir, tmp_path):
     config = write_config(tmp_path, data_dir, "run", checkpoint={"resume": "must"})
     proc = run_cli("pretrain", "--config", str(config), check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert f"checkpoint.dir {tmp_path / 'run' / 'checkpoints'}: checkpoint.resume=must (or --resume) but no checkpoint" in proc.stderr
+    assert (f"checkpoint.dir {tmp_path / 'run' / 'checkpoints'}: checkpoint.resume=must (or --resume) "
+            "but no checkpoint") in proc.stderr
 
 
 @pytest.mark.parametrize("variant", ["dense", "topkast"])
@@ -292,8 +294,8 @@ def test_eval_on_two_ranks_matches_one_and_reports_word_perplexity(reference_run
     trained = reference_runs("topkast")
     args = ["eval", "--checkpoint", str(trained / "checkpoints"), "--corpus", "heldout", "--context", "32"]
     run_cli(*args, "--json", str(tmp_path / "one.json"))
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(), "-m",
-                "sparse_lm"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
+                "-m", "sparse_lm"]
     proc = run_cli(*args, "--json", str(tmp_path / "two.json"), launcher=launcher)
     assert proc.stdout.count("word perplexity") == 1 and "2 ranks" in proc.stdout
     one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
@@ -302,7 +304,8 @@ def test_eval_on_two_ranks_matches_one_and_reports_word_perplexity(reference_run
     from sparse_lm.data.packed import PackedSplit
     from sparse_lm.data.tokenizer import Tokenizer
 
-    data = Path(json.loads((trained / "checkpoints" / "step_00000012" / "manifest.json").read_text())["config"]["data"]["path"])
+    data = Path(json.loads((trained / "checkpoints" / "step_00000012" / "manifest.json")
+                           .read_text())["config"]["data"]["path"])
     split, tok = PackedSplit(data, "heldout"), Tokenizer(data / "tokenizer.model")
     docs, current = [], []
     for t in np.asarray(split.tokens).tolist():  # documents end with EOS
@@ -353,7 +356,8 @@ def test_data_from_another_tokenizer_is_refused(trained, other_data, tmp_path):
     config = write_config(tmp_path, other_data, "resumed")
     proc = run_cli("pretrain", "--config", str(config), "--resume", check=False)
     assert proc.returncode == 2 and "tokenised with a different tokenizer" in proc.stderr, proc.stderr[-2000:]
-    assert "prepare-data --tokenizer" in proc.stderr and len([x for x in proc.stderr.splitlines() if "error:" in x]) == 1
+    assert ("prepare-data --tokenizer" in proc.stderr
+            and len([x for x in proc.stderr.splitlines() if "error:" in x]) == 1)
     proc = run_cli("eval", "--checkpoint", str(trained / "checkpoints"), "--corpus", "heldout", "--data",
                    str(other_data), check=False)
     assert proc.returncode == 2 and "different tokenizer" in proc.stderr
@@ -382,8 +386,9 @@ def test_allocation_table_reads_a_spartan_checkpoint(reference_runs, tmp_path):
     checkpoint; each allocation spends the same total, the trained one's budgets are the checkpoint's."""
     run = reference_runs("spartan-global")
     out = tmp_path / "allocation.json"
-    subprocess.run([sys.executable, str(REPO / "tools" / "allocation_table.py"), "--checkpoint", str(run / "checkpoints"),
-                    "--pipeline", "2", "--repeats", "1", "--json", str(out), "--markdown", str(tmp_path / "a.md")],
+    subprocess.run([sys.executable, str(REPO / "tools" / "allocation_table.py"),
+                    "--checkpoint", str(run / "checkpoints"), "--pipeline", "2", "--repeats", "1",
+                    "--json", str(out), "--markdown", str(tmp_path / "a.md")],
                    check=True, capture_output=True, text=True, timeout=300)
     report = json.loads(out.read_text())
     totals = {name: sum(budgets.values()) for name, budgets in report["budgets"].items()}

@@ -108,7 +108,8 @@ def markdown(report: dict) -> str:
         "|---:|---:|" + "---:|" * (len(PRODUCTS) * len(paths)),
     ]
     for r in report["results"]:
-        cells = " | ".join(f"{r['products'][product][path]['speedup_median']:.2f}" if path in r["products"][product] else "–"
+        cells = " | ".join(f"{r['products'][product][path]['speedup_median']:.2f}"
+                           if path in r["products"][product] else "–"
                            for product in PRODUCTS for path in paths)
         lines.append(f"| {r['block']} | {r['fraction']:g} | {cells} |")
     lines += ["", f"Load average at start / end: {env['load_average_at_start'][0]:.2f} / "
@@ -137,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     for block in args.blocks:
         for fraction in args.fractions:
             results.append(measure(tuple(args.shape), block, fraction, args))
-            summary = ", ".join(f"{product} " + "/".join(f"{v['speedup_median']:.2f}" for k, v in r.items() if k != "dense")
+            summary = ", ".join(f"{product} "
+                                + "/".join(f"{v['speedup_median']:.2f}" for k, v in r.items() if k != "dense")
                                 for product, r in results[-1]["products"].items())
             print(f"b={block} f={fraction:g}: {summary}", file=sys.stderr, flush=True)
     env["load_average_at_end"] = os.getloadavg()

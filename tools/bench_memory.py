@@ -159,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
               f"largest allocation {r['largest_allocation_bytes'] / 2**20:.2f} MiB ({r['largest_allocation_op']}), "
               f"in sparse kernels {r['largest_kernel_allocation_bytes'] / 2**20:.2f} MiB "
               f"({r['largest_kernel_allocation_op'] or '-'}); linears' dense weights "
-              f"{r['smallest_linear_dense_weight_bytes'] / 2**20:.2f}-{r['largest_linear_dense_weight_bytes'] / 2**20:.2f} MiB; "
+              f"{r['smallest_linear_dense_weight_bytes'] / 2**20:.2f}-"
+              f"{r['largest_linear_dense_weight_bytes'] / 2**20:.2f} MiB; "
               f"with activation checkpointing: step peak {r['recompute_step_peak_bytes'] / 2**20:.1f} MiB, "
               f"step {min(r['recompute_step_s']):.2f} s against {min(r['step_s']):.2f} s", file=sys.stderr)
     dense = results["dense"]

@@ -49,7 +49,8 @@ class MLP(nn.Module):
 
     def __init__(self, d_model: int, hidden: int, make):
         super().__init__()
-        self.gate, self.up, self.down = make("gate", d_model, hidden), make("up", d_model, hidden), make("down", hidden, d_model)
+        self.gate, self.up, self.down = (make("gate", d_model, hidden), make("up", d_model, hidden),
+                                         make("down", hidden, d_model))
 
     def forward(self, x):
         return x + self.down(nn.functional.silu(self.gate(x)) * self.up(x))
@@ -186,12 +187,14 @@ def markdown(report: dict) -> str:
         f"Reselection: all sparse layers re-pick B and A (median of {cfg['repeat']}), amortised over "
         f"{cfg['reselect_every']} steps as a fraction of the median sparse step.",
         "",
-        "| d_model | mode | D | step dense s (min) | step sparse s (min) | step speedup min | median | forward speedup min | median | forward path | reselect s | amortised |",
+        "| d_model | mode | D | step dense s (min) | step sparse s (min) | step speedup min | median "
+        "| forward speedup min | median | forward path | reselect s | amortised |",
         "|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
     for r in report["results"]:
         lines.append(
-            f"| {r['d_model']} | {r['mode']} | {r['density']:g} | {min(r['step_dense_s']):.3f} | {min(r['step_sparse_s']):.3f} "
+            f"| {r['d_model']} | {r['mode']} | {r['density']:g} | {min(r['step_dense_s']):.3f} "
+            f"| {min(r['step_sparse_s']):.3f} "
             f"| {r['step_speedup_min']:.2f} | {r['step_speedup_median']:.2f} | {r['forward_speedup_min']:.2f} "
             f"| {r['forward_speedup_median']:.2f} | {r['forward_path']} | {statistics.median(r['reselect_s']):.3f} "
             f"| {r['reselect_amortised_fraction']:.2%} |")
@@ -239,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="of the weights, activations and optimizer (both models alike)")
     parser.add_argument("--json", help="write the raw numbers here")
     parser.add_argument("--markdown", help="write the table here (it is also printed)")
-    parser.add_argument("--plot", help="write a PNG of step speedup against density (needs matplotlib: the bench extra)")
+    parser.add_argument("--plot",
+                        help="write a PNG of step speedup against density (needs matplotlib: the bench extra)")
     args = parser.parse_args(argv)
     if args.full:
         args.d_models = list(D_MODELS)

@@ -39,9 +39,9 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from sparse_lm.atomic import to_json, write_text  # noqa: E402
 from sparse_lm.config import block_linear_shapes, config_from_dict  # noqa: E402
 from sparse_lm.errors import UserError  # noqa: E402
-from sparse_lm.atomic import to_json, write_text  # noqa: E402
 from sparse_lm.sparsity.allocation import (  # noqa: E402
     layer_caps,
     sparse_linear_shapes,
@@ -169,7 +169,8 @@ def _study_run(args, base: dict, variants: dict, name: str, seed: int, vocab: in
         overrides = small_dense(base, target, vocab)
     run_dir = args.out / "runs" / name / (f"seed{seed}" if many_seeds else "")
     tree = _merge(base, overrides)
-    tree = _merge(tree, {"train": {"out_dir": str(run_dir), "seed": seed}, "checkpoint": {"dir": str(run_dir / "checkpoints")}})
+    tree = _merge(tree, {"train": {"out_dir": str(run_dir), "seed": seed},
+                         "checkpoint": {"dir": str(run_dir / "checkpoints")}})
     try:
         cfg = config_from_dict(_merge(tree, {"model": {"vocab_size": vocab}}))
         cfg.validate()
@@ -191,7 +192,8 @@ def _study_run(args, base: dict, variants: dict, name: str, seed: int, vocab: in
     summary, evaluation = json.loads(summary_path.read_text()), json.loads(eval_path.read_text())
     total, nonzero = parameter_counts(tree, vocab)
     tokens_per_step = cfg.train.seq_len * cfg.train.micro_batch * cfg.train.grad_accum
-    print(f"[study] {label}: ppl {evaluation['perplexity']:.2f}, bits/byte {evaluation['bits_per_byte']:.4f}", flush=True)
+    print(f"[study] {label}: ppl {evaluation['perplexity']:.2f}, bits/byte {evaluation['bits_per_byte']:.4f}",
+          flush=True)
     return {
         "name": name, "method": cfg.sparsity.method, "seed": seed, "steps": cfg.train.steps,
         "tokens": summary["tokens_seen"], "perplexity": evaluation["perplexity"],
@@ -216,8 +218,9 @@ def _aggregate(runs: list[dict]) -> dict:
             for step, loss in r["heldout_curve"]:
                 curve.setdefault(step, []).append(loss)
         results[name] = {
-            **{k: first[k] for k in ("method", "steps", "overrides", "parameters", "forward_nonzeros", "nonzero_fraction",
-                                     "train_flops_per_token", "tokens_per_step", "model_state_bytes")},
+            **{k: first[k] for k in ("method", "steps", "overrides", "parameters", "forward_nonzeros",
+                                     "nonzero_fraction", "train_flops_per_token", "tokens_per_step",
+                                     "model_state_bytes")},
             "seeds": [r["seed"] for r in mine], "tokens": first["tokens"],
             "perplexity": _mean_sd([r["perplexity"] for r in mine]),
             "bits_per_byte": _mean_sd([r["bits_per_byte"] for r in mine]),
@@ -247,7 +250,8 @@ def _table(results: dict) -> str:
         lines.append(f"| {name} | {r['method']} | {r['perplexity']['n']} | {r['parameters'] / 1e6:.2f}M | "
                      f"{r['forward_nonzeros'] / 1e6:.2f}M ({r['nonzero_fraction']:.2f}) | {r['tokens'] / 1e6:.2f}M | "
                      f"{r['train_flops_per_token'] / 1e9:.4f} | {pm(r['perplexity'], '.2f')} | "
-                     f"{pm(r['bits_per_byte'], '.4f')} | {pm(r['loss'], '.4f')} | {r['train_wall_s']['mean'] / 60:.1f} min |")
+                     f"{pm(r['bits_per_byte'], '.4f')} | {pm(r['loss'], '.4f')} | "
+                     f"{r['train_wall_s']['mean'] / 60:.1f} min |")
     return "\n".join(lines) + "\n"
 
 
@@ -281,10 +285,12 @@ def _plots(results: dict, out: Path) -> None:
         drawn = ax.plot([p[0] for p in line], [p[1] for p in line], marker="o", label=method)
         extra = [p for p in points if p not in line]
         if extra:
-            ax.plot([p[0] for p in extra], [p[1] for p in extra], marker="x", linestyle="none", color=drawn[0].get_color())
+            ax.plot([p[0] for p in extra], [p[1] for p in extra], marker="x", linestyle="none",
+                    color=drawn[0].get_color())
         for x, y, n in points:
             ax.annotate(n, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    _save(fig, ax, "forward non-zero parameters (M)", "held-out perplexity (sparse-lm eval)", out / "ppl_vs_density.png")
+    _save(fig, ax, "forward non-zero parameters (M)", "held-out perplexity (sparse-lm eval)",
+          out / "ppl_vs_density.png")
 
 
 def _save(fig, ax, xlabel: str, ylabel: str, path: Path) -> None:

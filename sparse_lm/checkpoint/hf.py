@@ -193,7 +193,8 @@ def load_hf_weights(model: Llama, hf_dir: Path) -> None:
         with safe_open(where[key], framework="pt") as handle:
             value = handle.get_tensor(key)
         if tuple(value.shape) != tuple(shape):
-            raise UserError(f"file {where[key]}: tensor {key} has shape {list(value.shape)}, config.json implies {list(shape)}")
+            raise UserError(f"file {where[key]}: tensor {key} has shape {list(value.shape)}, "
+                            f"config.json implies {list(shape)}")
         used.add(key)
         return value.float()
 
@@ -241,7 +242,8 @@ class _HFTokenizer:
 
         self._tok = AutoTokenizer.from_pretrained(path)
         if self._tok.eos_token_id is None:
-            raise UserError(f"Hugging Face directory {path}: its tokenizer has no EOS token (documents are joined by EOS)")
+            raise UserError(f"Hugging Face directory {path}: its tokenizer has no EOS token "
+                            "(documents are joined by EOS)")
         self.eos_id = self._tok.eos_token_id
 
     def encode(self, text: str) -> list[int]:
@@ -268,7 +270,9 @@ def load_hf_for_eval(path: str | Path, device: str | torch.device = "cpu") -> di
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
     except (OSError, ValueError, SafetensorError) as exc:  # a truncated model.safetensors: SafetensorError
-        raise UserError(f"Hugging Face directory {path}: transformers cannot load it ({str(exc).splitlines()[0]})") from None
+        raise UserError(
+            f"Hugging Face directory {path}: transformers cannot load it ({str(exc).splitlines()[0]})"
+        ) from None
     marker = _read_json(path / EXPORT_MARKER, "Hugging Face directory") if (path / EXPORT_MARKER).is_file() else {}
     if (path / "tokenizer.model").is_file():
         from sparse_lm.data.tokenizer import Tokenizer

@@ -46,7 +46,8 @@ def _names_and_sparse_layers(model: nn.Module, tensors: dict[str, torch.Tensor])
     """(the model's parameter and buffer names, its sparse layers present in `tensors` — one
     pipeline stage's, or all)."""
     params = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
-    sparse = {name: m for name, m in model.named_modules() if isinstance(m, SparseLinear) and f"{name}.index" in tensors}
+    sparse = {name: m for name, m in model.named_modules()
+              if isinstance(m, SparseLinear) and f"{name}.index" in tensors}
     return params, sparse
 
 
@@ -136,8 +137,9 @@ def split_tensor_parallel(model: nn.Module, merged: dict[str, torch.Tensor], par
         for rank in range(parts):
             mine = shard_of == rank
             if int(mine.sum()) > capacity:
-                raise UserError(f"layer {name}: shard {rank} of {parts} would hold {int(mine.sum())} blocks of B, more than "
-                                f"its {capacity} slots; re-shard with a larger --shard-headroom (now {headroom})")
+                raise UserError(f"layer {name}: shard {rank} of {parts} would hold {int(mine.sum())} blocks of B, "
+                                f"more than its {capacity} slots; re-shard with a larger --shard-headroom "
+                                f"(now {headroom})")
             per_shard.append((order[mine], local[mine]))
         placement[name] = per_shard, capacity
 
@@ -187,7 +189,8 @@ def reshard_checkpoint(source: str | Path, out_root: Path, tensor: int, pipeline
                   for rank in range(old["tensor"])]
         merged.update(merge_tensor_parallel(model, shards))
     if drop_optimizer:
-        merged.update({f"{name}.{key}": torch.zeros(p.shape) for name, p in model.named_parameters() for key in MOMENTS})
+        merged.update({f"{name}.{key}": torch.zeros(p.shape)
+                       for name, p in model.named_parameters() for key in MOMENTS})
     out = {}
     for stage in range(pipeline):
         mine = {k: v for k, v in merged.items() if stage_of(k, cfg.model.n_layers, pipeline) == stage}

@@ -155,7 +155,8 @@ def save_checkpoint(
         try:
             shutil.copyfile(tokenizer_path, tmp / "tokenizer.model")
             files = {
-                p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(tmp.iterdir()) if p.is_file()
+                p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+                for p in sorted(tmp.iterdir()) if p.is_file()
             }
             topology = {"tensor": topo.tensor, "pipeline": topo.pipeline, "data": topo.data}
             write_json(tmp / MANIFEST, _manifest(step, _optimizer_step(optimizer), topology, config, state, files))
@@ -336,7 +337,8 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise UserError(f"checkpoint file {path}: unreadable safetensors ({exc})") from None
 
 
-def read_shard(step_dir: Path, manifest: dict[str, Any], kind: str, tp_rank: int, pp_rank: int) -> dict[str, torch.Tensor]:
+def read_shard(step_dir: Path, manifest: dict[str, Any], kind: str, tp_rank: int,
+               pp_rank: int) -> dict[str, torch.Tensor]:
     """A verified `model` or `optim` shard file's tensors."""
     name = shard_name(kind, tp_rank, pp_rank)
     verify_files(step_dir, manifest, [name])

@@ -385,7 +385,8 @@ def _current_meta(out: Path) -> dict[str, Any] | None:
 
 def _check_params(vocab_size: int, heldout_fraction: float, num_proc: int, max_bytes: int | None) -> None:
     if not 260 <= vocab_size < 2**31:
-        raise UserError(f"--vocab-size: expected an integer in [260, 2^31) (256 byte pieces + unk, bos, eos + merges), got {vocab_size}")
+        raise UserError("--vocab-size: expected an integer in [260, 2^31) (256 byte pieces + unk, bos, eos + merges), "
+                        f"got {vocab_size}")
     if not 0 < heldout_fraction < 1:
         raise UserError(f"--heldout-fraction: expected a number in (0, 1), got {heldout_fraction}")
     if num_proc < 1:
@@ -439,10 +440,12 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--corpus", nargs="+", required=True, metavar="SOURCE",
                         help="stdlib | PATH (.txt, .jsonl, .parquet file or directory) | hf:NAME[:CONFIG]")
     parser.add_argument("--out", required=True, help="output directory, e.g. data/stdlib")
-    parser.add_argument("--config", help="run config YAML; its data.vocab_size and data.heldout_fraction are the defaults")
+    parser.add_argument("--config",
+                        help="run config YAML; its data.vocab_size and data.heldout_fraction are the defaults")
     parser.add_argument("--vocab-size", type=int, help="tokenizer vocabulary size (default: config, 4096)")
     parser.add_argument("--heldout-fraction", type=float, help="share of documents held out (default: config, 0.02)")
-    parser.add_argument("--tokenizer", metavar="PATH.model", help="reuse this sentencepiece model instead of training one")
+    parser.add_argument("--tokenizer", metavar="PATH.model",
+                        help="reuse this sentencepiece model instead of training one")
     parser.add_argument("--num-proc", type=int, default=min(4, os.cpu_count() or 1), help="tokenising processes")
     parser.add_argument("--max-bytes", type=int, help="keep only the first documents, up to this many UTF-8 bytes")
     parser.add_argument("--text-field", default="text", help="jsonl field / parquet or hub column holding the text")

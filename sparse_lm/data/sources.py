@@ -202,7 +202,8 @@ def stdlib_files() -> list[Path]:
     return _files_under(root, (".py",), lambda d: d in ("site-packages", "dist-packages"))
 
 
-def iter_documents(sources: list[Source], stats: CorpusStats, max_bytes: int | None = None) -> Iterator[tuple[str, bytes]]:
+def iter_documents(sources: list[Source], stats: CorpusStats,
+                   max_bytes: int | None = None) -> Iterator[tuple[str, bytes]]:
     """Every non-blank document as (text, UTF-8 bytes), in source order; with `max_bytes`, the
     first documents whose bytes add up to at most `max_bytes`."""
     for source in sources:
@@ -248,7 +249,9 @@ def _jsonl_documents(path: Path, text_field: str, fmt: TextFormat = UTF8) -> Ite
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{number}: not valid JSON ({exc.msg}); expected one JSON object per line") from None
+                raise UserError(
+                    f"{path}:{number}: not valid JSON ({exc.msg}); expected one JSON object per line"
+                ) from None
             text = record.get(text_field) if isinstance(record, dict) else None
             if not isinstance(text, str):
                 raise UserError(

@@ -63,7 +63,9 @@ class Tokenizer:
         try:
             proto = self._path.read_bytes()
         except OSError:
-            raise UserError(f"tokenizer {self._path}: not found or unreadable; expected a sentencepiece .model file") from None
+            raise UserError(
+                f"tokenizer {self._path}: not found or unreadable; expected a sentencepiece .model file"
+            ) from None
         try:
             self._sp = spm.SentencePieceProcessor(model_proto=proto)
         except RuntimeError:

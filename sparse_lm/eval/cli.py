@@ -21,7 +21,8 @@ def count_words(text: str) -> int:
     return len(text.split())
 
 
-def corpus_tokens(corpus: list[str], data_dir: Path, tokenizer, text_field: str = "text") -> tuple[torch.Tensor, int, int, str]:
+def corpus_tokens(corpus: list[str], data_dir: Path, tokenizer,
+                  text_field: str = "text") -> tuple[torch.Tensor, int, int, str]:
     """(token stream, UTF-8 bytes, words, description) for `heldout` of the prepared data, or
     files, directories and `hf:NAME[:CONFIG]` datasets (the text in `text_field` of .jsonl,
     .parquet and hub records).
@@ -178,18 +179,22 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register_cli(subparsers) -> None:
-    parser = subparsers.add_parser("eval", help="perplexity, bits per byte and word perplexity of a checkpoint on held-out text")
-    parser.add_argument("--checkpoint", required=True, help="checkpoint directory (a step_* dir or the root with `latest`), or a Hugging Face Llama directory")
+    parser = subparsers.add_parser(
+        "eval", help="perplexity, bits per byte and word perplexity of a checkpoint on held-out text")
+    parser.add_argument("--checkpoint", required=True,
+                        help="checkpoint directory (a step_* dir or the root with `latest`), "
+                             "or a Hugging Face Llama directory")
     parser.add_argument("--corpus", nargs="+", default=["heldout"],
-                        help="`heldout` (the prepared data's held-out split), .txt/.jsonl/.parquet files or directories, "
-                             "or hf:NAME[:CONFIG] (a `datasets` dataset's train split)")
-    parser.add_argument("--data", default=None, help="prepared data directory for `heldout` (default: the run's data.path)")
+                        help="`heldout` (the prepared data's held-out split), .txt/.jsonl/.parquet files or "
+                             "directories, or hf:NAME[:CONFIG] (a `datasets` dataset's train split)")
+    parser.add_argument("--data", default=None,
+                        help="prepared data directory for `heldout` (default: the run's data.path)")
     parser.add_argument("--context", type=int, default=None, help="window length in tokens (default: train.seq_len)")
     parser.add_argument("--stride", type=int, default=None, help="window step in tokens (default: context / 2)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default=None,
-                        help="cpu, cuda (this rank's GPU) or cuda:N (default: cuda:LOCAL_RANK where there is CUDA, else cpu; "
-                             "a Hugging Face directory runs on the CPU)")
+                        help="cpu, cuda (this rank's GPU) or cuda:N (default: cuda:LOCAL_RANK where there is CUDA, "
+                             "else cpu; a Hugging Face directory runs on the CPU)")
     parser.add_argument("--text-field", default="text", help="jsonl field / parquet or hub column holding the text")
     parser.add_argument("--json", default=None, help="write the result as JSON here")
     parser.set_defaults(func=run)

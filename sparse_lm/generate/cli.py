@@ -82,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
 def register_cli(subparsers) -> None:
     parser = subparsers.add_parser("generate", help="sample text from a checkpoint or a Hugging Face directory")
     parser.add_argument("--checkpoint", required=True,
-                        help="checkpoint directory (a step_* dir or the root with `latest`), or a Hugging Face Llama directory")
+                        help="checkpoint directory (a step_* dir or the root with `latest`), "
+                             "or a Hugging Face Llama directory")
     parser.add_argument("--prompt", required=True, help="text to continue (may be empty)")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="at most this many new tokens (default 64)")
     parser.add_argument("--temperature", type=float, default=1.0, help="0 is greedy (default 1)")

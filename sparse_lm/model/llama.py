@@ -199,7 +199,8 @@ def resolve_vocab(cfg: ModelConfig, tokenizer_vocab: int) -> ModelConfig:
     if cfg.vocab_size:
         if cfg.vocab_size < tokenizer_vocab:
             raise UserError(
-                f"config field model.vocab_size: expected at least the tokenizer's {tokenizer_vocab}, got {cfg.vocab_size}"
+                f"config field model.vocab_size: expected at least the tokenizer's {tokenizer_vocab}, "
+                f"got {cfg.vocab_size}"
             )
         return cfg
     size = cfg.vocab_multiple * math.ceil(tokenizer_vocab / cfg.vocab_multiple)

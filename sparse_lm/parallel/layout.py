@@ -75,5 +75,6 @@ def stage_of(name: str, n_layers: int, pipeline: int) -> int:
         return 0
     bounds = _stage_bounds(n_layers, pipeline)
     first = name.split(".", 1)[0]
-    position = 0 if first == "embed_tokens" else n_layers + 1 if first in ("norm", "lm_head") else 1 + int(name.split(".")[1])
+    position = (0 if first == "embed_tokens" else n_layers + 1 if first in ("norm", "lm_head")
+                else 1 + int(name.split(".")[1]))
     return next(stage for stage in range(pipeline) if bounds[stage] <= position < bounds[stage + 1])

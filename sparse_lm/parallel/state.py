@@ -91,6 +91,7 @@ def init_distributed(tensor: int = 1, pipeline: int = 1, timeout_s: int = 600) -
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     _single_process_env()
     import deepspeed
+
     from sparse_lm.parallel.mcore import parallel_state
 
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -106,7 +107,8 @@ def init_distributed(tensor: int = 1, pipeline: int = 1, timeout_s: int = 600) -
             first_line = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
             raise UserError(
                 f"rank {os.environ.get('RANK')}: could not form the process group with "
-                f"{os.environ.get('WORLD_SIZE')} ranks at {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} "
+                f"{os.environ.get('WORLD_SIZE')} ranks at "
+                f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} "
                 f"within parallel.timeout_s={timeout_s} ({first_line})"
             ) from None
     if not on_cuda:
@@ -166,12 +168,14 @@ class DeepSpeedMPU:
     def get_model_parallel_world_size(self) -> int:
         from sparse_lm.parallel.mcore import parallel_state
 
-        return parallel_state.get_tensor_model_parallel_world_size() * parallel_state.get_pipeline_model_parallel_world_size()
+        return (parallel_state.get_tensor_model_parallel_world_size()
+                * parallel_state.get_pipeline_model_parallel_world_size())
 
 
 def shutdown() -> None:
     """Tear down groups; without it a `deepspeed`-launched rank may abort at exit (docs/design/parallel.md)."""
     import torch.distributed as dist
+
     from sparse_lm.parallel.mcore import parallel_state
 
     if parallel_state.model_parallel_is_initialized():

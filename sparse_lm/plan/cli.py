@@ -24,7 +24,8 @@ def plan(cfg: RunConfig, world: int | None = None, gpu_memory_gib: float | None 
     report = {
         "layout": {**dataclasses.asdict(layout), "world": layout.tensor * layout.pipeline * layout.data},
         "model": dataclasses.asdict(cfg.model),
-        "sparsity": {k: getattr(cfg.sparsity, k) for k in ("method", "density", "exploration", "granularity", "block_size")},
+        "sparsity": {k: getattr(cfg.sparsity, k)
+                     for k in ("method", "density", "exploration", "granularity", "block_size")},
         "tokens_per_micro_batch": cfg.train.micro_batch * cfg.train.seq_len,
         "per_rank": sparse["per_rank"],
         "stages": sparse["stages"],
@@ -81,7 +82,8 @@ def format_report(report: dict) -> str:
              f"{'GiB per rank':<34}{'sparse':>9}  {'dense':>9}"]
     for part in (*STATE_PARTS, "activations", "workspace"):
         lines.append(f"  {part:<32}{_gib(sparse['parts'][part])}  {_gib(dense['parts'][part])}")
-    lines.append(f"  {'model state (device)':<32}{_gib(sparse['model_state_bytes'])}  {_gib(dense['model_state_bytes'])}")
+    lines.append(f"  {'model state (device)':<32}{_gib(sparse['model_state_bytes'])}  "
+                 f"{_gib(dense['model_state_bytes'])}")
     lines.append(f"  {'total on the device':<32}{_gib(sparse['total_bytes'])}  {_gib(dense['total_bytes'])}")
     for part in HOST_PARTS:
         lines.append(f"  {part + ' (host memory)':<32}{_gib(sparse['parts'][part])}  {_gib(dense['parts'][part])}")

@@ -92,7 +92,8 @@ def stage_dense_flops(cfg: RunConfig) -> list[float]:
     (2·seq·d per layer, Kaplan et al.'s count), block linears left dense, and the LM head."""
     m, p = cfg.model, cfg.parallel.pipeline
     flops = [0.0] * p
-    dense = sum(2 * rows * cols for leaf, (rows, cols) in block_linear_shapes(m).items() if leaf not in cfg.sparsity.targets)
+    dense = sum(2 * rows * cols for leaf, (rows, cols) in block_linear_shapes(m).items()
+                if leaf not in cfg.sparsity.targets)
     for i in range(m.n_layers):
         flops[stage_of(f"layers.{i}", m.n_layers, p)] += 2 * cfg.train.seq_len * m.d_model + dense
     flops[stage_of("lm_head", m.n_layers, p)] += 2 * m.d_model * m.vocab_size

@@ -34,7 +34,8 @@ def to_blocks(rows: torch.Tensor, block: int) -> torch.Tensor:
 def from_blocks(blocks: torch.Tensor, block_rows: int, block_cols: int) -> torch.Tensor:
     """[R·C, b, b] blocks in row-major grid order → dense [R·b, C·b] rows (inverse of `to_blocks`)."""
     block = blocks.shape[-1]
-    return blocks.view(block_rows, block_cols, block, block).transpose(1, 2).reshape(block_rows * block, block_cols * block)
+    return (blocks.view(block_rows, block_cols, block, block).transpose(1, 2)
+            .reshape(block_rows * block, block_cols * block))
 
 
 def slots_in_rows(index: torch.Tensor, r0: int, r1: int, block_rows: int, block_cols: int):
@@ -298,12 +299,14 @@ class _GatheredSddmm:
 
     def add(self, g_t: torch.Tensor, x_t: torch.Tensor) -> None:
         for (majors, minors, _), acc in zip(self.chunks, self.sums):
-            acc.baddbmm_(_slabs(g_t, majors.view(-1, 1), self.g_slabs), _slabs(x_t, minors, self.x_slabs).transpose(1, 2))
+            acc.baddbmm_(_slabs(g_t, majors.view(-1, 1), self.g_slabs),
+                         _slabs(x_t, minors, self.x_slabs).transpose(1, 2))
 
     def result(self) -> torch.Tensor:
         for (_, minors, slots), acc in zip(self.chunks, self.sums):
             m, k = minors.shape
-            self.out[slots.view(-1)] = acc.view(m, self.block, k, self.block).transpose(1, 2).reshape(m * k, self.block, self.block)
+            self.out[slots.view(-1)] = (acc.view(m, self.block, k, self.block).transpose(1, 2)
+                                        .reshape(m * k, self.block, self.block))
         return self.out
 
 

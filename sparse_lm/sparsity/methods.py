@@ -34,7 +34,8 @@ def linear_factory(cfg: SparsityConfig, headroom: float = 0.25, micro_batches: i
             else:
                 in_features = local_size(in_features, spec.size, f"the input width of {name}")
         if cfg.method == "dense" or name.rsplit(".", 1)[-1] not in cfg.targets:
-            return ShardLinear(in_features, out_features, spec) if spec else nn.Linear(in_features, out_features, bias=False)
+            return (ShardLinear(in_features, out_features, spec) if spec
+                    else nn.Linear(in_features, out_features, bias=False))
         if cfg.method == "spartan":  # B: Top-KAST's candidates, or every block
             exploration = 1 - cfg.density if cfg.candidates == "dense" else cfg.exploration
             return SpartanLinear(name, in_features, out_features, cfg.density, exploration, cfg.block, 0.0,

@@ -73,7 +73,8 @@ class SparseLinear(nn.Module):
         super().__init__()
         if in_features % block or out_features % block:
             shard = " (this rank's tensor-parallel shard)" if spec else ""
-            raise ValueError(f"{name}: block size {block} must divide the weight shape [{out_features}, {in_features}]{shard}")
+            raise ValueError(f"{name}: block size {block} must divide the weight shape "
+                             f"[{out_features}, {in_features}]{shard}")
         self.name, self.spec = name, spec
         self.in_features, self.out_features, self.block = in_features, out_features, block
         self.block_rows, self.block_cols = out_features // block, in_features // block
@@ -82,7 +83,8 @@ class SparseLinear(nn.Module):
         self.global_in, self.global_blocks = global_cols, (global_rows // block) * (global_cols // block)
         self.density, self.penalty = density, penalty
         self.k_forward = max(1, math.ceil(density * self.global_blocks))
-        self.k_backward = min(self.global_blocks, max(self.k_forward, math.ceil((density + exploration) * self.global_blocks)))
+        self.k_backward = min(self.global_blocks,
+                              max(self.k_forward, math.ceil((density + exploration) * self.global_blocks)))
         self.capacity = shard_capacity(self.k_backward, spec.size if spec else 1, self.n_blocks, headroom)
         index_dtype = torch.int32 if self.n_blocks < 2**31 - 1 else torch.int64
         self.values = nn.Parameter(torch.zeros(self.capacity, block, block))
@@ -116,7 +118,8 @@ class SparseLinear(nn.Module):
         return self.block_rows * self.block_cols
 
     def extra_repr(self) -> str:
-        shard = f", shard {self.spec.rank}/{self.spec.size} of dim {self.spec.dim}, {self.capacity} slots" if self.spec else ""
+        shard = (f", shard {self.spec.rank}/{self.spec.size} of dim {self.spec.dim}, {self.capacity} slots"
+                 if self.spec else "")
         return (f"{self.in_features} -> {self.out_features}, block {self.block}, "
                 f"|A| {self.k_forward}/{self.global_blocks}, |B| {self.k_backward}/{self.global_blocks}{shard}")
 
@@ -183,7 +186,8 @@ class SparseLinear(nn.Module):
         cols = self.block_cols
 
         def rows_fn(r0: int, r1: int) -> torch.Tensor:
-            lo, hi = torch.searchsorted(sorted_index, torch.tensor([r0 * cols, r1 * cols], device=index.device)).tolist()
+            lo, hi = torch.searchsorted(sorted_index,
+                                        torch.tensor([r0 * cols, r1 * cols], device=index.device)).tolist()
             blocks = to_blocks(self.complement_rows(r0, r1), self.block)
             blocks[sorted_index[lo:hi] - r0 * cols] = values[order[lo:hi]].to(blocks.dtype)
             return from_blocks(blocks, r1 - r0, cols)
@@ -269,7 +273,8 @@ class SparseLinear(nn.Module):
         self.index.fill_(self.n_blocks)
         self.index[:n] = positions.to(self.index.dtype)
         self.values.zero_()
-        self.values[:n] = self.complement_blocks(positions) if rows_fn is None else self.gather_blocks(positions, rows_fn)
+        self.values[:n] = (self.complement_blocks(positions) if rows_fn is None
+                           else self.gather_blocks(positions, rows_fn))
 
     def gather_blocks(self, positions: torch.Tensor, rows_fn) -> torch.Tensor:
         """[len(positions), b, b] values at grid positions (sorted ascending), read chunk by chunk."""
@@ -288,7 +293,8 @@ class SparseLinear(nn.Module):
         used = torch.nonzero(self.live).view(-1)
         scores = block_sums(self.values.detach()[used]).float()
         rank = self.spec.rank if self.spec else 0
-        picked = select_topk_positions(scores, self.k_forward if k is None else k, self.group, global_offset=rank * self.capacity)
+        picked = select_topk_positions(scores, self.k_forward if k is None else k, self.group,
+                                       global_offset=rank * self.capacity)
         mask = torch.zeros(self.capacity, dtype=torch.bool, device=self.values.device)
         mask[used[picked]] = True
         return mask

@@ -46,7 +46,8 @@ def train_sampler(split: PackedSplit, seq_len: int, seed: int, global_batch: int
     sampler = WindowSampler(split, seq_len, seed)
     if sampler.windows < global_batch:
         raise UserError(
-            f"training data {split.data_dir} ({split.split} split): {split.n_tokens} tokens make {sampler.windows} windows of "
+            f"training data {split.data_dir} ({split.split} split): {split.n_tokens} tokens make "
+            f"{sampler.windows} windows of "
             f"train.seq_len+1={seq_len + 1}, fewer than one global batch ({global_batch}); "
             "use more data or a smaller train.micro_batch / train.seq_len"
         )

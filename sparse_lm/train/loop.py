@@ -82,9 +82,9 @@ class StepResult:
 
 def pretrain(cfg: RunConfig, plan: Plan | None = None) -> dict[str, Any]:
     """Train per `cfg`; returns the final summary (rank 0's view). Bad config, data or outputs are
-    refused before anything is built (`preflight.check_run`, unless its `plan` is given). A dead or stalled peer and a SIGTERM (under
-    `cli.main`'s guard) become one-line `UserError`s; checkpoints stay whole either way, being
-    written to a staging directory and renamed."""
+    refused before anything is built (`preflight.check_run`, unless its `plan` is given). A dead or
+    stalled peer and a SIGTERM (under `cli.main`'s guard) become one-line `UserError`s; checkpoints
+    stay whole either way, being written to a staging directory and renamed."""
     plan = plan or check_run(cfg)
     topo = init_distributed(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.timeout_s)
     try:
@@ -188,7 +188,8 @@ def train_step(run: Run) -> StepResult:
               for micro in range(t.grad_accum)]
     measure = run.memory is None and (state.step >= 1 or t.steps == 1)  # after the first step Adam state lives
     if measure and run.guard is not None:
-        run.guard.on_step = lambda: model_state_bytes(engine.module, run.optimizer)  # gradients and Adam state both live
+        # gradients and Adam state both live
+        run.guard.on_step = lambda: model_state_bytes(engine.module, run.optimizer)
     if topo.pipeline > 1:
         sampler = run.plan.sampler
         micro_batches = [tuple(x.to(topo.device) for x in sampler.batch(first, t.micro_batch)) for first in firsts]
@@ -327,9 +328,9 @@ def finish(run: Run) -> dict[str, Any]:
     run.log.write("summary", **summary)
     memory_note = ""
     if memory:
-        memory_note = (f" | model state per rank {memory['total'] / 2**20:.2f} MiB vs {dense_bytes / 2**20:.2f} MiB dense "
-                       f"(ratio {summary['memory_ratio']:.3f})")
-    run.log.say(f"done: {state.step} steps | held-out loss {heldout:.4f} | perplexity {summary['heldout_perplexity']:.2f}"
-                f"{memory_note} | checkpoint {summary['checkpoint']}")
+        memory_note = (f" | model state per rank {memory['total'] / 2**20:.2f} MiB vs "
+                       f"{dense_bytes / 2**20:.2f} MiB dense (ratio {summary['memory_ratio']:.3f})")
+    run.log.say(f"done: {state.step} steps | held-out loss {heldout:.4f} | "
+                f"perplexity {summary['heldout_perplexity']:.2f}{memory_note} | checkpoint {summary['checkpoint']}")
     run.log.close()
     return summary

@@ -23,7 +23,7 @@ def export_hf(source: str, out: Path) -> str:
     # Verifies the model shard; no θ₀ initialisation, as every saved tensor is loaded over it.
     model, cfg, manifest = load_trained_model(step_dir, initialize=False)
     layers = list(sparse_modules(model).values())
-    forward = (sum(l.k_forward * l.block**2 for l in layers) / sum(l.global_blocks * l.block**2 for l in layers)
+    forward = (sum(m.k_forward * m.block**2 for m in layers) / sum(m.global_blocks * m.block**2 for m in layers)
                if layers else 1.0)
     provenance = {
         "format": "hf", "source": str(step_dir), "step": manifest["step"], "method": cfg.sparsity.method,

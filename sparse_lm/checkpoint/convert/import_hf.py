@@ -101,7 +101,8 @@ def register(actions) -> None:
     parser.add_argument("--exploration", type=float, help="exploration M (B = top D + M, the stored part)")
     parser.add_argument("--block-size", type=int, help="b×b block granularity (default: the config's)")
     parser.add_argument("--config", help="run config YAML for everything but the model shape (data.path, train.*)")
-    parser.add_argument("--tokenizer", metavar="PATH.model", help="sentencepiece model when HFDIR has no tokenizer.model")
+    parser.add_argument("--tokenizer", metavar="PATH.model",
+                        help="sentencepiece model when HFDIR has no tokenizer.model")
     parser.add_argument("--complement", choices=("offload", "regenerate"), default="offload",
                         help="values outside B (default offload: keep the pretrained values on the host; "
                              "regenerate would replace them by the seeded initialisation)")

@@ -51,7 +51,9 @@ def register(actions) -> None:
     parser.add_argument("--tensor", type=int, default=1, help="tensor-parallel size of the new checkpoint (default 1)")
     parser.add_argument("--pipeline", type=int, default=1,
                         help="pipeline-parallel size of the new checkpoint (default 1)")
-    parser.add_argument("--drop-optimizer", action="store_true", help="write zero Adam moments instead of carrying them")
+    parser.add_argument("--drop-optimizer", action="store_true",
+                        help="write zero Adam moments instead of carrying them")
     parser.add_argument("--shard-headroom", type=float, metavar="H", help="parallel.shard_headroom of the new "
-                        "checkpoint (spare slots per tensor-parallel shard; default: the saved one); resume with the same")
+                        "checkpoint (spare slots per tensor-parallel shard; default: the saved one); "
+                        "resume with the same")
     parser.set_defaults(func=run)
