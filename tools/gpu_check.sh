@@ -47,6 +47,6 @@ if plan.is_file() and run.is_file():
     peak = r.get("peak_device_bytes")
     lines.append(f"1.1B bf16 + recompute: plan {p['per_rank']['total_bytes'] / 2**30:.2f} GiB, "
                  f"measured peak {peak / 2**30 if peak else float('nan'):.2f} GiB, "
-                 f"{r.get('tokens_per_s', float('nan')):.0f} tok/s")
+                 f"{r['tokens_seen'] / r['wall_s']:.0f} tok/s (whole run)")
 print("\n".join(lines) or "nothing measured")
 PY

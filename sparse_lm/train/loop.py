@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
 from sparse_lm import faults
@@ -324,6 +325,8 @@ def finish(run: Run) -> dict[str, Any]:
         "dense_model_state_bytes": dense_bytes,
         "memory_ratio": memory["total"] / dense_bytes if memory else None,
         "peak_rss_bytes": peak_rss_bytes(),
+        # the GPU's high-water mark, which `sparse-lm plan`'s per-rank total predicts (tools/gpu_check.sh)
+        "peak_device_bytes": torch.cuda.max_memory_allocated() if run.topo.device.type == "cuda" else None,
     }
     run.log.write("summary", **summary)
     memory_note = ""
