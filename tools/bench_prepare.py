@@ -31,6 +31,7 @@ from pathlib import Path
 import datasets
 import sentencepiece
 
+from bench_step import cpu_model
 from sparse_lm.atomic import write_text
 from sparse_lm.data.sources import stdlib_files
 from sparse_lm.data.tokenizer import Tokenizer, train_tokenizer
@@ -57,16 +58,6 @@ def stdlib_texts(total_bytes: int) -> list[str]:
             if size >= total_bytes:
                 break
     return texts
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def environment() -> dict:
