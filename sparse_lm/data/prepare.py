@@ -297,13 +297,14 @@ def _tokenizer_sample(documents, row_doc: np.ndarray, split: Split) -> Iterator[
     rank[order[:count]] = np.arange(min(count, len(order)))
     rows = np.flatnonzero(rank[row_doc] >= 0)
     rows = rows[np.argsort(rank[row_doc[rows]], kind="stable")]  # documents in hash order, parts in order
+    parts = (part for batch in documents.select(rows).iter(batch_size=256) for part in zip(batch["doc"], batch["text"]))
     budget = TOKENIZER_SAMPLE_BYTES
-    for batch in documents.select(rows).iter(batch_size=256):
-        for text in batch["text"]:
-            if budget <= 0:
-                return
-            yield text[:budget]  # at least `budget` bytes of text; bounds one huge document
-            budget -= len(text)
+    # Each document whole, its encoding parts joined: the trainer cuts documents into sentences,
+    # and a part boundary would add sentence breaks that change the vocabulary it learns.
+    for _, doc_parts in itertools.groupby(parts, key=lambda part: part[0]):
+        text = "".join(text for _, text in doc_parts)
+        yield text[:budget]  # at least `budget` bytes of text; bounds one huge document
+        budget -= len(text)
 
 
 class _EncodeDocuments:
