@@ -185,6 +185,63 @@ def test_plan_cli_answers_for_13b_and_writes_json(tmp_path):
     assert report["per_rank"]["total_bytes"] == sum(v for k, v in parts.items() if k != "offload_host")
     assert report["fits"] is True and report["dense"]["total_bytes"] > 80 * 2**30
     assert report["flops_per_token"]["sparse"] < 0.2 * report["flops_per_token"]["dense"]
+    assert "training FLOPs per token: sparse" in proc.stdout
+    assert report["flops_per_token"]["training"]["sparse"] < 0.3 * report["flops_per_token"]["training"]["dense"]
     assert report["largest_fitting"]["sparse"] == "13B"
     bad = run_cli("plan", "--config", str(REPO / "configs/llama-70b.yaml"), "--world", "3", check=False)
     assert bad.returncode == 2 and "--world 3" in bad.stderr
+
+
+# The block linears of SMALL (d_model 64, 2 key/value heads of 16, FFN 128): (weights, |A|, |B|) at
+# D = M = 0.1, counted by hand: |A| = ⌈0.1·n⌉, |B| = ⌈0.2·n⌉, in weights (element) or 16×16 blocks.
+SMALL = {"model": {"vocab_size": 320, "d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "ffn_hidden": 128,
+                   "max_seq_len": 32},
+         "train": {"seq_len": 32}}
+ELEMENT_SETS = {"q_proj": (4096, 410, 820), "k_proj": (2048, 205, 410), "v_proj": (2048, 205, 410),
+                "o_proj": (4096, 410, 820), "gate_proj": (8192, 820, 1639), "up_proj": (8192, 820, 1639),
+                "down_proj": (8192, 820, 1639)}
+BLOCK_SETS = {"q_proj": (16, 2, 4), "k_proj": (8, 1, 2), "v_proj": (8, 1, 2), "o_proj": (16, 2, 4),
+              "gate_proj": (32, 4, 7), "up_proj": (32, 4, 7), "down_proj": (32, 4, 7)}
+FULL_WEIGHTS = 2 * 4096 + 2 * 2048 + 3 * 8192
+
+
+def _training_by_hand(sparsity: dict) -> float:
+    """Training FLOPs per token of SMALL from the definition: 2 FLOPs per weight for each of forward,
+    input gradient (both over A) and weight gradient (over B); everything dense costs all three
+    over all its weights; Spartan's A is its mean over the run, B's size for the first warmup_frac
+    (falling linearly) and then its budget."""
+    seq, d, vocab, layers = 32, 64, 320, 2
+    dense_parts = layers * 2 * seq * d + 2 * d * vocab  # attention scores and values, the LM head
+    method = sparsity.get("method")
+    sets, unit = (BLOCK_SETS, 256) if sparsity.get("granularity") == "block" else (ELEMENT_SETS, 1)
+    per_layer = 0.0
+    for name, (n, a, b) in sets.items():
+        if method == "dense" or name not in sparsity.get("targets", sets):
+            per_layer += 3 * 2 * n * unit
+            continue
+        if method == "static":
+            b = a
+        if method == "spartan":
+            w = sparsity["warmup_frac"]
+            a = w * (a + b) / 2 + (1 - w) * a
+        per_layer += (2 * a + 2 * a + 2 * b) * unit
+    return 3 * dense_parts + layers * per_layer
+
+
+@pytest.mark.parametrize("sparsity", [
+    {"method": "topkast"},
+    {"method": "static"},
+    {"method": "dense"},
+    {"method": "topkast", "targets": ["q_proj", "down_proj"]},
+    {"method": "spartan", "granularity": "block", "block_size": 16, "warmup_frac": 0.3},
+])
+def test_training_flops_follow_their_definition(sparsity):
+    from sparse_lm.config import config_from_dict
+    from sparse_lm.plan.flops import plan_flops
+
+    cfg = config_from_dict({**SMALL, "sparsity": {"density": 0.1, "exploration": 0.1, **sparsity}})
+    training = plan_flops(cfg)["training"]
+    dense = 3 * (2 * 2 * 32 * 64 + 2 * 64 * 320 + 2 * 2 * FULL_WEIGHTS)
+    assert training["sparse"] == pytest.approx(_training_by_hand(sparsity), rel=1e-12)
+    assert training["dense"] == pytest.approx(dense, rel=1e-12)
+    assert training["ratio"] == pytest.approx(training["sparse"] / dense, rel=1e-12)

@@ -42,13 +42,8 @@ sys.path.insert(0, str(REPO))
 from sparse_lm.atomic import to_json, write_text  # noqa: E402
 from sparse_lm.config import block_linear_shapes, config_from_dict  # noqa: E402
 from sparse_lm.errors import UserError  # noqa: E402
-from sparse_lm.sparsity.allocation import (  # noqa: E402
-    layer_caps,
-    sparse_linear_shapes,
-    stage_dense_flops,
-    stage_flops,
-    uniform_budgets,
-)
+from sparse_lm.plan.flops import training_flops_per_token  # noqa: E402
+from sparse_lm.sparsity.allocation import sparse_linear_shapes, uniform_budgets  # noqa: E402
 
 
 def _merge(base: dict, overrides: dict) -> dict:
@@ -99,21 +94,6 @@ def _run(args: list[str], log: Path) -> None:
 def _records(run_dir: Path, kind: str) -> list[dict]:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return [r for r in map(json.loads, lines) if r["kind"] == kind]
-
-
-def training_flops_per_token(cfg) -> float:
-    """Training FLOPs per token: forward, input gradient and weight gradient. Dense parts cost three
-    forwards; a sparse linear's forward and input gradient use A, its weight gradient B (Top-KAST's
-    rule; Spartan's too, with A annealed from B to its budget over `warmup_frac` of the run)."""
-    if cfg.sparsity.method == "dense":
-        return 3 * sum(stage_dense_flops(cfg)) + 3 * sum(2 * s.rows * s.cols for s in sparse_linear_shapes(cfg))
-    a, b = uniform_budgets(cfg), layer_caps(cfg)
-    if cfg.sparsity.method == "static":
-        b = a
-    if cfg.sparsity.method == "spartan":  # mean |A| over the run
-        w = cfg.sparsity.warmup_frac
-        a = {name: k + (b[name] - k) * w / 2 for name, k in a.items()}
-    return 2 * sum(stage_flops(cfg, a)) + sum(stage_flops(cfg, b))
 
 
 def _mean_sd(values: list[float]) -> dict:

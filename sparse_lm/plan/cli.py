@@ -94,6 +94,9 @@ def format_report(report: dict) -> str:
                  f"{_gib(dense['kernel_workspace_bytes'])}")
     lines.append(f"forward FLOPs per token: sparse {flops['sparse'] / 1e9:.3f} G, dense {flops['dense'] / 1e9:.3f} G "
                  f"(ratio {flops['ratio']:.3f})")
+    train = flops["training"]
+    lines.append(f"training FLOPs per token: sparse {train['sparse'] / 1e9:.3f} G, dense {train['dense'] / 1e9:.3f} G "
+                 f"(ratio {train['ratio']:.3f})")
     if report["layout"]["pipeline"] > 1:
         stages = " / ".join(f"{s['total_bytes'] / GIB:.1f}" for s in report["stages"])
         lines.append(f"stages: GiB per rank {stages}; slowest stage over the mean: sparse "

@@ -1,11 +1,13 @@
-"""Forward FLOPs per token of a run, sparse and dense, per pipeline stage (`sparsity.allocation`'s
-count: 2 per weight of every linear used in the forward pass, attention's 2·seq·d per block, the
-LM head), and how unevenly the stages are loaded — the slowest stage sets a pipeline's pace."""
+"""FLOPs per token of a run, sparse and dense. Forward: `sparsity.allocation`'s count (2 per weight
+of every linear used in the forward pass, attention's 2·seq·d per block, the LM head), per pipeline
+stage, and how unevenly the stages are loaded — the slowest stage sets a pipeline's pace. Training:
+the forward, the input gradient and the weight gradient, each of them a forward's count over the
+weights it uses."""
 
 from __future__ import annotations
 
 from sparse_lm.config import RunConfig
-from sparse_lm.sparsity.allocation import sparse_linear_shapes, stage_flops, static_budgets
+from sparse_lm.sparsity.allocation import layer_caps, sparse_linear_shapes, stage_flops, static_budgets
 
 
 def _imbalance(stages: list[float]) -> float:
@@ -13,15 +15,36 @@ def _imbalance(stages: list[float]) -> float:
     return max(stages) / (sum(stages) / len(stages))
 
 
-def plan_flops(cfg: RunConfig) -> dict:
-    """`sparse` and `dense` FLOPs per token (forward), per stage and their imbalance. `cfg` must
-    have its vocabulary resolved."""
+def _every_block(cfg: RunConfig) -> dict[str, int]:
     block = cfg.sparsity.block
-    every_block = {s.name: (s.rows // block) * (s.cols // block) for s in sparse_linear_shapes(cfg)}
-    dense = stage_flops(cfg, every_block)
+    return {s.name: (s.rows // block) * (s.cols // block) for s in sparse_linear_shapes(cfg)}
+
+
+def training_flops_per_token(cfg: RunConfig) -> float:
+    """Training FLOPs per token: forward, input gradient and weight gradient. Dense parts cost three
+    forwards; a sparse linear's forward and input gradient use A, its weight gradient B (Top-KAST's
+    rule; a static mask's B is A; Spartan's rule too, with A annealed from B to its budget over
+    `warmup_frac` of the run, so its mean |A| over the run counts)."""
+    if cfg.sparsity.method == "dense":
+        return 3 * sum(stage_flops(cfg, _every_block(cfg)))
+    a, b = static_budgets(cfg), layer_caps(cfg)
+    if cfg.sparsity.method == "static":
+        b = a
+    if cfg.sparsity.method == "spartan":
+        w = cfg.sparsity.warmup_frac
+        a = {name: k + (b[name] - k) * w / 2 for name, k in a.items()}
+    return 2 * sum(stage_flops(cfg, a)) + sum(stage_flops(cfg, b))
+
+
+def plan_flops(cfg: RunConfig) -> dict:
+    """`sparse` and `dense` FLOPs per token (forward), per stage and their imbalance, and `training`'s
+    `sparse`, `dense` and `ratio`. `cfg` must have its vocabulary resolved."""
+    dense = stage_flops(cfg, _every_block(cfg))
     sparse = dense if cfg.sparsity.method == "dense" else stage_flops(cfg, static_budgets(cfg))
+    training = training_flops_per_token(cfg)
     return {
         "sparse": sum(sparse), "dense": sum(dense), "ratio": sum(sparse) / sum(dense),
         "sparse_stages": sparse, "dense_stages": dense,
         "sparse_stage_imbalance": _imbalance(sparse), "dense_stage_imbalance": _imbalance(dense),
+        "training": {"sparse": training, "dense": 3 * sum(dense), "ratio": training / (3 * sum(dense))},
     }
