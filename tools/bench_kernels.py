@@ -15,15 +15,13 @@ difference), so a fast wrong kernel shows.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
-from pathlib import Path
 
 import torch
 
-from bench_step import alternate, cpu_model
+from bench_step import alternate, cpu_model, write_report
 from sparse_lm.sparsity import compiled, kernels
 from sparse_lm.sparsity.kernels import SparseMatmul, from_blocks, scatter_blocks
 
@@ -147,10 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     error = max(p["max_abs_error"] for r in results for product in r["products"].values() for p in product.values())
     report = {"command": command, "config": vars(args), "environment": env, "max_abs_error": error, "results": results}
     text = markdown(report)
-    for path, content in ((args.json, json.dumps(report, indent=2) + "\n"), (args.markdown, text)):
-        if path:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            Path(path).write_text(content)
+    write_report(report, args.json, args.markdown, text)
     print(text, end="")
     return 0
 

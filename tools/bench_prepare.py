@@ -31,8 +31,7 @@ from pathlib import Path
 import datasets
 import sentencepiece
 
-from bench_step import cpu_model
-from sparse_lm.atomic import write_text
+from bench_step import cpu_model, write_report
 from sparse_lm.data.sources import stdlib_files
 from sparse_lm.data.tokenizer import Tokenizer, train_tokenizer
 
@@ -153,10 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         "bare_encode_s": bare_s, "bare_encode_mb_s": size / 1e6 / bare_s, "results": results,
     }
     table = markdown(report)
-    for path, content in ((args.json, json.dumps(report, indent=2) + "\n"), (args.markdown, table)):
-        if path:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            write_text(path, content)
+    write_report(report, args.json, args.markdown, table)
     print(table, end="")
     return 0
 

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from sparse_lm.atomic import write_text
 from sparse_lm.sparsity import compiled, kernels, triton_blocks
 from sparse_lm.sparsity.storage import SparseLinear
 from sparse_lm.sparsity.topkast import reselect, sparse_layers
@@ -146,6 +147,15 @@ def measure(d_model: int, mode: str, density: float, args) -> dict:
     result["reselect_amortised_fraction"] = (statistics.median(reselects)
                                              / (args.reselect_every * statistics.median(steps["sparse"])))
     return result
+
+
+def write_report(report: dict, json_path: str | None, markdown_path: str | None, markdown_text: str) -> None:
+    """A benchmark's report as JSON and its table as Markdown, each only where a path is given,
+    written atomically into a folder created for it."""
+    for path, content in ((json_path, json.dumps(report, indent=2) + "\n"), (markdown_path, markdown_text)):
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            write_text(path, content)
 
 
 def cpu_model() -> str:
@@ -269,12 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     command = " ".join(["python tools/bench_step.py", *(sys.argv[1:] if argv is None else argv)])
     report = {"command": command, "config": vars(args), "environment": env, "results": results}
     text = markdown(report)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-    if args.markdown:
-        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.markdown).write_text(text)
+    write_report(report, args.json, args.markdown, text)
     if args.plot:
         plot(report, args.plot)
     print(text, end="")
