@@ -180,6 +180,34 @@ def test_big_document_tokens_do_not_depend_on_num_proc(tmp_path, tok_model, monk
     assert outputs[0] == outputs[1]
 
 
+def test_tokenizer_trains_on_whole_documents_however_they_are_encoded(tmp_path, monkeypatch):
+    """Documents cut into parts for encoding reach the tokenizer trainer whole, as with no parts
+    (a part boundary would be a sentence break the trainer learns from): the same sample, every item
+    one train-split document, and the same tokenizer.model."""
+    docs = ["".join(make_docs(24, seed=10 + i)) for i in range(10)]
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for i, doc in enumerate(docs):
+        (folder / f"{i}.txt").write_text(doc, encoding="utf-8")
+    samples = []
+
+    def recording_train_tokenizer(texts, path, vocab_size):
+        samples.append(list(texts))
+        return train_tokenizer(samples[-1], path, vocab_size)
+
+    monkeypatch.setattr(prepare_module, "train_tokenizer", recording_train_tokenizer)
+    models = []
+    for chars in (prepare_module.ENCODE_PART_CHARS, 300):
+        monkeypatch.setattr(prepare_module, "ENCODE_PART_CHARS", chars)
+        out = tmp_path / f"out{chars}"
+        prepare_data([str(folder)], out, VOCAB, 0.2)
+        models.append((out / "tokenizer.model").read_bytes())
+    assert max(len(d) for d in docs) > 3 * 300  # the second build cuts every document into parts
+    assert samples[0] == samples[1]
+    assert sorted(samples[1]) == sorted(read_splits(tmp_path / "out300")["train"])
+    assert models[0] == models[1]
+
+
 # --------------------------------------------------------------------------------------------------
 # The dictionary story, through the command line
 # --------------------------------------------------------------------------------------------------
