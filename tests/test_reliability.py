@@ -60,6 +60,9 @@ def test_killed_mid_save_resumes_exactly(reference, data_dir, tmp_path):
     for step in range(7, STEPS + 1):
         assert losses[step] == pytest.approx(reference[step], rel=1e-6, abs=1e-6), step
     assert not list(ckpt.glob(".tmp-*"))  # the half-written save was cleaned up by the next one
+    summary = records(tmp_path / "run", "summary")[-1]  # the training time of both processes adds up
+    before = json.loads((ckpt / "step_00000006" / "manifest.json").read_text())["state"]["train_seconds"]
+    assert before > 0 and summary["train_wall_s"] == pytest.approx(before + summary["wall_s"], abs=0.5)
 
 
 def test_disk_full_during_save_is_one_line_and_loses_nothing(reference, data_dir, tmp_path):

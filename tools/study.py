@@ -181,7 +181,8 @@ def _study_run(args, base: dict, variants: dict, name: str, seed: int, vocab: in
         "parameters": total, "forward_nonzeros": nonzero, "nonzero_fraction": nonzero / total,
         "train_flops_per_token": training_flops_per_token(cfg), "tokens_per_step": tokens_per_step,
         "heldout_curve": [(r["step"], r["loss"]) for r in _records(run_dir, "heldout")],
-        "train_wall_s": summary["wall_s"], "model_state_bytes": summary["model_state_bytes"], "eval": evaluation,
+        "train_wall_s": summary.get("train_wall_s", summary["wall_s"]),  # all processes of a resumed run
+        "model_state_bytes": summary["model_state_bytes"], "eval": evaluation,
         "this_invocation_s": time.time() - started,
     }
 

@@ -45,9 +45,11 @@ class RunState:
     step: int = 0
     samples_seen: int = 0
     tokens_seen: int = 0
+    train_seconds: float = 0.0  # wall time of the training processes before this one, so resumes add up
 
-    def as_dict(self) -> dict[str, int]:
-        return {"step": self.step, "samples_seen": self.samples_seen, "tokens_seen": self.tokens_seen}
+    def as_dict(self) -> dict[str, int | float]:
+        return {"step": self.step, "samples_seen": self.samples_seen, "tokens_seen": self.tokens_seen,
+                "train_seconds": self.train_seconds}
 
 
 @dataclass
@@ -302,11 +304,17 @@ def checkpoint(run: Run) -> None:
     cfg, state = run.cfg, run.state
     if not (state.step % cfg.checkpoint.every == 0 or state.step == cfg.train.steps):
         return
+    saved = {**state.as_dict(), "train_seconds": _train_seconds(run)}
     path = save_checkpoint(
-        cfg.checkpoint_dir, state.step, run.engine.module, run.optimizer, run.topo, state.as_dict(), run.plan.config,
+        cfg.checkpoint_dir, state.step, run.engine.module, run.optimizer, run.topo, saved, run.plan.config,
         run.plan.tokenizer_path, cfg.checkpoint.keep,
     )
     run.log.write("checkpoint", step=state.step, path=str(path))
+
+
+def _train_seconds(run: Run) -> float:
+    """Wall time of the whole run so far: this process's plus the resumed-from checkpoint's."""
+    return run.state.train_seconds + time.time() - run.started
 
 
 def finish(run: Run) -> dict[str, Any]:
@@ -318,6 +326,7 @@ def finish(run: Run) -> dict[str, Any]:
         "heldout_loss": heldout,
         "heldout_perplexity": math.exp(heldout) if not math.isnan(heldout) else math.nan,
         "wall_s": time.time() - run.started,
+        "train_wall_s": _train_seconds(run),
         "checkpoint": str(find_checkpoint(cfg.checkpoint_dir)) if cfg.checkpoint_dir.is_dir() else None,
         "sparsity": cfg.sparsity.method,
         "model_state_bytes": memory["total"] if memory else None,
