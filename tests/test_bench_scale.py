@@ -15,7 +15,8 @@ from tests.cli_runs import REPO
 sys.path.insert(0, str(REPO / "tools"))
 import bench_scale  # noqa: E402
 
-RANK_FIELDS = ("build_s", "init_s", "engine_s", "build_init_s", "step_s", "recompute_step_s", "recompute_over_kept",
+RANK_FIELDS = ("kernels_load_s", "build_s", "init_s", "engine_s", "build_init_s", "step_s", "recompute_step_s",
+               "recompute_over_kept",
                "reselect_s", "model_state_bytes", "model_state_parts", "plan_model_state_bytes",
                "model_state_over_plan", "peak_rss_bytes", "baseline_rss_bytes", "plan_total_bytes",
                "peak_rss_over_plan_total", "phases", "checkpoint_save_s", "checkpoint_load_s", "checkpoint_bytes")
