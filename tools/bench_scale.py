@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tools"))
 GIB, MIB = 2**30, 2**20
 # The plan's parts `model_state_bytes` measures (the rotary tables are derived caches, not state).
 MEASURED_PARTS = ("parameters", "gradients", "master_weights", "optimizer_moments", "indices_masks", "score_caches",
@@ -312,10 +313,8 @@ def plan_disagreements(report: dict, tolerance: float = 0.05) -> list[str]:
 def environment(threads: int) -> dict:
     import torch
 
-    from sparse_lm.sparsity import compiled
-
-    sys.path.insert(0, str(REPO / "tools"))
     from bench_step import cpu_model
+    from sparse_lm.sparsity import compiled
 
     return {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "threads": threads, "torch": torch.__version__,
             "python": platform.python_version(), "platform": platform.platform(),
@@ -377,6 +376,8 @@ PHASE_COLUMNS = ("kernels", "build", "init", "engine", "warmup_step", "step_0", 
 
 
 def main(argv: list[str] | None = None) -> int:
+    from bench_step import write_report
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", nargs="+", choices=tuple(CASES), default=DEFAULT_CASES)
     parser.add_argument("--config", help="instead of the cases: one case of this config (tests, other shapes)")
@@ -434,9 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {"command": command, "config": {k: v for k, v in vars(args).items() if not k.startswith("rank_")},
               "environment": env, "wall_s": time.perf_counter() - started, "cases": results}
     text = markdown(report)
-    for path, content in ((args.json, json.dumps(report, indent=2) + "\n"), (args.markdown, text)):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(content)
+    write_report(report, args.json, args.markdown, text)
     print(text, end="")
     problems = plan_disagreements(report)
     for line in problems:
