@@ -16,6 +16,7 @@ from torch import nn
 from sparse_lm.parallel.layers import sharded_modules
 from sparse_lm.parallel.layout import canonical_name
 from sparse_lm.sparsity.init import counter_normal_rows, stream_id
+from sparse_lm.sparsity.storage import SCORE_CHUNK_ELEMENTS
 
 # Output projections get their init scaled by 1/sqrt(2·n_layers) so the residual stream stays O(1).
 RESIDUAL_OUTPUTS = ("o_proj", "down_proj")
@@ -56,6 +57,10 @@ def init_weights(model: nn.Module, seed: int, sparse_init: Callable | None = Non
             global_cols, row0, col0 = cols, 0, 0
             if spec is not None:
                 (_, global_cols), (row0, col0) = spec.global_shape((rows, cols)), spec.offset((rows, cols))
-            values = counter_normal_rows(seed, stream_id(name), global_cols, row0, col0, rows, cols, std_of(name),
-                                         param.device)
-            param.copy_(values.view(param.shape))
+            # Row chunks of ~SCORE_CHUNK_ELEMENTS: the hash's uniforms (and a column-split shard's
+            # int64 positions) would otherwise be a transient 2-4x the parameter (the embedding).
+            matrix, per = param.view(rows, cols), max(1, SCORE_CHUNK_ELEMENTS // cols)
+            for r0 in range(0, rows, per):
+                r1 = min(rows, r0 + per)
+                matrix[r0:r1] = counter_normal_rows(seed, stream_id(name), global_cols, row0 + r0, col0, r1 - r0,
+                                                    cols, std_of(name), param.device)

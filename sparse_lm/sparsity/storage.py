@@ -159,20 +159,34 @@ class SparseLinear(nn.Module):
             return rows.to(self.values.device, copy=True)
         return self.initial_rows(r0, r1)
 
-    def initial_blocks(self, positions: torch.Tensor) -> torch.Tensor:
+    def initial_blocks(self, positions: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """[n, b, b] initial values of the blocks at grid positions `positions` of this shard,
-        regenerated element by element (the same numbers `initial_rows` gives)."""
+        regenerated element by element (the same numbers `initial_rows` gives), written into `out`
+        (any dtype; default a new fp32 tensor) about SCORE_CHUNK_ELEMENTS at a time: the int64
+        positions and the hash's two uniforms are 16 bytes per element, so all of B at once (at
+        initialisation) would be a transient four times B's fp32 values."""
         b, positions = self.block, positions.long()
+        if out is None:
+            out = torch.empty(len(positions), b, b, device=positions.device)
         offsets = torch.arange(b, device=positions.device)
-        rows = (self.row0 + positions // self.block_cols * b).view(-1, 1, 1) + offsets.view(1, -1, 1)
-        cols = (self.col0 + positions % self.block_cols * b).view(-1, 1, 1) + offsets.view(1, 1, -1)
-        return counter_normal_at(self.seed, self.stream, rows * self.global_in + cols, self.init_std)
+        per = max(1, SCORE_CHUNK_ELEMENTS // (b * b))
+        for start in range(0, len(positions), per):
+            chunk = positions[start : start + per]
+            rows = (self.row0 + chunk // self.block_cols * b).view(-1, 1, 1) + offsets.view(1, -1, 1)
+            cols = (self.col0 + chunk % self.block_cols * b).view(-1, 1, 1) + offsets.view(1, 1, -1)
+            out[start : start + per] = counter_normal_at(self.seed, self.stream, rows * self.global_in + cols,
+                                                         self.init_std)
+        return out
 
-    def complement_blocks(self, positions: torch.Tensor) -> torch.Tensor:
-        """[n, b, b] current values outside B of the blocks at `positions` (ascending)."""
+    def complement_blocks(self, positions: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """[n, b, b] current values outside B of the blocks at `positions` (ascending), in the
+        values' dtype, written into `out` when given."""
+        if out is None:
+            out = self.values.new_empty(len(positions), self.block, self.block)
         if self.complement_policy == "offload":
-            return self.gather_blocks(positions, self.complement_rows)
-        return self.initial_blocks(positions).to(self.values.dtype)
+            out.copy_(self.gather_blocks(positions, self.complement_rows))
+            return out
+        return self.initial_blocks(positions, out)
 
     def current_rows(self):
         """A `rows_fn(r0, r1)` giving the weight's current values in block-rows r0..r1-1: the
@@ -273,8 +287,10 @@ class SparseLinear(nn.Module):
         self.index.fill_(self.n_blocks)
         self.index[:n] = positions.to(self.index.dtype)
         self.values.zero_()
-        self.values[:n] = (self.complement_blocks(positions) if rows_fn is None
-                           else self.gather_blocks(positions, rows_fn))
+        if rows_fn is None:
+            self.complement_blocks(positions, out=self.values.data[:n])
+        else:
+            self.values[:n] = self.gather_blocks(positions, rows_fn)
 
     def gather_blocks(self, positions: torch.Tensor, rows_fn) -> torch.Tensor:
         """[len(positions), b, b] values at grid positions (sorted ascending), read chunk by chunk."""
