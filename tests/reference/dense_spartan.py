@@ -10,6 +10,8 @@ produces ∂m/∂u here. The schedules are the formulas of `sparse_lm.sparsity.s
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from tests.reference.dense_topkast import DenseTopKASTLinear
@@ -51,19 +53,42 @@ class DenseSpartanLinear(DenseTopKASTLinear):
             in_b = torch.where(self.B, self.block_scores(self.theta), torch.tensor(-1.0))
             self.A = self.top(in_b, self.k_now)
 
-    def weight(self):
-        """(θ as a leaf, the straight-through weight: value θ·1_A, gradient of θ·m)."""
-        theta = self.theta.clone().requires_grad_()
-        hard = self.blocks_to_dense(self.A).to(theta.dtype)
-        if self.frozen:
-            return theta, theta * hard
+    def soft_blocks(self, theta: torch.Tensor) -> torch.Tensor:
+        """Spartan's soft mask per block of the whole grid (0 outside B), differentiable in θ:
+        σ(β·u/ū + μ) over B's unit values u, ū their mean, Σ = k_now."""
         scores = self.block_scores(theta)[self.B]
         if self.k_now >= self.k_backward:
             soft_b = torch.ones_like(scores)
         else:
             scale = float(scores.detach().mean())
             soft_b = soft_topk_reference(scores / scale, self.k_now, self.beta).to(theta.dtype)
-        soft_blocks = torch.zeros(self.B.numel(), dtype=theta.dtype).masked_scatter(self.B, soft_b)
-        b = self.block
-        soft = soft_blocks.view(*self.grid, 1, 1).expand(*self.grid, b, b).transpose(1, 2).reshape(self.shape)
+        return torch.zeros(self.B.numel(), dtype=theta.dtype).masked_scatter(self.B, soft_b)
+
+    def weight(self):
+        """(θ as a leaf, the straight-through weight: value θ·1_A, gradient of θ·m)."""
+        theta = self.theta.clone().requires_grad_()
+        hard = self.blocks_to_dense(self.A).to(theta.dtype)
+        if self.frozen:
+            return theta, theta * hard
+        soft = self.blocks_to_dense(self.soft_blocks(theta))
         return theta, theta * soft + (theta * hard - theta * soft).detach()
+
+    def enter(self, new_B: torch.Tensor) -> None:
+        """Make `new_B` the candidate set as a reselection does: blocks that enter start with zero
+        moments, blocks that leave return to θ₀ (`regenerate`)."""
+        entering, leaving = self.blocks_to_dense(new_B & ~self.B), self.blocks_to_dense(self.B & ~new_B)
+        self.exp_avg = self.exp_avg.masked_fill(entering, 0)
+        self.exp_avg_sq = self.exp_avg_sq.masked_fill(entering, 0)
+        if self.complement == "regenerate":
+            self.theta = torch.where(leaving, self.theta0.to(self.theta.dtype), self.theta)
+        self.B = new_B
+
+
+def adamw(theta, grad, exp_avg, exp_avg_sq, step, lr, betas, eps, weight_decay):
+    """torch.optim.AdamW's update of one tensor, written out: (θ, m, v) after step `step`."""
+    beta1, beta2 = betas
+    exp_avg = exp_avg.lerp(grad, 1 - beta1)
+    exp_avg_sq = exp_avg_sq * beta2 + (1 - beta2) * grad * grad
+    denom = exp_avg_sq.sqrt() / math.sqrt(1 - beta2**step) + eps
+    theta = theta * (1 - lr * weight_decay) - (lr / (1 - beta1**step)) * exp_avg / denom
+    return theta, exp_avg, exp_avg_sq
