@@ -201,7 +201,7 @@ def reallocate(layers: list, total: int, group: dist.ProcessGroup | None) -> Non
     tensor_group = next((layer.group for layer in layers if layer.group is not None), None)
     device = collective_device(group)
     _keep_best_block(scores, tensor_group, device)
-    scores = torch.cat(scores) if scores else torch.zeros(0, device=device)
+    scores = torch.cat(scores) if scores else torch.zeros(0, device=device, dtype=torch.float32)
     rank, stride = 0, len(scores)
     if group is not None:  # disjoint global index ranges for the tie-break: rank × the largest shard
         widest = torch.tensor([stride], dtype=torch.int64, device=device)
@@ -219,8 +219,9 @@ def reallocate(layers: list, total: int, group: dist.ProcessGroup | None) -> Non
 def _keep_best_block(scores: list[torch.Tensor], tensor_group, device: torch.device) -> None:
     """Raise each layer's highest score (over its tensor-parallel shards) to +inf, in place, so the
     threshold always takes it. `device`: where the collectives' tensors live."""
-    best = torch.stack([x.max().to(device) if len(x) else torch.tensor(0.0, device=device) for x in scores]) \
-        if scores else torch.zeros(0, device=device)
+    none = torch.zeros((), device=device, dtype=torch.float32)  # a shard without live blocks; float32 like the
+    # scores whatever the default dtype, or ranks with and without such a shard send different bytes
+    best = torch.stack([x.max().to(device) if len(x) else none for x in scores]) if scores else none.view(1)[:0]
     if tensor_group is not None:
         dist.all_reduce(best, op=dist.ReduceOp.MAX, group=tensor_group)
     for x, top in zip(scores, best.tolist()):
