@@ -108,7 +108,7 @@ def main() -> None:
     parser.add_argument("--config", required=True, type=Path, help="study YAML (base + variants [+ seeds])")
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--corpus", nargs="+", help="prepare these sources instead of the base's data.path")
-    parser.add_argument("--only", nargs="+", help="run only these variants")
+    parser.add_argument("--only", nargs="+", help="train only these variants (the report keeps finished others)")
     args = parser.parse_args()
 
     study = yaml.safe_load(args.config.read_text())
@@ -127,11 +127,14 @@ def main() -> None:
     meta = json.loads(meta_path.read_text())
     vocab = 64 * math.ceil(meta["vocab_size"] / 64)
 
-    names = [n for n in variants if not args.only or n in args.only]
     runs = []
     for seed in seeds:  # every variant at one seed before the next seed: partial results stay comparable
-        for name in names:
-            runs.append(_study_run(args, base, variants, name, seed, vocab, many_seeds=len(seeds) > 1))
+        for name in variants:  # --only trains those; the others' finished runs stay in the report
+            run = _study_run(args, base, variants, name, seed, vocab, many_seeds=len(seeds) > 1,
+                             train=not args.only or name in args.only)
+            if run is None:
+                continue
+            runs.append(run)
             results = _aggregate(runs)
             report = {"config": str(args.config), "base": base, "seeds": seeds, "runs": runs, "results": results,
                       "machine": _machine()}
@@ -141,8 +144,10 @@ def main() -> None:
     print(_table(results))
 
 
-def _study_run(args, base: dict, variants: dict, name: str, seed: int, vocab: int, many_seeds: bool) -> dict:
-    """Train (or resume, or skip if finished) and evaluate one variant at one seed; its record."""
+def _study_run(args, base: dict, variants: dict, name: str, seed: int, vocab: int, many_seeds: bool,
+               train: bool = True) -> dict | None:
+    """Train (or resume, or skip if finished) and evaluate one variant at one seed; its record. With
+    `train` False only a finished run is read (None if there is none)."""
     overrides = variants[name] or {}
     if "small_dense" in overrides:
         target = parameter_counts(_merge(base, variants[overrides["small_dense"]]), vocab)[1]
@@ -160,6 +165,8 @@ def _study_run(args, base: dict, variants: dict, name: str, seed: int, vocab: in
     config_path = run_dir / "config.yaml"
     config_path.write_text(yaml.safe_dump(tree, sort_keys=False))
     summary_path, eval_path = run_dir / "summary.json", run_dir / "eval.json"
+    if not train and not (summary_path.is_file() and eval_path.is_file()):
+        return None
     started = time.time()
     label = f"{name} (seed {seed})"
     if not summary_path.is_file():
