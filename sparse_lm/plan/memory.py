@@ -258,23 +258,23 @@ def step_workspace(cfg: RunConfig, layout: Layout, stage: int) -> int:
     return max(optimizer, reselect)
 
 
-def zero_step_buffers(cfg: RunConfig, layout: Layout, stage: int) -> int:
-    """What DeepSpeed's ZeRO-1 step (also bf16's) allocates beyond the model state and `workspace`'s
-    fp32 gradient partition: torch AdamW (single-tensor, as `train/engine.make_engine` builds it) runs
-    once over DeepSpeed's flat fp32 partition of ⌈w / data⌉ elements, and its
-    `(exp_avg_sq.sqrt() / bias_correction2_sqrt)` holds two fp32 temporaries of that size at once.
-    Without ZeRO those temporaries are per tensor, within `workspace`."""
+def zero_step_transient(cfg: RunConfig, layout: Layout, stage: int) -> int:
+    """What DeepSpeed's ZeRO-1 optimizer step (also bf16's) holds above the model state: its flat fp32
+    gradient partition of ⌈w / data⌉ elements, and two fp32 temporaries of that size from torch
+    AdamW (single-tensor, as `train/engine.make_engine` builds it), which runs once over the whole
+    partition and computes `exp_avg_sq.sqrt() / bias_correction2_sqrt`. Without ZeRO, AdamW's
+    temporaries are per tensor (`step_workspace`)."""
     if not layout.partitioned:
         return 0
-    return 2 * 4 * math.ceil(stage_contents(cfg, stage)["weights"] / layout.data)
+    return 3 * 4 * math.ceil(stage_contents(cfg, stage)["weights"] / layout.data)
 
 
 def rank_memory(cfg: RunConfig, layout: Layout, stage: int) -> dict:
     """One rank of `stage`: its parts (device and host), activations with and without checkpointing,
     and `total_bytes`, the device's fullest moment: model state + saved activations (per the config's
     checkpointing) + `workspace`, what the backward pass adds on top of them, or what the optimizer
-    step (or a reselection) adds beyond the activations it follows, + `zero_step_buffers`, ZeRO's
-    optimizer-step temporaries on top of that."""
+    step (or a reselection) adds beyond the activations it follows, + `zero_step_buffers`, what ZeRO's
+    optimizer step (its fp32 gradient partition and AdamW's temporaries over it) needs beyond those."""
     state = model_state(cfg, layout, stage)
     full = activations(cfg, layout, stage, checkpointing=False)
     ckpt = activations(cfg, layout, stage, checkpointing=True)
@@ -282,8 +282,9 @@ def rank_memory(cfg: RunConfig, layout: Layout, stage: int) -> dict:
     kernels = kernel_workspace(cfg, layout)
     # The optimizer step and reselection run after the backward pass has freed the activations.
     workspace = max(chosen["transient"] + kernels, step_workspace(cfg, layout, stage) - chosen["saved"])
-    parts = {**state, "activations": chosen["saved"], "workspace": workspace,
-             "zero_step_buffers": zero_step_buffers(cfg, layout, stage)}
+    # The ZeRO step's AdamW temporaries, beyond what the backward pass (or the step's partition) needs already.
+    zero_step = max(0, zero_step_transient(cfg, layout, stage) - chosen["saved"] - workspace)
+    parts = {**state, "activations": chosen["saved"], "workspace": workspace, "zero_step_buffers": zero_step}
     device = {k: v for k, v in parts.items() if k not in HOST_PARTS}
     return {
         "stage": stage,
