@@ -19,7 +19,8 @@ RANK_FIELDS = ("kernels_load_s", "build_s", "init_s", "engine_s", "build_init_s"
                "recompute_over_kept",
                "reselect_s", "model_state_bytes", "model_state_parts", "plan_model_state_bytes",
                "model_state_over_plan", "peak_rss_bytes", "baseline_rss_bytes", "plan_total_bytes",
-               "peak_rss_over_plan_total", "phases", "checkpoint_save_s", "checkpoint_load_s", "checkpoint_bytes")
+               "peak_rss_over_plan_total", "step_peak_rss_bytes", "plan_peak_bytes",
+               "step_peak_over_plan_peak", "phases", "checkpoint_save_s", "checkpoint_load_s", "checkpoint_bytes")
 
 
 @pytest.fixture(scope="module")

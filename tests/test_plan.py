@@ -245,3 +245,56 @@ def test_training_flops_follow_their_definition(sparsity):
     assert training["sparse"] == pytest.approx(_training_by_hand(sparsity), rel=1e-12)
     assert training["dense"] == pytest.approx(dense, rel=1e-12)
     assert training["ratio"] == pytest.approx(training["sparse"] / dense, rel=1e-12)
+
+
+# Wide enough that DeepSpeed's step buffers (hundreds of MiB) dwarf the allocator's noise.
+STEP_CASE = ["model.d_model=1024", "model.n_heads=8", "model.n_layers=2", "data.vocab_size=32000",
+             "train.seq_len=32", "train.micro_batch=1", "sparsity.granularity=block", "sparsity.block_size=16",
+             "train.precision=fp32", "parallel.zero_stage=1"]
+
+
+def _rss_field(field: str) -> int:
+    for line in open("/proc/self/status").read().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def _step_transients(rank: int, world: int, overrides: list[str]) -> list[int]:
+    """Per training step after the first: the process's peak RSS during `engine.step()` above its RSS
+    before it (the high-water mark reset through /proc/self/clear_refs)."""
+    from sparse_lm.model import resolve_vocab
+    from sparse_lm.model.build import build_model
+    from sparse_lm.parallel.state import init_distributed
+    from sparse_lm.train.loop import make_engine
+
+    cfg = load_config(REPO / "configs/tiny.yaml", overrides)
+    topo = init_distributed(cfg.parallel.tensor, cfg.parallel.pipeline)
+    cfg.model = resolve_vocab(cfg.model, cfg.data.vocab_size)
+    engine, _, _ = make_engine(build_model(cfg, topology=topo), cfg, topo)
+    ids = torch.randint(0, cfg.model.vocab_size, (1, cfg.train.seq_len + 1), generator=torch.Generator().manual_seed(0))
+    transients = []
+    for step in range(3):
+        engine.backward(engine(ids[:, :-1], ids[:, 1:]))
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # VmHWM := VmRSS
+        before = _rss_field("VmRSS")
+        engine.step()
+        if step:  # the first step also creates Adam's moments
+            transients.append(_rss_field("VmHWM") - before)
+    return transients
+
+
+def test_zero_step_buffers_match_a_real_zero1_step():
+    """Under ZeRO-1 the optimizer step adds, above the model state, DeepSpeed's flat fp32 gradient
+    partition (`workspace`) and AdamW's two temporaries over it (`zero_step_buffers`): three fp32
+    copies of the gradients, measured as the step's own RSS high-water mark. The plan's total above
+    its model state (activations are freed by then, and few at 32 tokens) must match it."""
+    from sparse_lm.plan.memory import rank_memory
+
+    ((measured), ) = run_distributed(_step_transients, 1, STEP_CASE, timeout=300)
+    cfg = resolved(load_config(REPO / "configs/tiny.yaml", STEP_CASE))
+    planned = rank_memory(cfg, layout_of(cfg), 0)
+    above_state = planned["total_bytes"] - planned["model_state_bytes"]
+    assert planned["parts"]["zero_step_buffers"] > 0
+    assert min(measured) == pytest.approx(above_state, rel=0.15), (measured, planned["parts"])

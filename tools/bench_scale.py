@@ -259,13 +259,16 @@ def summarise(name: str, case: dict, overrides: list[str], planned: dict, ranks:
     per_rank = planned["per_rank"]
     plan_state = planned_state(per_rank["parts"])
     plan_total = {kind: per_rank["model_state_bytes"] + per_rank["activations_bytes"][kind]
-                  + per_rank["parts"]["workspace"] for kind in ("full", "checkpointed")}
+                  + per_rank["parts"]["workspace"] + per_rank["parts"]["zero_step_buffers"]
+                  for kind in ("full", "checkpointed")}
     rows = []
     for r in ranks:
         ph = r["phases"]
         kept = [ph[k]["seconds"] for k in ph if k.startswith("step_")]
         recomputed = [ph[k]["seconds"] for k in ph if k.startswith("recompute_step_")]
         measured = r["model_state"]["total"]
+        step_peak = max(ph[k]["peak_rss_bytes"] for k in ph if k.startswith("step_"))
+        plan_peak = r["baseline_rss_bytes"] + plan_total["full"]
         row = {
             "rank": r["rank"],
             "kernels_load_s": ph["kernels"]["seconds"],
@@ -284,6 +287,8 @@ def summarise(name: str, case: dict, overrides: list[str], planned: dict, ranks:
             "peak_rss_over_plan_total": r["peak_rss_bytes"] / plan_total["full"],
             "peak_rss_less_baseline_over_plan_total": (r["peak_rss_bytes"] - r["baseline_rss_bytes"])
             / plan_total["full"],
+            "step_peak_rss_bytes": step_peak, "plan_peak_bytes": plan_peak,
+            "step_peak_over_plan_peak": step_peak / plan_peak,
             "phases": ph,
             "losses": r["losses"], "stored_parameters": r["stored_parameters"],
         }
@@ -333,10 +338,12 @@ def markdown(report: dict) -> str:
         "`model_state_bytes` of the live engine at the second step vs `sparse-lm plan`'s parts for the same "
         "config and layout. Peak RSS: the process's high-water mark over all phases (the baseline is the "
         "process after importing torch, DeepSpeed and megatron-core, before the model); plan total = model state "
-        "+ activations (kept) + workspace.", "",
+        "+ activations (kept) + workspace + zero_step_buffers. Step peak: the high-water mark of a training step "
+        "(forward, backward, optimizer step) after the warm-up; plan peak = baseline + plan total.", "",
         "| case | rank | build + init s | step s | recompute step s | recompute / kept | reselect s "
-        "| model state GiB | plan GiB | measured / plan | peak RSS GiB | baseline GiB | plan total GiB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| model state GiB | plan GiB | measured / plan | peak RSS GiB | baseline GiB | plan total GiB "
+        "| step peak GiB | plan peak GiB | step / plan peak |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for case in report["cases"]:
         for r in case["ranks"]:
@@ -345,7 +352,9 @@ def markdown(report: dict) -> str:
                 f"| {min(r['recompute_step_s']):.2f} | {r['recompute_over_kept']:.2f} | {min(r['reselect_s']):.2f} "
                 f"| {r['model_state_bytes'] / GIB:.3f} | {r['plan_model_state_bytes'] / GIB:.3f} "
                 f"| {r['model_state_over_plan']:.4f} | {r['peak_rss_bytes'] / GIB:.2f} "
-                f"| {r['baseline_rss_bytes'] / GIB:.2f} | {r['plan_total_bytes'] / GIB:.2f} |")
+                f"| {r['baseline_rss_bytes'] / GIB:.2f} | {r['plan_total_bytes'] / GIB:.2f} "
+                f"| {r['step_peak_rss_bytes'] / GIB:.2f} | {r['plan_peak_bytes'] / GIB:.2f} "
+                f"| {r['step_peak_over_plan_peak']:.2f} |")
     lines += ["", "| case | rank | checkpoint save s | load s | on disk GiB | export-hf s | export peak RSS GiB "
               "| export GiB |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for case in report["cases"]:
