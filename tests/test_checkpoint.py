@@ -123,10 +123,10 @@ def test_bf16_resume_keeps_the_fp32_masters(data_dir, tmp_path):
 
 
 # ---------------------------------------------------------------- a checkpoint of another config
-def _load(step_dir: Path, cfg: RunConfig, config: dict | None = None):
+def _load(step_dir: Path, cfg: RunConfig, config: dict | None = None, model=None):
     from sparse_lm.checkpoint.store import load_checkpoint
 
-    model = build_model(cfg)
+    model = build_model(cfg) if model is None else model
     return load_checkpoint(step_dir, model, torch.optim.AdamW(model.parameters()), topology(), config)
 
 
@@ -153,11 +153,15 @@ def test_resume_under_another_config_is_one_line(tmp_path, field, value):
 
 def test_a_tensor_of_another_shape_is_one_line(tmp_path):
     """Without the config check (its caller passes none), a size mismatch is still one line naming
-    the file and tensor with both shapes, not torch's multi-line RuntimeError."""
+    the file and tensor with both shapes, not torch's multi-line RuntimeError, and the model is
+    left as it was (every shape is read from the header before any tensor is copied)."""
     cfg = tiny_config()
     step_dir = save(tmp_path / "ckpt", cfg, *trained_step(cfg))
+    other = build_model(tiny_config(density=0.4))
+    before = {k: v.clone() for k, v in other.state_dict().items()}
     with pytest.raises(UserError) as err:
-        _load(step_dir, tiny_config(density=0.4))
+        _load(step_dir, tiny_config(density=0.4), model=other)
+    assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())  # shapes are checked first
     assert "\n" not in str(err.value)
     assert str(err.value).startswith(f"checkpoint file {step_dir / 'model-tp00-pp00.safetensors'}: tensor layers.0.")
     assert "has shape [" in str(err.value) and "this model's is [" in str(err.value)

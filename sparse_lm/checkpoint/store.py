@@ -19,12 +19,13 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from sparse_lm import faults
@@ -73,7 +74,7 @@ def _masters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def _restore_masters(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+def _restore_masters(model: torch.nn.Module, weights: Mapping[str, torch.Tensor]) -> None:
     """Set DeepSpeed's fp32 masters (made from the initial weights, which would undo the load at
     the next step) to the saved values — the saved masters of a bf16 run, not the model's
     bf16-rounded copy of them."""
@@ -84,7 +85,7 @@ def _restore_masters(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -
             safe_set_full_fp32_param(param, weights[canonical_name(name)].to(param.device, torch.float32))
 
 
-def _restore_optimizer(optimizer, model: torch.nn.Module, weights: dict, tensors: dict, step: int) -> None:
+def _restore_optimizer(optimizer, model: torch.nn.Module, weights: Mapping, tensors: Mapping, step: int) -> None:
     """Rebuild Adam's per-parameter state before the first step (torch and DeepSpeed create it
     lazily), after pointing DeepSpeed's master weights at the loaded ones."""
     _restore_masters(model, weights)
@@ -337,29 +338,80 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise UserError(f"checkpoint file {path}: unreadable safetensors ({exc})") from None
 
 
+class ShardFile(Mapping[str, torch.Tensor]):
+    """A safetensors file read one tensor at a time, so that loading a shard into a live model
+    holds one tensor beside the model rather than the whole file. Each read opens the file anew:
+    safetensors maps the whole file, and the pages read through a handle that stays open stay in
+    the process's resident set until it closes (a 2 GiB file read through one handle raised peak
+    RSS by 2.2 GiB; opened per tensor, by the largest tensor)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        with self._open() as handle:
+            self._keys = list(handle.keys())
+        self._known = set(self._keys)
+
+    def _open(self):
+        try:
+            return safe_open(self.path, framework="pt")
+        except (SafetensorError, OSError) as exc:
+            raise UserError(f"checkpoint file {self.path}: unreadable safetensors ({exc})") from None
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._known:
+            raise KeyError(key)
+        with self._open() as handle:
+            try:
+                return handle.get_tensor(key)
+            except (SafetensorError, OSError) as exc:
+                raise UserError(f"checkpoint file {self.path}: tensor {key} unreadable ({exc})") from None
+
+    def shape(self, key: str) -> list[int]:
+        """The tensor's shape, from the header alone."""
+        with self._open() as handle:
+            return list(handle.get_slice(key).get_shape())
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
 def read_shard(step_dir: Path, manifest: dict[str, Any], kind: str, tp_rank: int,
                pp_rank: int) -> dict[str, torch.Tensor]:
-    """A verified `model` or `optim` shard file's tensors."""
+    """A verified `model` or `optim` shard file's tensors, all in memory (offline conversion,
+    which merges whole layers anyway)."""
     name = shard_name(kind, tp_rank, pp_rank)
     verify_files(step_dir, manifest, [name])
     return _load_tensors(step_dir / name)
 
 
-def load_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: Path) -> None:
-    """`model.load_state_dict` with a one-line error naming `source` when the keys do not fit.
-    Keys are canonical (a pipeline stage's own names are mapped to them)."""
+def open_shard(step_dir: Path, manifest: dict[str, Any], kind: str, tp_rank: int, pp_rank: int) -> ShardFile:
+    """A verified `model` or `optim` shard file, read a tensor at a time (resume)."""
+    name = shard_name(kind, tp_rank, pp_rank)
+    verify_files(step_dir, manifest, [name])
+    return ShardFile(step_dir / name)
+
+
+@torch.no_grad()
+def load_state(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor], source: Path) -> None:
+    """Copy canonically keyed `tensors` (a pipeline stage's own names are mapped to them) into the
+    model's parameters and buffers one at a time, after checking every key and shape, so that a
+    checkpoint that does not fit leaves the model untouched and fails in one line naming `source`."""
     current = model.state_dict()
     own = {canonical_name(key): key for key in current}
-    for key, value in tensors.items():  # load_state_dict would raise a multi-line RuntimeError
-        if key in own and value.shape != current[own[key]].shape:
-            raise UserError(f"checkpoint file {source}: tensor {key} has shape {list(value.shape)}, this model's is "
-                            f"{list(current[own[key]].shape)} (saved with another model or sparsity config)")
-    missing, unexpected = model.load_state_dict({own.get(k, k): v for k, v in tensors.items()}, strict=False)
+    missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
     if missing or unexpected:
-        raise UserError(
-            f"checkpoint file {source}: does not fit this model "
-            f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
-        )
+        raise UserError(f"checkpoint file {source}: does not fit this model "
+                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    for key in tensors:
+        shape = tensors.shape(key) if isinstance(tensors, ShardFile) else list(tensors[key].shape)
+        if shape != list(current[own[key]].shape):
+            raise UserError(f"checkpoint file {source}: tensor {key} has shape {shape}, this model's is "
+                            f"{list(current[own[key]].shape)} (saved with another model or sparsity config)")
+    for key in tensors:
+        current[own[key]].copy_(tensors[key])
 
 
 def load_checkpoint(
@@ -373,10 +425,10 @@ def load_checkpoint(
     check_topology(step_dir, manifest, topo.tensor, topo.pipeline)
     if config is not None:
         check_config(step_dir, manifest, config)
-    weights = read_shard(step_dir, manifest, "model", topo.tp_rank, topo.pp_rank)
-    load_state(model, weights, step_dir / shard_name("model", topo.tp_rank, topo.pp_rank))
+    weights = open_shard(step_dir, manifest, "model", topo.tp_rank, topo.pp_rank)
+    load_state(model, weights, weights.path)
     rng_name = f"rng-rank{topo.rank:05d}.safetensors"
-    moments = read_shard(step_dir, manifest, "optim", topo.tp_rank, topo.pp_rank)
+    moments = open_shard(step_dir, manifest, "optim", topo.tp_rank, topo.pp_rank)
     _restore_optimizer(optimizer, model, weights, moments, manifest["optimizer_step"])
     if rng_name in manifest["files"]:  # absent when resuming on more data-parallel ranks
         verify_files(step_dir, manifest, [rng_name])
