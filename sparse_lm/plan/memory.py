@@ -36,6 +36,7 @@ from sparse_lm.model.llama import resolve_vocab
 from sparse_lm.parallel.layout import COLUMN_PARALLEL, stage_of
 from sparse_lm.sparsity.kernels import GATHER_CHUNK_ELEMENTS, GATHER_TOKENS, MAX_TILE_ELEMENTS
 from sparse_lm.sparsity.storage import CACHED_SCORES_MIN_BLOCK, SCORE_CHUNK_ELEMENTS, shard_capacity
+from sparse_lm.train.engine import DEEPSPEED_BUCKET_ELEMENTS
 
 STATE_PARTS = ("parameters", "gradients", "master_weights", "optimizer_moments", "indices_masks", "score_caches",
                "rotary_tables")
@@ -244,18 +245,36 @@ def kernel_workspace(cfg: RunConfig, layout: Layout) -> int:
     return widest
 
 
+def reduce_transient(cfg: RunConfig, layout: Layout, stage: int) -> int:
+    """The gradient reduction's copy at the end of the backward pass (the activations are freed by
+    then, the gradients are not): ZeRO-1 copies every gradient into its reduce bucket, in the
+    training dtype, of at most `DEEPSPEED_BUCKET_ELEMENTS` (the engine caps it at the rank's
+    weights); without ZeRO DeepSpeed's all-reduce flattens the fp32 gradients into buckets that
+    close once they pass that size (a pipeline's bf16 optimizer reduces its fp32 copies so too)."""
+    w = stage_contents(cfg, stage)["weights"]
+    if layout.zero_stage == 1:
+        return layout.dtype_bytes * min(w, DEEPSPEED_BUCKET_ELEMENTS)
+    return 4 * min(w, DEEPSPEED_BUCKET_ELEMENTS + largest_weight(cfg, layout))
+
+
+def largest_weight(cfg: RunConfig, layout: Layout) -> int:
+    """Elements of a rank's largest parameter: the vocabulary shard or a sparse linear's slots."""
+    return max([cfg.model.vocab_size // layout.tensor * cfg.model.d_model]
+               + [sparse_shard(cfg, leaf).weights for leaf in BLOCK_LINEAR_NAMES if _is_sparse(cfg, leaf)])
+
+
 def step_workspace(cfg: RunConfig, layout: Layout, stage: int) -> int:
-    """The optimizer step's transient: ZeRO's fp32 gradient partition, or torch AdamW's per-tensor
-    temporaries (two of the largest parameter); and a reselection's scoring chunks."""
+    """What comes after the backward pass's activations are gone: the gradient reduction's copy;
+    the optimizer step's transient, ZeRO's fp32 gradient partition or torch AdamW's per-tensor
+    temporaries (two of the largest parameter; the ZeRO-0 gate's norm runs in small chunks); and a
+    reselection's scoring chunks."""
     w = stage_contents(cfg, stage)["weights"]
     if layout.partitioned:
         optimizer = 4 * math.ceil(w / layout.data)
     else:
-        largest = max([cfg.model.vocab_size // layout.tensor * cfg.model.d_model]
-                      + [sparse_shard(cfg, leaf).weights for leaf in BLOCK_LINEAR_NAMES if _is_sparse(cfg, leaf)])
-        optimizer = 2 * 4 * largest
+        optimizer = 2 * 4 * largest_weight(cfg, layout)
     reselect = 3 * 4 * SCORE_CHUNK_ELEMENTS if cfg.sparsity.method != "dense" else 0
-    return max(optimizer, reselect)
+    return max(reduce_transient(cfg, layout, stage), optimizer, reselect)
 
 
 def zero_step_transient(cfg: RunConfig, layout: Layout, stage: int) -> int:

@@ -19,6 +19,19 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+# DeepSpeed's gradient buckets, in elements: ZeRO-1's reduce bucket (`reduce_bucket_size`) and the
+# ZeRO-0 all-reduce's flat copy (`MEMORY_OPT_ALLREDUCE_SIZE`, not configurable).
+DEEPSPEED_BUCKET_ELEMENTS = 500_000_000
+
+
+def reduce_bucket_elements(model: torch.nn.Module) -> int:
+    """ZeRO-1's reduce bucket, capped at the rank's trainable elements: DeepSpeed allocates the
+    whole bucket at the end of each backward pass, and on a GPU an uncapped one costs its 5e8
+    elements (1–2 GB) however small the model. The all-reduce is elementwise, so how gradients are
+    grouped into buckets does not change the numbers."""
+    return max(1, min(DEEPSPEED_BUCKET_ELEMENTS, sum(p.numel() for p in model.parameters() if p.requires_grad)))
+
+
 def model_parallel_group(topo: Topology):
     """megatron-core's tensor × pipeline group, or None for a one-rank model."""
     if topo.tensor * topo.pipeline == 1:
@@ -56,7 +69,7 @@ def make_engine(model: torch.nn.Module, cfg: RunConfig, topo: Topology):
         "train_micro_batch_size_per_gpu": t.micro_batch,
         "gradient_accumulation_steps": t.grad_accum,
         "gradient_clipping": t.grad_clip if guard is None else 0.0,
-        "zero_optimization": {"stage": zero_stage},
+        "zero_optimization": {"stage": zero_stage, "reduce_bucket_size": reduce_bucket_elements(model)},
         "bf16": {"enabled": bf16},
         "steps_per_print": 2**31 - 1,
         **deepspeed_monitor_config(t.monitor),
