@@ -3,6 +3,8 @@ step on a small Llama, and the allocations' budgets (sparsity/allocation.py)."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import pytest
 import torch
 from torch.func import functional_call
@@ -12,13 +14,32 @@ from sparse_lm.errors import UserError
 from sparse_lm.model.build import build_model
 from sparse_lm.sparsity import allocation, kernels
 from sparse_lm.sparsity.methods import make_schedule
-from sparse_lm.sparsity.spartan import SpartanLinear, spartan_layers
+from sparse_lm.sparsity.spartan import Spartan, SpartanLinear, spartan_layers
 from tests.reference.dense_spartan import DenseSpartanLinear
 
 LR, BETAS, EPS, WD = 1e-2, (0.9, 0.95), 1e-8, 0.1
 # The oracle's schedule for `_config()`'s 30 steps: warmup over 30 · 0.3 = 9 steps, the last
 # 30 · 0.2 = 6 steps (25-30) frozen, B reselected every 5 steps before that.
 WARMUP_STEPS, FROZEN_AFTER, RESELECTIONS = 9, 24, (5, 10, 15, 20)
+
+
+class SpartanRun(NamedTuple):
+    model: torch.nn.Module
+    schedule: Spartan
+    opt: torch.optim.AdamW
+    gen: torch.Generator
+    layers: list[SpartanLinear]
+
+
+def spartan_run(cfg: RunConfig, topology=None, group=None) -> SpartanRun:
+    """A Spartan training run as the trajectory tests drive it: the model with its schedule started,
+    AdamW with the oracle's constants, and the generator of the steps' data (seed 3), so that every
+    such test trains on the same batches. `topology` and `group`: one tensor-parallel rank's."""
+    model = build_model(cfg, topology=topology)
+    schedule = make_schedule(model, cfg, group)
+    schedule.start(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, foreach=False)
+    return SpartanRun(model, schedule, opt, torch.Generator().manual_seed(3), spartan_layers(model))
 
 
 def _config(steps=30, allocation_name="uniform", block=1, pipeline=1, n_layers=2, d_model=32, **sparsity) -> RunConfig:
@@ -136,13 +157,8 @@ def test_spartan_follows_the_dense_oracle(block, allocation_name, candidates, de
     exact = default_dtype == F64
     cfg = _config(block=block, allocation_name=allocation_name, candidates=candidates, density=density,
                   exploration=density, d_model=max(32, 4 * block))  # at least 4 × 4 blocks per layer
-    model = build_model(cfg)
-    schedule = make_schedule(model, cfg)
-    schedule.start(0)
+    model, schedule, opt, gen, layers = spartan_run(cfg)
     oracle = Oracle(cfg, model)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, foreach=False)
-    gen = torch.Generator().manual_seed(3)
-    layers = spartan_layers(model)
     moved = 0
     budgets_seen = set()
     with kernels.recorded_paths() as paths:

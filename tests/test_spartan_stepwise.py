@@ -24,10 +24,20 @@ from sparse_lm.config import RunConfig
 from sparse_lm.model.build import build_model
 from sparse_lm.sparsity import kernels
 from sparse_lm.sparsity.kernels import from_blocks, scatter_blocks
-from sparse_lm.sparsity.methods import make_schedule
 from sparse_lm.sparsity.spartan import SpartanLinear, spartan_layers
 from tests.reference.dense_spartan import DenseSpartanLinear, adamw
-from tests.test_spartan import BETAS, EPS, FROZEN_AFTER, LR, RESELECTIONS, WARMUP_STEPS, WD, _config, _selected
+from tests.test_spartan import (
+    BETAS,
+    EPS,
+    FROZEN_AFTER,
+    LR,
+    RESELECTIONS,
+    WARMUP_STEPS,
+    WD,
+    _config,
+    _selected,
+    spartan_run,
+)
 
 # Tolerances of one fp32 step against float64 from the same state (θ ~ 0.02–0.06; see the docstring
 # of test_spartan_fp32_follows_the_stepwise_oracle for why each is what it is).
@@ -236,13 +246,8 @@ def test_spartan_fp32_follows_the_stepwise_oracle(block, allocation_name):
       seen: the decisions were identical at every step of all three cases).
     """
     cfg = _config(block=block, allocation_name=allocation_name, density=0.1, exploration=0.1, d_model=4 * block)
-    model = build_model(cfg)
-    schedule = make_schedule(model, cfg)
-    schedule.start(0)
+    model, schedule, opt, gen, layers = spartan_run(cfg)
     oracle = StepwiseOracle(cfg, model)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, foreach=False)
-    gen = torch.Generator().manual_seed(3)
-    layers = spartan_layers(model)
     moved, budgets_seen = 0.0, set()
     with kernels.recorded_paths() as paths:
         for step in range(1, cfg.train.steps + 1):
@@ -288,12 +293,7 @@ def _tp_config(block: int, allocation_name: str, tensor: int) -> RunConfig:
 def _trajectory(cfg: RunConfig, topology=None, group=None) -> list[dict]:
     """30 training steps (the data of the oracle tests); per step the loss and, per sparse layer, this
     rank's B and A as [block rows, block cols] grid masks and θ (B's values over the complement)."""
-    model = build_model(cfg, topology=topology)
-    schedule = make_schedule(model, cfg, group)
-    schedule.start(0)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, foreach=False)
-    gen = torch.Generator().manual_seed(3)
-    layers = spartan_layers(model)
+    model, schedule, opt, gen, layers = spartan_run(cfg, topology, group)
     steps = []
     with kernels.recorded_paths() as paths:
         for step in range(1, cfg.train.steps + 1):
