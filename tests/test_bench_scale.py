@@ -20,7 +20,8 @@ RANK_FIELDS = ("kernels_load_s", "build_s", "init_s", "engine_s", "build_init_s"
                "reselect_s", "model_state_bytes", "model_state_parts", "plan_model_state_bytes",
                "model_state_over_plan", "peak_rss_bytes", "baseline_rss_bytes", "plan_total_bytes",
                "peak_rss_over_plan_total", "step_peak_rss_bytes", "plan_peak_bytes",
-               "step_peak_over_plan_peak", "phases", "checkpoint_save_s", "checkpoint_load_s", "checkpoint_bytes")
+               "step_peak_over_plan_peak", "allocated_step_bytes", "plan_step_bytes", "allocated_step_over_plan",
+               "phases", "checkpoint_save_s", "checkpoint_load_s", "checkpoint_bytes")
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +45,7 @@ def test_report_has_every_field_and_the_plan_holds(report):
             assert set(r) >= set(RANK_FIELDS), set(RANK_FIELDS) - set(r)
             assert r["model_state_over_plan"] == pytest.approx(1, abs=0.05), (case["case"], r["rank"])
             assert r["peak_rss_bytes"] >= r["baseline_rss_bytes"] > 0
+            assert r["allocated_step_bytes"] > r["model_state_parts"]["gradients"]  # they are allocated anew
             assert r["checkpoint_bytes"] > r["model_state_parts"]["parameters"]
     # tensor 2 splits the sparse linears and the vocabulary: each rank holds less than the whole
     assert cases["tp2"]["ranks"][0]["model_state_bytes"] < cases["tp1"]["ranks"][0]["model_state_bytes"]

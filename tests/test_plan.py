@@ -13,6 +13,7 @@ import torch
 
 from sparse_lm.config import load_config
 from sparse_lm.plan.memory import activations, kernel_workspace, layout_of, model_state, resolved
+from sparse_lm.train.memory import allocated_peak_bytes
 from tests.cli_runs import REPO, run_cli
 from tests.distributed import run_distributed
 
@@ -138,21 +139,6 @@ def test_model_state_bytes_counts_every_tensor_under_zero1_bf16():
     assert measured["total"] == pytest.approx(measured["gc"], rel=1e-3, abs=1024)
 
 
-def _profiled_peak(fn) -> int:
-    """Most bytes live at once during `fn`, above what was live before it (the profiler's record
-    of every allocation and free)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    live = peak = 0
-    for _, nbytes in sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                            if e.name() == "[memory]"):
-        live += nbytes
-        peak = max(peak, live)
-    return peak
-
-
 @pytest.mark.parametrize("overrides", [["sparsity.method=dense"], ["sparsity.granularity=element"],
                                        ["sparsity.granularity=block", "model.n_kv_heads=2"]])
 def test_activation_estimate_matches_the_profiled_step(overrides):
@@ -168,7 +154,7 @@ def test_activation_estimate_matches_the_profiled_step(overrides):
         model(ids[:, :-1], ids[:, 1:]).backward()
 
     forward_backward()  # the gradients exist before the measured pass, as in training
-    measured = _profiled_peak(forward_backward)
+    measured = allocated_peak_bytes(forward_backward)
     layout = layout_of(cfg)
     estimate = activations(cfg, layout, 0, checkpointing=False)
     planned = estimate["saved"] + estimate["transient"] + kernel_workspace(cfg, layout)
@@ -274,7 +260,7 @@ def _step_peaks(rank: int, world: int, overrides: list[str]) -> list[int]:
         engine.step()
 
     step()
-    return [_profiled_peak(step) for _ in range(2)]
+    return [allocated_peak_bytes(step) for _ in range(2)]
 
 
 @pytest.mark.parametrize("zero_stage", [0, 1])

@@ -19,8 +19,10 @@ rank records its wall time and its peak RSS in that phase (VmHWM, reset between 
 /proc/self/clear_refs), so a dense temporary shows up in the phase that made it. Model state is
 `train.memory.model_state_bytes` measured at the second step's optimizer boundary (gradients and
 Adam's moments live), as training does; the plan's model state is the same parts
-(`plan.memory.model_state` less the derived rotary tables). The JSON has every number; the Markdown
-the table.
+(`plan.memory.model_state` less the derived rotary tables). One more step runs under the profiler
+(`train.memory.allocated_peak_bytes`): the most bytes of tensors it holds at once, against the
+plan's transients — exact where RSS also shows the C allocator's retention. The JSON has every
+number; the Markdown the tables.
 """
 
 from __future__ import annotations
@@ -106,7 +108,7 @@ def _rank(spec: dict) -> dict:
     from sparse_lm.sparsity.methods import make_schedule
     from sparse_lm.sparsity.topkast import initialize_static
     from sparse_lm.train.engine import make_engine, model_parallel_group
-    from sparse_lm.train.memory import model_state_bytes
+    from sparse_lm.train.memory import allocated_peak_bytes, model_state_bytes
 
     cfg = load_config(spec["config"], spec["overrides"])
     topo = init_distributed(cfg.parallel.tensor, cfg.parallel.pipeline)
@@ -138,6 +140,7 @@ def _rank(spec: dict) -> dict:
 
     phases.run("warmup_step", step)
     kept = [phases.run(f"step_{i}", step) for i in range(spec["steps"])]
+    allocated = phases.run("allocated_step", lambda: allocated_peak_bytes(step))
     for block in engine.module.layers:  # activation checkpointing, as `build_model` sets it from the config
         block.recompute = True
     phases.run("recompute_warmup_step", step)
@@ -146,7 +149,7 @@ def _rank(spec: dict) -> dict:
     reselections = [phases.run(f"reselect_{i}", lambda: schedule.reselect_all(optimizer))
                     for i in range(spec["reselections"])]
     result = {"rank": topo.rank, "tp_rank": topo.tp_rank, "losses": kept + recomputed,
-              "model_state": measured, "reselections": reselections,
+              "model_state": measured, "reselections": reselections, "allocated_step_bytes": allocated,
               "vocab_size": cfg.model.vocab_size,
               "stored_parameters": sum(p.numel() for p in engine.module.parameters())}
     if spec["checkpoint"]:
@@ -269,6 +272,8 @@ def summarise(name: str, case: dict, overrides: list[str], planned: dict, ranks:
         measured = r["model_state"]["total"]
         step_peak = max(ph[k]["peak_rss_bytes"] for k in ph if k.startswith("step_"))
         plan_peak = r["baseline_rss_bytes"] + plan_total["full"]
+        # DeepSpeed frees the gradients after each step: a step allocates them anew.
+        plan_step = plan_total["full"] - per_rank["model_state_bytes"] + per_rank["parts"]["gradients"]
         row = {
             "rank": r["rank"],
             "kernels_load_s": ph["kernels"]["seconds"],
@@ -289,6 +294,8 @@ def summarise(name: str, case: dict, overrides: list[str], planned: dict, ranks:
             / plan_total["full"],
             "step_peak_rss_bytes": step_peak, "plan_peak_bytes": plan_peak,
             "step_peak_over_plan_peak": step_peak / plan_peak,
+            "allocated_step_bytes": r["allocated_step_bytes"], "plan_step_bytes": plan_step,
+            "allocated_step_over_plan": r["allocated_step_bytes"] / plan_step,
             "phases": ph,
             "losses": r["losses"], "stored_parameters": r["stored_parameters"],
         }
@@ -355,6 +362,17 @@ def markdown(report: dict) -> str:
                 f"| {r['baseline_rss_bytes'] / GIB:.2f} | {r['plan_total_bytes'] / GIB:.2f} "
                 f"| {r['step_peak_rss_bytes'] / GIB:.2f} | {r['plan_peak_bytes'] / GIB:.2f} "
                 f"| {r['step_peak_over_plan_peak']:.2f} |")
+    lines += ["", "A step's tensors: the most bytes a training step allocates at once above the weights and "
+              "Adam's state (the profiler's record of every allocation; DeepSpeed frees the gradients after each "
+              "step), vs the plan's total less its model state plus the gradients. Peak RSS adds what the C "
+              "allocator keeps of freed memory.", "",
+              "| case | rank | step allocates GiB | plan GiB | allocated / plan | step peak RSS / plan peak |",
+              "|---|---:|---:|---:|---:|---:|"]
+    for case in report["cases"]:
+        for r in case["ranks"]:
+            lines.append(f"| {case['case']} | {r['rank']} | {r['allocated_step_bytes'] / GIB:.3f} "
+                         f"| {r['plan_step_bytes'] / GIB:.3f} | {r['allocated_step_over_plan']:.3f} "
+                         f"| {r['step_peak_over_plan_peak']:.2f} |")
     lines += ["", "| case | rank | checkpoint save s | load s | on disk GiB | export-hf s | export peak RSS GiB "
               "| export GiB |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for case in report["cases"]:

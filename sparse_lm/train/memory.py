@@ -101,3 +101,19 @@ def dense_equivalent_bytes(model: nn.Module) -> int:
         else:
             weights += sum(p.numel() for p in module.parameters(recurse=False))
     return weights * ADAM_DENSE_BYTES_PER_WEIGHT
+
+
+def allocated_peak_bytes(fn) -> int:
+    """Most bytes of tensors `fn` holds at once above what was live before it, from the profiler's
+    record of every allocation and free: what the plan's transients predict, without the C
+    allocator's retention that an RSS high-water mark adds (glibc keeps freed heap pages)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    live = peak = 0
+    for _, nbytes in sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                            if e.name() == "[memory]"):
+        live += nbytes
+        peak = max(peak, live)
+    return peak
