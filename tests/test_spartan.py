@@ -30,6 +30,14 @@ class SpartanRun(NamedTuple):
     gen: torch.Generator
     layers: list[SpartanLinear]
 
+    def update(self, ids: torch.Tensor) -> torch.Tensor:
+        """One optimizer step on `ids` (next-token targets); the loss before it."""
+        loss = self.model(ids[:, :-1], ids[:, 1:])
+        self.opt.zero_grad()
+        loss.backward()
+        self.opt.step()
+        return loss
+
 
 def spartan_run(cfg: RunConfig, topology=None, group=None) -> SpartanRun:
     """A Spartan training run as the trajectory tests drive it: the model with its schedule started,
@@ -157,17 +165,15 @@ def test_spartan_follows_the_dense_oracle(block, allocation_name, candidates, de
     exact = default_dtype == F64
     cfg = _config(block=block, allocation_name=allocation_name, candidates=candidates, density=density,
                   exploration=density, d_model=max(32, 4 * block))  # at least 4 × 4 blocks per layer
-    model, schedule, opt, gen, layers = spartan_run(cfg)
+    run = spartan_run(cfg)
+    model, schedule, opt, gen, layers = run
     oracle = Oracle(cfg, model)
     moved = 0
     budgets_seen = set()
     with kernels.recorded_paths() as paths:
         for step in range(1, cfg.train.steps + 1):
             ids = torch.randint(0, 64, (4, 17), generator=gen)
-            loss = model(ids[:, :-1], ids[:, 1:])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+            loss = run.update(ids)
             record = schedule.after_step(step, opt)
             loss_d = oracle.step(step, ids)
             assert loss.item() == pytest.approx(loss_d, rel=1e-6 if exact else 1e-5), (step, loss.item() / loss_d - 1)

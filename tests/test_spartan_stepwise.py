@@ -246,17 +246,15 @@ def test_spartan_fp32_follows_the_stepwise_oracle(block, allocation_name):
       seen: the decisions were identical at every step of all three cases).
     """
     cfg = _config(block=block, allocation_name=allocation_name, density=0.1, exploration=0.1, d_model=4 * block)
-    model, schedule, opt, gen, layers = spartan_run(cfg)
+    run = spartan_run(cfg)
+    model, schedule, opt, gen, layers = run
     oracle = StepwiseOracle(cfg, model)
     moved, budgets_seen = 0.0, set()
     with kernels.recorded_paths() as paths:
         for step in range(1, cfg.train.steps + 1):
             ids = torch.randint(0, 64, (4, 17), generator=gen)
             before = _capture(model, opt, layers)
-            loss = model(ids[:, :-1], ids[:, 1:])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+            loss = run.update(ids)
             after_opt = _capture(model, opt, layers)
             want = oracle.train_step(step, ids, before) | {"oracle": oracle}
             _compare_step(step, loss.item(), want, before, after_opt)
@@ -293,15 +291,13 @@ def _tp_config(block: int, allocation_name: str, tensor: int) -> RunConfig:
 def _trajectory(cfg: RunConfig, topology=None, group=None) -> list[dict]:
     """30 training steps (the data of the oracle tests); per step the loss and, per sparse layer, this
     rank's B and A as [block rows, block cols] grid masks and θ (B's values over the complement)."""
-    model, schedule, opt, gen, layers = spartan_run(cfg, topology, group)
+    run = spartan_run(cfg, topology, group)
+    model, schedule, opt, gen, layers = run
     steps = []
     with kernels.recorded_paths() as paths:
         for step in range(1, cfg.train.steps + 1):
             ids = torch.randint(0, 64, (4, 17), generator=gen)
-            loss = model(ids[:, :-1], ids[:, 1:])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+            loss = run.update(ids)
             record = schedule.after_step(step, opt) or {}
             steps.append({"loss": loss.item(), "changed_b": record.get("changed_b", 0.0), "layers": {
                 layer.name: {"B": _selected(layer, False).view(layer.block_rows, -1),
