@@ -249,11 +249,14 @@ def reduce_transient(cfg: RunConfig, layout: Layout, stage: int) -> int:
     """The gradient reduction's copy at the end of the backward pass (the activations are freed by
     then, the gradients are not): ZeRO-1 copies every gradient into its reduce bucket, in the
     training dtype, of at most `DEEPSPEED_BUCKET_ELEMENTS` (the engine caps it at the rank's
-    weights); without ZeRO DeepSpeed's all-reduce flattens the fp32 gradients into buckets that
-    close once they pass that size (a pipeline's bf16 optimizer reduces its fp32 copies so too)."""
+    weights); without ZeRO, over more than one data-parallel replica, DeepSpeed's all-reduce
+    flattens the fp32 gradients into buckets that close once they pass that size (a pipeline's
+    bf16 optimizer reduces its fp32 copies so too, on one replica as well)."""
     w = stage_contents(cfg, stage)["weights"]
     if layout.zero_stage == 1:
         return layout.dtype_bytes * min(w, DEEPSPEED_BUCKET_ELEMENTS)
+    if layout.data == 1 and not layout.bf16:
+        return 0  # `train.engine.skip_lone_all_reduce`
     return 4 * min(w, DEEPSPEED_BUCKET_ELEMENTS + largest_weight(cfg, layout))
 
 

@@ -78,4 +78,17 @@ def make_engine(model: torch.nn.Module, cfg: RunConfig, topo: Topology):
     engine, optimizer, _, _ = deepspeed.initialize(
         model=model.to(topo.device), optimizer=optimizer, config=ds_config, dist_init_required=False, **extra
     )
+    if zero_stage == 0 and not bf16 and topo.data == 1:
+        skip_lone_all_reduce(engine)
     return engine, optimizer, guard
+
+
+def skip_lone_all_reduce(engine) -> None:
+    """With one data-parallel replica DeepSpeed still all-reduces the gradients, over a group of
+    one, by first flattening them into a copy: 4 bytes per weight at the end of every backward pass
+    that change nothing. Without ZeRO nothing else happens in that reduction (ZeRO-1 and the
+    pipeline's bf16 optimizer also move gradients into their own buffers there, so they keep it)."""
+    if hasattr(engine, "pipeline_enable_backward_allreduce"):
+        engine.pipeline_enable_backward_allreduce = False
+    else:
+        engine.enable_backward_allreduce = False
