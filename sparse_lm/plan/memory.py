@@ -36,7 +36,7 @@ from sparse_lm.model.llama import resolve_vocab
 from sparse_lm.parallel.layout import COLUMN_PARALLEL, stage_of
 from sparse_lm.sparsity.kernels import GATHER_CHUNK_ELEMENTS, GATHER_TOKENS, MAX_TILE_ELEMENTS
 from sparse_lm.sparsity.storage import CACHED_SCORES_MIN_BLOCK, SCORE_CHUNK_ELEMENTS, shard_capacity
-from sparse_lm.train.engine import DEEPSPEED_BUCKET_ELEMENTS
+from sparse_lm.train.engine import DEEPSPEED_BUCKET_ELEMENTS, skips_lone_all_reduce
 
 STATE_PARTS = ("parameters", "gradients", "master_weights", "optimizer_moments", "indices_masks", "score_caches",
                "rotary_tables")
@@ -255,8 +255,8 @@ def reduce_transient(cfg: RunConfig, layout: Layout, stage: int) -> int:
     w = stage_contents(cfg, stage)["weights"]
     if layout.zero_stage == 1:
         return layout.dtype_bytes * min(w, DEEPSPEED_BUCKET_ELEMENTS)
-    if layout.data == 1 and not layout.bf16:
-        return 0  # `train.engine.skip_lone_all_reduce`
+    if skips_lone_all_reduce(layout.zero_stage, layout.bf16, layout.data):
+        return 0
     return 4 * min(w, DEEPSPEED_BUCKET_ELEMENTS + largest_weight(cfg, layout))
 
 

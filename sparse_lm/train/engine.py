@@ -78,9 +78,15 @@ def make_engine(model: torch.nn.Module, cfg: RunConfig, topo: Topology):
     engine, optimizer, _, _ = deepspeed.initialize(
         model=model.to(topo.device), optimizer=optimizer, config=ds_config, dist_init_required=False, **extra
     )
-    if zero_stage == 0 and not bf16 and topo.data == 1:
+    if skips_lone_all_reduce(zero_stage, bf16, topo.data):
         skip_lone_all_reduce(engine)
     return engine, optimizer, guard
+
+
+def skips_lone_all_reduce(zero_stage: int, bf16: bool, data: int) -> bool:
+    """Whether the engine turns off DeepSpeed's gradient all-reduce (`skip_lone_all_reduce`); the
+    plan asks the same question of its layout."""
+    return zero_stage == 0 and not bf16 and data == 1
 
 
 def skip_lone_all_reduce(engine) -> None:
