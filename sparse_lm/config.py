@@ -134,6 +134,8 @@ class SparsityConfig:
     """Spartan: last fraction of train.steps trained with the hard mask frozen."""
     candidates: Candidates = "backward_set"
     """Spartan: blocks the soft top-k ranks: Top-KAST's backward set B, or every block (small scale only)."""
+    supar: bool = False
+    """SμPar: a sparse linear's init scaled to a dense layer's forward variance and its Adam lr ×1/density."""
 
     @property
     def block(self) -> int:
@@ -183,7 +185,15 @@ class TrainConfig:
     grad_accum: int = 1
     """Micro-batches accumulated into one optimizer step."""
     lr: float = 3e-3
-    """Peak learning rate, reached after warmup_steps."""
+    """Base peak learning rate, reached after warmup_steps; each parameter group's is lr × its lr_mult_*."""
+    lr_mult_embedding: float = 1.0
+    """Multiplier of lr for the token embedding (and the LM head when it is tied to it)."""
+    lr_mult_head: float = 1.0
+    """Multiplier of lr for the LM head (output projection)."""
+    lr_mult_hidden: float = 1.0
+    """Multiplier of lr for the block linears (a sparse one's is further ×1/density with sparsity.supar)."""
+    lr_mult_norm: float = 1.0
+    """Multiplier of lr for the RMSNorm gains."""
     min_lr_ratio: float = 0.1
     """Final learning rate of the cosine decay, as a fraction of lr."""
     warmup_steps: int = 20
@@ -319,6 +329,8 @@ def _validate_sparsity(cfg: RunConfig) -> None:
     if s.method != "spartan":
         _require(s.allocation == "uniform", "sparsity.allocation",
                  f"uniform with sparsity.method={s.method} (other allocations are Spartan's)", s.allocation)
+    _require(not (s.supar and s.method == "dense"), "sparsity.supar",
+             "false with sparsity.method=dense (it scales sparse linears only)", s.supar)
     _require(s.beta > 0, "sparsity.beta", "a positive number", s.beta)
     for name in ("warmup_frac", "finetune_frac"):
         _require(0 <= getattr(s, name) <= 1, f"sparsity.{name}", "a fraction of train.steps in [0, 1]",
@@ -374,6 +386,9 @@ def _validate_train(cfg: RunConfig) -> None:
         _require(getattr(t, name) >= 1, f"train.{name}", "an integer >= 1", getattr(t, name))
     _require(t.seq_len <= m.max_seq_len, "train.seq_len", f"at most model.max_seq_len={m.max_seq_len}", t.seq_len)
     _require(t.lr > 0, "train.lr", "a positive number", t.lr)
+    for name in LR_MULTIPLIERS:
+        _require(getattr(t, name) > 0, f"train.{name}", "a positive number (a multiplier of train.lr)",
+                 getattr(t, name))
     _require(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", "a number in [0, 1]", t.min_lr_ratio)
     _require(t.warmup_steps >= 0, "train.warmup_steps", "an integer >= 0", t.warmup_steps)
     _require(t.weight_decay >= 0, "train.weight_decay", "a number >= 0", t.weight_decay)
@@ -394,6 +409,8 @@ def _validate_checkpoint(cfg: RunConfig) -> None:
     _require(c.every >= 1, "checkpoint.every", "an integer >= 1", c.every)
     _require(c.keep >= 1, "checkpoint.keep", "an integer >= 1", c.keep)
 
+
+LR_MULTIPLIERS = ("lr_mult_embedding", "lr_mult_head", "lr_mult_hidden", "lr_mult_norm")
 
 MONITORS = {"tensorboard": "a directory for TensorBoard event files", "csv": "a directory for CSV files",
             "wandb": "a Weights & Biases project name"}

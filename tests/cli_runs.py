@@ -28,8 +28,11 @@ TINY = {
 REFERENCE_VARIANTS = {
     "dense": {},
     "topkast": {"sparsity": {"method": "topkast", "density": 0.2, "exploration": 0.2, "reselect_every": 4}},
+    # with SμPar (θ₀ and the offload store scaled) and a learning rate per group
     "topkast-offload-block": {"sparsity": {"method": "topkast", "density": 0.2, "exploration": 0.2, "reselect_every": 4,
-                                           "complement": "offload", "granularity": "block", "block_size": 16}},
+                                           "complement": "offload", "granularity": "block", "block_size": 16,
+                                           "supar": True},
+                              "train": {"lr_mult_embedding": 2.0, "lr_mult_hidden": 0.3, "lr_mult_norm": 0.5}},
     # resumed at step 6: after the warmup (3 steps) and a reallocation (4), before another (8) and
     # the frozen finetune (from step 10)
     "spartan-global": {"sparsity": {"method": "spartan", "density": 0.2, "exploration": 0.2, "reselect_every": 4,

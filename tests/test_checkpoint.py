@@ -96,13 +96,16 @@ def test_bf16_resume_keeps_the_fp32_masters(data_dir, tmp_path):
     the uninterrupted run's steps 7-12 exactly and ends with the same fp32 masters. Saving the
     model's bf16 copy instead rounded the masters to bf16 at every resume (step 8's loss moved by
     4e-4 here). It asks for `zero_stage: 0`, a GPU's default, which runs on ZeRO-1: DeepSpeed's bf16
-    optimizer without ZeRO hid the masters from the checkpoint, whose first save failed."""
+    optimizer without ZeRO hid the masters from the checkpoint, whose first save failed. With SμPar
+    and a learning rate per group, which ZeRO-1's flat partitions must keep apart."""
     from safetensors.torch import load_file
 
     from tests.cli_runs import STEPS, records, run_cli, write_config
 
-    sections = {"train": {"precision": "bf16"}, "parallel": {"zero_stage": 0},
-                "sparsity": {"method": "topkast", "density": 0.2, "exploration": 0.2, "reselect_every": 4}}
+    sections = {"train": {"precision": "bf16", "lr_mult_embedding": 2.0, "lr_mult_hidden": 0.3},
+                "parallel": {"zero_stage": 0},
+                "sparsity": {"method": "topkast", "density": 0.2, "exploration": 0.2, "reselect_every": 4,
+                             "supar": True}}
     full = write_config(tmp_path, data_dir, "full", **sections)
     resumed = write_config(tmp_path, data_dir, "resumed", **sections)
     proc = run_cli("pretrain", "--config", str(full))

@@ -2,7 +2,8 @@
 launcher, gloo ranks).
 
 Every comparison is with a single-process run of the same config, seed and micro-batches: TP=2,
-TP=2 × PP=2 (also for Spartan), TP=2 × DP=2 and PP=2 × DP=2 (ZeRO-1) must give the same loss at
+TP=2 × PP=2 (also for Spartan), TP=2 × DP=2 and PP=2 × DP=2 (ZeRO-1), with SμPar and per-group
+learning rates, must give the same loss at
 every step (12 steps, reselection at 4 and 8) to 1e-5 relative in fp32, select the same sets, and
 hold the same weights once their shards are merged.
 """
@@ -24,8 +25,11 @@ STEPS_TP = 12
 RESELECTS = [4, 8]  # every 4 steps, until the end (Top-KAST) or the finetune (Spartan, from step 12)
 LR = 3e-3  # at 1e-2, Adam turns rounding differences into near-tie flips of A within ~20 steps
 MODEL = {"d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 32}
+# "element" also runs SμPar with a learning rate per group (sparse 3e-3 · 0.2 / 0.2), so every
+# layout below checks that each shard and stage puts its parameters in the right group.
+GROUP_LRS = {"lr_mult_embedding": 2.0, "lr_mult_head": 1.5, "lr_mult_hidden": 0.2, "lr_mult_norm": 0.5}
 VARIANTS = {
-    "element": {"method": "topkast", "density": 0.2, "exploration": 0.2, "reselect_every": 4},
+    "element": {"method": "topkast", "density": 0.2, "exploration": 0.2, "reselect_every": 4, "supar": True},
     "block-offload": {"method": "topkast", "density": 0.25, "exploration": 0.25, "reselect_every": 4,
                       "granularity": "block", "block_size": 8, "complement": "offload"},
     # Spartan with one threshold over every layer of both stages and shards; budget annealed over
@@ -46,7 +50,8 @@ def _sections(variant: str, tensor: int, data: int = 1, accum: int = 2, **parall
     if variant != "element":  # 8×8-block grids: one shard may take well over its half of B's 32 blocks;
         parallel.setdefault("shard_headroom", 1.0)  # room for all of B, so no shard is capacity-bound
     return {"model": MODEL, "sparsity": VARIANTS[variant], "parallel": {"tensor": tensor, **parallel},
-            "train": {"steps": STEPS_TP, "micro_batch": 4 // data // accum, "grad_accum": accum, "lr": LR},
+            "train": {"steps": STEPS_TP, "micro_batch": 4 // data // accum, "grad_accum": accum, "lr": LR,
+                      **(GROUP_LRS if variant == "element" else {})},
             "checkpoint": {"every": 6, "keep": 3}}
 
 

@@ -60,3 +60,48 @@ def test_study_pipeline_produces_every_artefact(data_dir, tmp_path):
         assert (out / png).read_bytes()[:8] == PNG_SIGNATURE
     again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "training" not in again.stdout  # finished runs are skipped
+
+
+def test_a_grid_is_tuned_by_training_loss_and_extended_off_its_edge(data_dir, tmp_path):
+    """A 2-point learning-rate grid whose best is its larger rate gets a point beyond it; the
+    selection is the lowest mean training loss over the last steps; a variant inherits a field of
+    another's selection; the seeds phase repeats the selected setting only."""
+    study = {
+        "base": {"model": {"d_model": 64, "n_layers": 2, "n_heads": 4, "max_seq_len": 32},
+                 "data": {"path": str(data_dir)},
+                 "train": {"steps": 6, "seq_len": 32, "micro_batch": 4, "eval_every": 6, "eval_batches": 2,
+                           "warmup_steps": 1},
+                 "checkpoint": {"every": 6, "keep": 1}},
+        "seeds": [7, 8],
+        "select_fraction": 0.5,
+        "max_extensions": 1,
+        "variants": {"dense": {"grid": {"train.lr": [1.0e-4, 3.0e-4]}},
+                     "static-75": {"sparsity": {"method": "static", "density": 0.25},
+                                   "inherit": {"dense": ["train.lr"]}, "grid": {"sparsity.supar": [False, True]}}},
+    }
+    config = tmp_path / "study.yaml"
+    config.write_text(yaml.safe_dump(study, sort_keys=False))
+    out = tmp_path / "results"
+    command = [sys.executable, str(REPO / "tools" / "study.py"), "--config", str(config), "--out", str(out)]
+    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "results.json").read_text())
+    grid = [r for r in report["runs"] if r["name"] == "dense" and r["phase"] == "grid"]
+    assert [r["setting"]["train.lr"] for r in grid] == [1.0e-4, 3.0e-4, 9.0e-4]  # one step beyond the edge
+    for r in grid:  # the selection loss is the mean of the last half of the steps' training losses
+        steps = [json.loads(line) for line in (out / "runs" / "dense" / f"lr={r['setting']['train.lr']:g}" / "seed7"
+                                                / "metrics.jsonl").read_text().splitlines()]
+        losses = [s["loss"] for s in steps if s["kind"] == "step" and s["step"] > 3]
+        assert r["selection_loss"] == sum(losses) / 3
+        assert r["lr_groups"]["embedding"] == r["setting"]["train.lr"] and r["seeds"] == [7]
+    chosen = min(grid, key=lambda r: r["selection_loss"])
+    dense = report["results"]["dense"]
+    assert dense["setting"] == chosen["setting"] and dense["seeds"] == [7, 8]
+    assert ("train.lr" in dense["on_edge"]) == (chosen["setting"]["train.lr"] == 9.0e-4)
+    static = report["results"]["static-75"]
+    assert set(static["slices"]) == {"supar off", "supar on"}
+    statics = [r for r in report["runs"] if r["name"] == "static-75"]
+    assert all(r["overrides"]["train"]["lr"] == chosen["setting"]["train.lr"] for r in statics)  # inherited
+    assert sorted((r["phase"], r["seed"]) for r in statics) == [("grid", 7), ("grid", 7), ("seed", 8)]
+    table = (out / "results.md").read_text()
+    assert "| dense |" in table and "★" in table and "| static-75 | supar on |" in table

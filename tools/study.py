@@ -1,24 +1,36 @@
-"""Quality study: dense vs Top-KAST vs Spartan vs static sparse vs a smaller dense model, at equal
-data order and token budget, over one or more seeds, each evaluated on the held-out split by
-`sparse-lm eval`.
+"""Quality study: methods (dense, static, Top-KAST, Spartan, a smaller dense model, ...) each tuned by
+the same protocol, then compared at their selected settings over several seeds and a long horizon,
+each run evaluated on the held-out split by `sparse-lm eval`.
 
-    python tools/study.py --config configs/study-seeds.yaml --out docs/results/seeds
+    python tools/study.py --config configs/study-fair.yaml --out docs/results/fair
     python tools/study.py --config configs/study-cpu.yaml --corpus notes/ more.jsonl --out runs/study-mine
 
-The study config holds a `base` run config (model, train, data, ...), `variants`: a name →
-overrides of the base (`sparsity`, `model`, ...), and optionally `seeds` (default: the base's
-train.seed). A variant `{small_dense: NAME}` is a dense model whose width is chosen so that its
-parameter count is closest to the forward non-zeros of variant NAME (its width `model.d_model` and
-FFN scaled together, heads kept). At a given seed every variant trains with the same steps and
-batches, so all see the same tokens in the same order; a seed also draws the initialisation and the
-masks. All variants run at one seed before the next seed starts.
+The study config holds a `base` run config (model, train, data, ...) and `variants`: a name →
+overrides of the base (`sparsity`, `model`, `train`, ...) plus, optionally:
+* `grid`: {section.field: [values]} — the variant is trained at every combination (at the first
+  seed) and its setting is selected by the mean *training* loss over the last `select_fraction`
+  (default 0.1) of the steps; a numeric axis is tuned, and each value of a non-numeric axis
+  (e.g. `sparsity.supar: [false, true]`) is a slice tuned on its own. A best point on the edge
+  of a numeric axis gets one more point beyond it, until it is interior (at most `max_extensions`
+  rounds, default 3); one still on an edge is flagged in the report;
+* `inherit`: {variant: [section.field, ...]} — take these fields from that (earlier) variant's
+  selected setting, e.g. dense's tuned hidden-rate multiplier for the sparse methods;
+* `small_dense`: NAME — a dense model whose width is chosen so that its parameter count is
+  closest to the forward non-zeros of variant NAME (width and FFN scaled together, heads kept).
+`seeds` (default: the base's train.seed): the selected setting of every variant also runs at the
+other seeds, all variants at one seed before the next. `horizon`: overrides (e.g. {train: {steps:
+2400}}) of one more run per variant at its selected setting and the first seed. Every run is one
+pass over the data at most, so no token is seen twice and the selection loss is unbiased; the
+held-out split is only for the reported numbers.
 
-Each run is a `sparse-lm pretrain` subprocess writing under `<out>/runs/<name>` (`.../seed<S>` with
-several seeds); a run whose summary exists is skipped, an interrupted one resumes from its last
-checkpoint, so the study can be stopped and restarted at will. Then `sparse-lm eval` on the held-out
-split (token perplexity, bits per byte). After every run it rewrites `<out>/results.json` (each run's
-record and each variant's mean ± sample standard deviation over its seeds) and `<out>/results.md`;
-at the end `<out>/loss_vs_tokens.png`, `<out>/loss_vs_flops.png` and `<out>/ppl_vs_density.png`.
+Each run is a `sparse-lm pretrain` subprocess under `<out>/runs/<variant>[/<setting>][/seed<S>]`
+(`.../horizon` for the long run); a finished run is skipped, an interrupted one resumes from its
+last checkpoint, a diverged one (non-finite loss) is recorded as such and never selected, so the
+study can be stopped and restarted at will. After every run it rewrites `<out>/results.json`
+(every run's record, each variant's selection and its mean ± sample standard deviation over
+seeds) and `<out>/results.md`; at the end `<out>/loss_vs_tokens.png`, `<out>/loss_vs_flops.png`
+and `<out>/ppl_vs_density.png`. One run at a time: start it with OMP_NUM_THREADS=1 to leave the
+machine's other cores free.
 """
 
 from __future__ import annotations
@@ -35,6 +47,9 @@ import time
 from pathlib import Path
 
 import yaml
+
+import study_grid
+import study_tables
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -82,13 +97,22 @@ def small_dense(base: dict, target: int, vocab_size: int) -> dict:
     return best[1]
 
 
-def _run(args: list[str], log: Path) -> None:
+def _run(args: list[str], log: Path, diverge_ok: bool = False) -> bool:
+    """Run a `sparse-lm` subcommand, appending its output to `log`. False if it stopped on
+    non-finite losses and `diverge_ok` (a learning rate too high for the model), else it must pass."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     with log.open("a") as out:
         proc = subprocess.run([sys.executable, "-m", "sparse_lm", *args], cwd=REPO, env=env, stdout=out,
                               stderr=subprocess.STDOUT)
+    if proc.returncode and diverge_ok and DIVERGED in log.read_text()[-4000:]:
+        return False
     if proc.returncode:
         raise SystemExit(f"{' '.join(args[:1])} failed (exit {proc.returncode}); see {log}")
+    return True
+
+
+# What `sparse-lm pretrain` says when it stops on `train.max_bad_steps` non-finite steps in a row.
+DIVERGED = "consecutive steps with non-finite loss or gradients"
 
 
 def _records(run_dir: Path, kind: str) -> list[dict]:
@@ -103,17 +127,231 @@ def _mean_sd(values: list[float]) -> dict:
     return {"mean": mean, "sd": sd, "min": min(values), "max": max(values), "n": n}
 
 
+class Study:
+    """One study config's runs: trains (or reads) them in protocol order and keeps the report current."""
+
+    def __init__(self, args: argparse.Namespace, spec: dict, base: dict, vocab: int):
+        self.args, self.spec, self.base, self.vocab = args, spec, base, vocab
+        self.variants: dict[str, dict] = spec["variants"]
+        self.seeds: list[int] = spec.get("seeds") or [config_from_dict(base).train.seed]
+        self.fraction = float(spec.get("select_fraction", 0.1))
+        self.max_extensions = int(spec.get("max_extensions", 3))
+        self.runs: list[dict] = []
+        self.selected: dict[str, dict] = {}  # variant → its selection (see `tune`)
+        self.started, self.trained = time.time(), 0
+
+    # ------------------------------------------------------------------ settings
+    def overrides(self, name: str) -> dict:
+        """The variant's overrides of the base, with `small_dense` and `inherit` resolved."""
+        spec = {k: v for k, v in (self.variants[name] or {}).items() if k not in ("grid", "inherit")}
+        if "small_dense" in spec:
+            ref = self.variants[spec.pop("small_dense")]
+            ref = {k: v for k, v in ref.items() if k not in ("grid", "inherit")}
+            target = parameter_counts(_merge(self.base, ref), self.vocab)[1]
+            spec = _merge(spec, small_dense(self.base, target, self.vocab))
+        for source, fields in ((self.variants[name] or {}).get("inherit") or {}).items():
+            if source not in self.selected:
+                raise SystemExit(f"{self.args.config}: variant {name} inherits from {source}, which has no selected "
+                                 "setting yet (list it earlier, and let its grid finish)")
+            tree = self.selected[source]["tree"]
+            for field in fields:
+                section, _, key = field.partition(".")
+                spec = _merge(spec, {section: {key: tree[section][key]}})
+        return spec
+
+    def tune(self, name: str, train: bool) -> None:
+        """The variant's grid at the first seed, extended until each slice's best is interior; its
+        selection goes to `self.selected`."""
+        grid = (self.variants[name] or {}).get("grid") or {}
+        try:
+            points = study_grid.expand(grid)
+        except ValueError as exc:
+            raise SystemExit(f"{self.args.config}: variant {name}: {exc}") from None
+        overrides = self.overrides(name)
+        done: list[tuple[dict, dict]] = []
+        for _ in range(self.max_extensions + 1):
+            for point in points:
+                record = self.run(name, overrides, point, self.seeds[0], "grid", train, tag=bool(grid))
+                if record is not None:
+                    done.append((point, record))
+            tried = [p for p, _ in done]
+            losses = [r["selection_loss"] for _, r in done]
+            points = study_grid.extensions(tried, losses) if grid else []
+            if not points:
+                break
+        if not done:
+            return
+        tried, losses = [p for p, _ in done], [r["selection_loss"] for _, r in done]
+        slices = {}
+        for key, index in study_grid.selections(tried, losses).items():
+            point, record = done[index]
+            slices[study_grid.label(dict(key))] = {
+                "setting": point, "selection_loss": record["selection_loss"], "perplexity": record["perplexity"],
+                "lr_groups": record["lr_groups"], "on_edge": study_grid.edges(point, tried)}
+        pick = study_grid.best(tried, losses)
+        if pick is None:
+            raise SystemExit(f"variant {name}: every run of its grid diverged; lower its learning rates")
+        point, record = done[pick]
+        self.selected[name] = {"setting": point, "tree": record["tree"], "selection_loss": record["selection_loss"],
+                               "lr_groups": record["lr_groups"], "on_edge": study_grid.edges(point, tried),
+                               "slices": slices, "grid_points": len(done)}
+
+    # ------------------------------------------------------------------ one run
+    def run(self, name: str, overrides: dict, point: dict, seed: int, phase: str, train: bool,
+            tag: bool = True, extra: dict | None = None) -> dict | None:
+        """Train (or resume, or skip if finished) and evaluate one run; its record (None when
+        `train` is off and it has not finished)."""
+        parts = [name] + ([study_grid.slug(point)] if tag else [])
+        if phase == "horizon":
+            parts.append("horizon")
+        elif len(self.seeds) > 1:
+            parts.append(f"seed{seed}")
+        run_dir = self.args.out.joinpath("runs", *parts)
+        tree = _merge(_merge(_merge(self.base, overrides), study_grid.nested(point)), extra or {})
+        tree = _merge(tree, {"train": {"out_dir": str(run_dir), "seed": seed},
+                             "checkpoint": {"dir": str(run_dir / "checkpoints")}})
+        try:
+            cfg = config_from_dict(_merge(tree, {"model": {"vocab_size": self.vocab}}))
+        except UserError as exc:
+            raise SystemExit(f"{self.args.config}: variant {name} ({study_grid.label(point)}): {exc}") from None
+        summary_path, eval_path, diverged_path = run_dir / "summary.json", run_dir / "eval.json", run_dir / "diverged"
+        finished = eval_path.is_file() or diverged_path.is_file()
+        if not train and not finished:
+            return None
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config_path = run_dir / "config.yaml"
+        config_path.write_text(yaml.safe_dump(tree, sort_keys=False))
+        what = f"{name} {study_grid.label(point)} seed {seed}" + (" (horizon)" if phase == "horizon" else "")
+        started = time.time()
+        if not finished and not summary_path.is_file():
+            print(f"[study] {what}: training ({self._pace()})", flush=True)
+            if not _run(["pretrain", "--config", str(config_path), "--summary-json", str(summary_path)],
+                        run_dir / "train.log", diverge_ok=True):
+                write_text(diverged_path, "non-finite losses: stopped by train.max_bad_steps\n")
+            self.trained += 1
+        if not diverged_path.is_file() and not eval_path.is_file():
+            print(f"[study] {what}: eval", flush=True)
+            _run(["eval", "--checkpoint", str(run_dir / "checkpoints"), "--corpus", "heldout", "--json",
+                  str(eval_path)], run_dir / "eval.log")
+        record = self._record(name, phase, point, seed, cfg, tree, overrides, run_dir, started)
+        print(f"[study] {what}: selection loss {record['selection_loss']:.4f}, ppl {record['perplexity']:.2f}",
+              flush=True)
+        self.runs.append(record)
+        self.write_report()
+        return record
+
+    def _pace(self) -> str:
+        if not self.trained:
+            return "first run of this invocation"
+        per = (time.time() - self.started) / self.trained
+        return f"{self.trained} trained in {(time.time() - self.started) / 60:.0f} min, {per / 60:.1f} min each"
+
+    def _record(self, name: str, phase: str, point: dict, seed: int, cfg, tree: dict, overrides: dict,
+                run_dir: Path, started: float) -> dict:
+        diverged = (run_dir / "diverged").is_file()
+        steps = {r["step"]: r["loss"] for r in _records(run_dir, "step")}  # a resumed step: its last record
+        summary = {} if diverged else json.loads((run_dir / "summary.json").read_text())
+        evaluation = ({"perplexity": math.nan, "bits_per_byte": math.nan, "loss": math.nan} if diverged
+                      else json.loads((run_dir / "eval.json").read_text()))
+        total, nonzero = parameter_counts(tree, self.vocab)
+        params = _records(run_dir, "parameterisation")
+        lr_groups = params[-1]["lr_groups"] if params else summary.get("lr_groups")
+        return {
+            "name": name, "phase": phase, "setting": point, "method": cfg.sparsity.method,
+            "supar": cfg.sparsity.supar, "seed": seed, "seeds": [seed], "steps": cfg.train.steps,
+            "tokens": cfg.train.steps * cfg.train.seq_len * cfg.train.micro_batch * cfg.train.grad_accum,
+            "diverged": diverged, "lr_groups": lr_groups, "init_std": params[-1]["init_std"] if params else None,
+            "selection_loss": study_grid.selection_loss(steps, cfg.train.steps, self.fraction),
+            "perplexity": evaluation["perplexity"], "bits_per_byte": evaluation["bits_per_byte"],
+            "overrides": _merge(overrides, study_grid.nested(point)), "tree": tree,
+            "parameters": total, "forward_nonzeros": nonzero, "nonzero_fraction": nonzero / total,
+            "train_flops_per_token": training_flops_per_token(cfg),
+            "tokens_per_step": cfg.train.seq_len * cfg.train.micro_batch * cfg.train.grad_accum,
+            "heldout_curve": [(r["step"], r["loss"]) for r in _records(run_dir, "heldout")],
+            "train_wall_s": summary.get("train_wall_s", summary.get("wall_s")),
+            "model_state_bytes": summary.get("model_state_bytes"), "eval": evaluation,
+            "this_invocation_s": time.time() - started,
+        }
+
+    # ------------------------------------------------------------------ phases
+    def seeds_phase(self, train_names: set[str] | None) -> None:
+        for seed in self.seeds[1:]:  # every variant at one seed before the next
+            for name, chosen in self.selected.items():
+                self.run(name, self.overrides(name), chosen["setting"], seed, "seed",
+                         train_names is None or name in train_names, tag=self._tagged(name))
+
+    def horizon_phase(self, train_names: set[str] | None) -> None:
+        horizon = self.spec.get("horizon")
+        if not horizon:
+            return
+        for name, chosen in self.selected.items():
+            self.run(name, self.overrides(name), chosen["setting"], self.seeds[0], "horizon",
+                     train_names is None or name in train_names, tag=False, extra=horizon)
+
+    def _tagged(self, name: str) -> bool:
+        return bool((self.variants[name] or {}).get("grid"))
+
+    # ------------------------------------------------------------------ report
+    def results(self, phase_of_seeds: tuple[str, ...] = ("grid", "seed")) -> dict:
+        """Per variant (in study order), at its selected setting: the runs' numbers as mean ±
+        sample standard deviation over seeds, the held-out curve averaged over seeds, and the selection."""
+        out = {}
+        for name, chosen in self.selected.items():
+            mine = [r for r in self.runs if r["name"] == name and r["phase"] in phase_of_seeds
+                    and r["setting"] == chosen["setting"] and not r["diverged"]]
+            if not mine:
+                continue
+            out[name] = _aggregate(mine) | {k: v for k, v in chosen.items() if k != "tree"}
+        return out
+
+    def horizon_results(self) -> dict:
+        return {r["name"]: _aggregate([r]) for r in self.runs if r["phase"] == "horizon" and not r["diverged"]}
+
+    def write_report(self) -> None:
+        results, horizon = self.results(), self.horizon_results()
+        runs = [{k: v for k, v in r.items() if k != "tree"} for r in self.runs]
+        report = {"config": str(self.args.config), "base": self.base, "seeds": self.seeds,
+                  "select_fraction": self.fraction, "runs": runs, "results": results, "horizon": horizon,
+                  "machine": _machine()}
+        write_text(self.args.out / "results.json", to_json(report, indent=1) + "\n")
+        write_text(self.args.out / "results.md", study_tables.report(results, horizon, self.runs, self.fraction))
+
+
+def _aggregate(mine: list[dict]) -> dict:
+    first = mine[0]
+    curve: dict[int, list[float]] = {}
+    for r in mine:
+        for step, loss in r["heldout_curve"]:
+            curve.setdefault(step, []).append(loss)
+    return {
+        **{k: first[k] for k in ("method", "supar", "steps", "overrides", "parameters", "forward_nonzeros",
+                                 "nonzero_fraction", "train_flops_per_token", "tokens_per_step", "model_state_bytes",
+                                 "lr_groups", "init_std")},
+        "seeds": [r["seed"] for r in mine], "tokens": first["tokens"],
+        "perplexity": _mean_sd([r["perplexity"] for r in mine]),
+        "bits_per_byte": _mean_sd([r["bits_per_byte"] for r in mine]),
+        "loss": _mean_sd([r["eval"]["loss"] for r in mine]),
+        "selection_losses": _mean_sd([r["selection_loss"] for r in mine]),
+        "train_wall_s": _mean_sd([r["train_wall_s"] or math.nan for r in mine]),
+        "heldout_curve": [(s, sum(v) / len(v)) for s, v in sorted(curve.items())],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, type=Path, help="study YAML (base + variants [+ seeds])")
+    parser.add_argument("--config", required=True, type=Path, help="study YAML (base + variants [+ seeds, horizon])")
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--corpus", nargs="+", help="prepare these sources instead of the base's data.path")
     parser.add_argument("--only", nargs="+", help="train only these variants (the report keeps finished others)")
+    parser.add_argument("--phase", choices=("grid", "seeds", "horizon", "all"), default="all",
+                        help="stop after this phase (grid: tuning only; default: all)")
     args = parser.parse_args()
 
-    study = yaml.safe_load(args.config.read_text())
-    base, variants = study["base"], study["variants"]
-    seeds = study.get("seeds") or [config_from_dict(base).train.seed]
+    spec = yaml.safe_load(args.config.read_text())
+    base = spec["base"]
+    unknown = set(spec) - {"base", "variants", "seeds", "horizon", "select_fraction", "max_extensions"}
+    if unknown:
+        raise SystemExit(f"{args.config}: unknown keys {sorted(unknown)}")
     args.out.mkdir(parents=True, exist_ok=True)
     if args.corpus:
         data = args.out / "data"
@@ -125,98 +363,19 @@ def main() -> None:
         raise SystemExit(f"data.path {meta_path.parent}: not a prepared data directory; run `sparse-lm prepare-data "
                          f"--corpus stdlib --out {meta_path.parent}` (README) or pass --corpus")
     meta = json.loads(meta_path.read_text())
-    vocab = 64 * math.ceil(meta["vocab_size"] / 64)
-
-    runs = []
-    for seed in seeds:  # every variant at one seed before the next seed: partial results stay comparable
-        for name in variants:  # --only trains those; the others' finished runs stay in the report
-            run = _study_run(args, base, variants, name, seed, vocab, many_seeds=len(seeds) > 1,
-                             train=not args.only or name in args.only)
-            if run is None:
-                continue
-            runs.append(run)
-            results = _aggregate(runs)
-            report = {"config": str(args.config), "base": base, "seeds": seeds, "runs": runs, "results": results,
-                      "machine": _machine()}
-            write_text(args.out / "results.json", to_json(report, indent=1) + "\n")  # study order kept
-            write_text(args.out / "results.md", _table(results))
-    _plots(results, args.out)
-    print(_table(results))
-
-
-def _study_run(args, base: dict, variants: dict, name: str, seed: int, vocab: int, many_seeds: bool,
-               train: bool = True) -> dict | None:
-    """Train (or resume, or skip if finished) and evaluate one variant at one seed; its record. With
-    `train` False only a finished run is read (None if there is none)."""
-    overrides = variants[name] or {}
-    if "small_dense" in overrides:
-        target = parameter_counts(_merge(base, variants[overrides["small_dense"]]), vocab)[1]
-        overrides = small_dense(base, target, vocab)
-    run_dir = args.out / "runs" / name / (f"seed{seed}" if many_seeds else "")
-    tree = _merge(base, overrides)
-    tree = _merge(tree, {"train": {"out_dir": str(run_dir), "seed": seed},
-                         "checkpoint": {"dir": str(run_dir / "checkpoints")}})
-    try:
-        cfg = config_from_dict(_merge(tree, {"model": {"vocab_size": vocab}}))
-        cfg.validate()
-    except UserError as exc:
-        raise SystemExit(f"{args.config}: variant {name}: {exc}") from None
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config_path = run_dir / "config.yaml"
-    config_path.write_text(yaml.safe_dump(tree, sort_keys=False))
-    summary_path, eval_path = run_dir / "summary.json", run_dir / "eval.json"
-    if not train and not (summary_path.is_file() and eval_path.is_file()):
-        return None
-    started = time.time()
-    label = f"{name} (seed {seed})"
-    if not summary_path.is_file():
-        print(f"[study] {label}: training", flush=True)
-        _run(["pretrain", "--config", str(config_path), "--summary-json", str(summary_path)], run_dir / "train.log")
-    if not eval_path.is_file():
-        print(f"[study] {label}: eval", flush=True)
-        _run(["eval", "--checkpoint", str(run_dir / "checkpoints"), "--corpus", "heldout", "--json", str(eval_path)],
-             run_dir / "eval.log")
-    summary, evaluation = json.loads(summary_path.read_text()), json.loads(eval_path.read_text())
-    total, nonzero = parameter_counts(tree, vocab)
-    tokens_per_step = cfg.train.seq_len * cfg.train.micro_batch * cfg.train.grad_accum
-    print(f"[study] {label}: ppl {evaluation['perplexity']:.2f}, bits/byte {evaluation['bits_per_byte']:.4f}",
-          flush=True)
-    return {
-        "name": name, "method": cfg.sparsity.method, "seed": seed, "steps": cfg.train.steps,
-        "tokens": summary["tokens_seen"], "perplexity": evaluation["perplexity"],
-        "bits_per_byte": evaluation["bits_per_byte"], "overrides": overrides,
-        "parameters": total, "forward_nonzeros": nonzero, "nonzero_fraction": nonzero / total,
-        "train_flops_per_token": training_flops_per_token(cfg), "tokens_per_step": tokens_per_step,
-        "heldout_curve": [(r["step"], r["loss"]) for r in _records(run_dir, "heldout")],
-        "train_wall_s": summary.get("train_wall_s", summary["wall_s"]),  # all processes of a resumed run
-        "model_state_bytes": summary["model_state_bytes"], "eval": evaluation,
-        "this_invocation_s": time.time() - started,
-    }
-
-
-def _aggregate(runs: list[dict]) -> dict:
-    """Per variant (in study order): its runs' numbers as mean ± sample standard deviation over seeds,
-    and the held-out curve averaged over the seeds that reached each step."""
-    results = {}
-    for name in dict.fromkeys(r["name"] for r in runs):
-        mine = [r for r in runs if r["name"] == name]
-        first = mine[0]
-        curve: dict[int, list[float]] = {}
-        for r in mine:
-            for step, loss in r["heldout_curve"]:
-                curve.setdefault(step, []).append(loss)
-        results[name] = {
-            **{k: first[k] for k in ("method", "steps", "overrides", "parameters", "forward_nonzeros",
-                                     "nonzero_fraction", "train_flops_per_token", "tokens_per_step",
-                                     "model_state_bytes")},
-            "seeds": [r["seed"] for r in mine], "tokens": first["tokens"],
-            "perplexity": _mean_sd([r["perplexity"] for r in mine]),
-            "bits_per_byte": _mean_sd([r["bits_per_byte"] for r in mine]),
-            "loss": _mean_sd([r["eval"]["loss"] for r in mine]),
-            "train_wall_s": _mean_sd([r["train_wall_s"] for r in mine]),
-            "heldout_curve": [(s, sum(v) / len(v)) for s, v in sorted(curve.items())],
-        }
-    return results
+    study = Study(args, spec, base, 64 * math.ceil(meta["vocab_size"] / 64))
+    train_names = set(args.only) if args.only else None
+    for name in study.variants:
+        study.tune(name, train_names is None or name in train_names)
+    if args.phase in ("seeds", "horizon", "all"):
+        study.seeds_phase(train_names)
+    if args.phase in ("horizon", "all"):
+        study.horizon_phase(train_names)
+    study.write_report()
+    results = study.results()
+    if results:
+        _plots(results, args.out)
+    print(study_tables.selected_table(results, study.horizon_results()))
 
 
 def _machine() -> dict:
@@ -224,23 +383,6 @@ def _machine() -> dict:
 
     return {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
             "python": platform.python_version(), "torch": torch.__version__}
-
-
-def _table(results: dict) -> str:
-    """Mean ± sample standard deviation over the seeds (n of them) for each variant."""
-    def pm(stat: dict, fmt: str) -> str:
-        return f"{stat['mean']:{fmt}} ± {stat['sd']:{fmt}}" if stat["n"] > 1 else f"{stat['mean']:{fmt}}"
-
-    lines = ["| run | method | seeds | params (dense-equiv.) | forward non-zeros | tokens | train GFLOP/token | "
-             "held-out ppl | bits/byte | loss | train time (mean) |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for name, r in results.items():
-        lines.append(f"| {name} | {r['method']} | {r['perplexity']['n']} | {r['parameters'] / 1e6:.2f}M | "
-                     f"{r['forward_nonzeros'] / 1e6:.2f}M ({r['nonzero_fraction']:.2f}) | {r['tokens'] / 1e6:.2f}M | "
-                     f"{r['train_flops_per_token'] / 1e9:.4f} | {pm(r['perplexity'], '.2f')} | "
-                     f"{pm(r['bits_per_byte'], '.4f')} | {pm(r['loss'], '.4f')} | "
-                     f"{r['train_wall_s']['mean'] / 60:.1f} min |")
-    return "\n".join(lines) + "\n"
 
 
 def _plots(results: dict, out: Path) -> None:

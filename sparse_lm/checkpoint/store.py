@@ -307,13 +307,14 @@ def check_topology(step_dir: Path, manifest: dict[str, Any], tensor: int, pipeli
 
 # What a resume must share with its checkpoint to continue exactly: the model and sparsity sections
 # fix every tensor's shape, which entries are stored and how they are selected; the headroom fixes
-# a tensor-parallel shard's slot count; the seed fixes θ₀ (regenerated complements) and data order.
+# a tensor-parallel shard's slot count; the seed (and sparsity.supar, which scales it) fixes θ₀
+# (regenerated complements) and data order.
 # The schedule's knobs (sparsity.reselect_every, penalty, freeze_masks_after, beta, warmup_frac,
-# finetune_frac) may change on resume, like the learning rate: the run then goes on differently,
-# by choice.
+# finetune_frac) may change on resume, like the learning rate and its group multipliers: the run
+# then goes on differently, by choice.
 RESUME_FIELDS = ("model", "sparsity.method", "sparsity.density", "sparsity.exploration", "sparsity.granularity",
                  "sparsity.block_size", "sparsity.complement", "sparsity.targets", "sparsity.allocation",
-                 "sparsity.candidates", "parallel.shard_headroom", "train.seed")
+                 "sparsity.candidates", "sparsity.supar", "parallel.shard_headroom", "train.seed")
 
 
 def check_config(step_dir: Path, manifest: dict[str, Any], config: dict[str, Any]) -> None:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from sparse_lm.config import ModelConfig
 from sparse_lm.parallel.layers import sharded_modules
 from sparse_lm.parallel.layout import canonical_name
 from sparse_lm.sparsity.init import counter_normal_rows, stream_id
@@ -22,28 +23,38 @@ from sparse_lm.sparsity.storage import SCORE_CHUNK_ELEMENTS
 RESIDUAL_OUTPUTS = ("o_proj", "down_proj")
 
 
+def init_std_of(cfg: ModelConfig, name: str) -> float:
+    """Init std of a weight by its (module or parameter) name: σ/√(2L) for a residual output."""
+    residual = any(f".{r}." in f".{name}." for r in RESIDUAL_OUTPUTS)
+    return cfg.init_std / math.sqrt(2 * cfg.n_layers) if residual else cfg.init_std
+
+
 def init_weights(model: nn.Module, seed: int, sparse_init: Callable | None = None) -> None:
     """Normal(0, σ) for embeddings and linears, σ/√(2L) for residual outputs, ones for norms.
 
     A sparse linear (any module with `initialize`) picks its sets from θ₀ itself —
-    `sparse_init(module, seed, stream, std)` if given. A tensor-parallel shard (a module with a
-    `spec`) regenerates its own slice of the global weight. `model` is a `Llama` or one pipeline
-    stage of it (`model.pipeline`); names are canonical (the single-process model's), so every
-    stage regenerates the numbers the whole model would.
+    `sparse_init(module, seed, stream, std)` if given; under SμPar (`module.supar`) it is built
+    twice, the second time with σ times the gain that gives its forward set a dense layer's
+    variance (`SparseLinear.dense_variance_gain`): scaling θ₀ does not change which entries are
+    largest, so the sets stay, and regenerated entries come from the same scaled θ₀. A
+    tensor-parallel shard (a module with a `spec`) regenerates its own slice of the global weight.
+    `model` is a `Llama` or one pipeline stage of it (`model.pipeline`); names are canonical (the
+    single-process model's), so every stage regenerates the numbers the whole model would.
     """
     cfg = model.cfg
-    residual_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
-
-    def std_of(name: str) -> float:
-        return residual_std if any(f"{r}." in f"{name}." for r in RESIDUAL_OUTPUTS) else cfg.init_std
-
     sparse_prefixes = []
     specs = {canonical_name(name): spec for name, spec in sharded_modules(model)}
     with torch.no_grad():
         for name, module in model.named_modules():
             name = canonical_name(name)
             if hasattr(module, "initialize"):
-                (sparse_init or type(module).initialize)(module, seed, stream_id(f"{name}.weight"), std_of(name))
+                init, stream = sparse_init or type(module).initialize, stream_id(f"{name}.weight")
+                std = init_std_of(cfg, name)
+                init(module, seed, stream, std)
+                if module.supar:  # the same sets again, from θ₀ scaled to a dense layer's variance
+                    gain = module.dense_variance_gain()
+                    init(module, seed, stream, std * gain)
+                    module.init_gain = gain
                 sparse_prefixes.append(f"{name}.")
         for name, param in model.named_parameters():
             name = canonical_name(name)
@@ -63,4 +74,4 @@ def init_weights(model: nn.Module, seed: int, sparse_init: Callable | None = Non
             for r0 in range(0, rows, per):
                 r1 = min(rows, r0 + per)
                 matrix[r0:r1] = counter_normal_rows(seed, stream_id(name), global_cols, row0 + r0, col0, r1 - r0,
-                                                    cols, std_of(name), param.device)
+                                                    cols, init_std_of(cfg, name), param.device)

@@ -39,10 +39,10 @@ def linear_factory(cfg: SparsityConfig, headroom: float = 0.25, micro_batches: i
         if cfg.method == "spartan":  # B: Top-KAST's candidates, or every block
             exploration = 1 - cfg.density if cfg.candidates == "dense" else cfg.exploration
             return SpartanLinear(name, in_features, out_features, cfg.density, exploration, cfg.block, 0.0,
-                                 cfg.complement, spec, headroom)
+                                 cfg.complement, spec, headroom, cfg.supar)
         exploration = cfg.exploration if cfg.method == "topkast" else 0.0
         return SparseLinear(name, in_features, out_features, cfg.density, exploration, cfg.block, penalty,
-                            cfg.complement, spec, headroom)
+                            cfg.complement, spec, headroom, cfg.supar)
 
     return make
 

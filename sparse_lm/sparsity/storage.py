@@ -29,9 +29,16 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
-from sparse_lm.parallel.layers import enter_region, leave_region, mark_sharded, tensor_parallel_group
+from sparse_lm.parallel.layers import (
+    collective_device,
+    enter_region,
+    leave_region,
+    mark_sharded,
+    tensor_parallel_group,
+)
 from sparse_lm.parallel.layout import ShardSpec
 from sparse_lm.sparsity.init import counter_normal_at, counter_normal_rows
 from sparse_lm.sparsity.kernels import SparseMatmul, from_blocks, scatter_blocks, to_blocks
@@ -69,6 +76,7 @@ class SparseLinear(nn.Module):
         complement: str = "regenerate",
         spec: ShardSpec | None = None,
         headroom: float = 0.25,
+        supar: bool = False,
     ):
         super().__init__()
         if in_features % block or out_features % block:
@@ -95,6 +103,7 @@ class SparseLinear(nn.Module):
         if complement == "offload":
             self.register_buffer("complement", torch.zeros(out_features, in_features))
         self.seed, self.stream, self.init_std = 0, 0, 0.0
+        self.supar, self.init_gain = supar, 1.0  # see `match_dense_variance`
         self._initial_scores, self._initial_scores_key = None, None  # see `initial_block_scores`
         self.capped_ranks = 0  # at the last selection: shards whose exact share exceeded capacity
 
@@ -266,6 +275,21 @@ class SparseLinear(nn.Module):
             scores = self.initial_block_scores() if self.caches_scores() else self.block_scores(self.initial_rows)
             self.place(self.select_backward(scores))
             self.forward_mask.copy_(self.select_forward())
+
+    @torch.no_grad()
+    def dense_variance_gain(self) -> float:
+        """SμPar's init gain: the factor g for which θ₀·g gives A the sum of squares a dense layer
+        of the same init has in expectation, rows·cols·σ², so the layer's output variance (for
+        white inputs) is the dense layer's. For a random A (`static`) g² ≈ 1/ρ, SμPar's rule; for
+        A picked by magnitude (Top-KAST, Spartan) the largest weights already hold more than ρ of
+        the variance (65% at ρ = 0.2, element-wise), and 1/√ρ would overshoot it 3×. Summed over
+        the tensor-parallel group, so every shard gets the whole layer's gain."""
+        total = self.values.detach()[self.forward_mask].double().pow(2).sum().reshape(1)
+        if self.group is not None:
+            total = total.to(collective_device(self.group))
+            dist.all_reduce(total, group=self.group)
+        expected = self.global_blocks * self.block**2 * self.init_std**2
+        return math.sqrt(expected / float(total))
 
     def choose(self, rows_fn) -> torch.Tensor:
         """This shard's positions of the layer's top-k_B blocks by Σ|rows_fn| (ascending)."""

@@ -2,22 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from sparse_lm.config import RunConfig
 from sparse_lm.parallel.state import DeepSpeedMPU, Topology
 from sparse_lm.train.guard import GuardedStep
 from sparse_lm.train.monitor import deepspeed_monitor_config
-
-
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay matrices (linears, embeddings), not norm gains."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
+from sparse_lm.train.param_groups import param_groups
 
 # DeepSpeed's gradient buckets, in elements: ZeRO-1's reduce bucket (`reduce_bucket_size`) and the
 # ZeRO-0 all-reduce's flat copy (`MEMORY_OPT_ALLREDUCE_SIZE`, not configurable).
@@ -54,9 +45,8 @@ def make_engine(model: torch.nn.Module, cfg: RunConfig, topo: Topology):
 
     t = cfg.train
     bf16 = t.precision == "bf16" or (t.precision == "auto" and topo.device.type == "cuda")
-    optimizer = torch.optim.AdamW(
-        _param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, foreach=False
-    )
+    optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps,
+                                  foreach=False)
     # DeepSpeed's bf16 without ZeRO keeps its fp32 masters apart from the parameters, out of reach
     # of reselection (which rewrites slots) and checkpoints (which save the masters; every save
     # failed); ZeRO-1 links them to each parameter (`optim_state.partitioned`) on one rank as on

@@ -34,6 +34,7 @@ from sparse_lm.train.engine import make_engine, model_parallel_group
 from sparse_lm.train.guard import GuardedStep
 from sparse_lm.train.memory import dense_equivalent_bytes, model_state_bytes
 from sparse_lm.train.metrics import MetricsLog, format_eta, layer_densities, peak_rss_bytes
+from sparse_lm.train.param_groups import init_stds, peak_rates
 from sparse_lm.train.preflight import Plan, check_run
 from sparse_lm.train.schedule import learning_rate
 
@@ -152,6 +153,7 @@ def setup(cfg: RunConfig, plan: Plan, topo: Topology) -> Run:
     run = Run(cfg, topo, plan, engine, optimizer, guard, schedule, log, state,
               tokens_per_step=plan.global_batch * cfg.train.seq_len)
     _log_model(run)
+    _log_parameterisation(run)
     schedule.start(state.step)
     if schedule.layers and state.step == 0:  # a resumed run has its step's record
         log.write("density", step=state.step, layers=layer_densities(engine.module))
@@ -179,13 +181,24 @@ def _log_model(run: Run) -> None:
     )
 
 
+def _log_parameterisation(run: Run) -> None:
+    """What the run trains with, beyond the config's words: each group's peak learning rate and
+    each linear kind's init std (with SμPar's gains), said once and recorded in metrics.jsonl."""
+    rates, stds = peak_rates(run.cfg), init_stds(run.engine.module)
+    run.log.write("parameterisation", step=run.state.step, supar=run.cfg.sparsity.supar, lr_groups=rates,
+                  init_std=stds)
+    run.log.say("peak lr by group: " + ", ".join(f"{name} {rate:.3g}" for name, rate in rates.items())
+                + (" (SμPar)" if run.cfg.sparsity.supar else "") + "; init std: "
+                + ", ".join(f"{name} {std:.4g}" for name, std in stds.items()))
+
+
 def train_step(run: Run) -> StepResult:
     """One optimizer step at the scheduled learning rate: `train.grad_accum` micro-batches per
     data-parallel rank (through DeepSpeed's pipeline schedule under `parallel.pipeline` > 1)."""
     t, topo, state, engine = run.cfg.train, run.topo, run.state, run.engine
     lr = learning_rate(state.step, t.lr, t.warmup_steps, t.steps, t.min_lr_ratio)
     for group in run.optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group["lr_mult"]
     faults.maybe_fail_rank(state.step + 1)
     firsts = [state.samples_seen + micro * t.micro_batch * topo.data + topo.dp_rank * t.micro_batch
               for micro in range(t.grad_accum)]
@@ -329,6 +342,9 @@ def finish(run: Run) -> dict[str, Any]:
         "train_wall_s": _train_seconds(run),
         "checkpoint": str(find_checkpoint(cfg.checkpoint_dir)) if cfg.checkpoint_dir.is_dir() else None,
         "sparsity": cfg.sparsity.method,
+        "supar": cfg.sparsity.supar,
+        "lr_groups": peak_rates(cfg),
+        "init_std": init_stds(run.engine.module),
         "model_state_bytes": memory["total"] if memory else None,
         "model_state_parts": memory,
         "dense_model_state_bytes": dense_bytes,

@@ -1,0 +1,54 @@
+"""The study's tuning protocol (tools/study_grid.py): grids, slices, edges and their extension."""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import pytest
+
+from tests.cli_runs import REPO
+
+sys.path.insert(0, str(REPO / "tools"))
+import study_grid  # noqa: E402
+
+
+def test_expand_and_name_points():
+    points = study_grid.expand({"train.lr": [1e-3, 3e-3], "sparsity.supar": [False, True]})
+    assert points == [{"train.lr": 1e-3, "sparsity.supar": False}, {"train.lr": 1e-3, "sparsity.supar": True},
+                      {"train.lr": 3e-3, "sparsity.supar": False}, {"train.lr": 3e-3, "sparsity.supar": True}]
+    assert study_grid.slug(points[1]) == "lr=0.001,supar=on"
+    assert study_grid.nested(points[1]) == {"train": {"lr": 1e-3}, "sparsity": {"supar": True}}
+    assert study_grid.expand({}) == [{}]
+    with pytest.raises(ValueError, match="grid axis 'lr'"):
+        study_grid.expand({"lr": [1]})
+
+
+def test_each_slice_is_tuned_and_edges_are_extended_geometrically():
+    grid = study_grid.expand({"train.lr": [1e-3, 3e-3, 1e-2], "train.lr_mult_hidden": [0.1, 0.3],
+                              "sparsity.supar": [False, True]})
+    # off: best at lr 1e-2 (upper edge), hidden 0.1 (lower edge); on: best at 3e-3, 0.3 (interior in lr)
+    def loss(p):
+        if p["sparsity.supar"]:
+            return abs(math.log(p["train.lr"] / 3e-3)) + abs(p["train.lr_mult_hidden"] - 0.3)
+        return -p["train.lr"] + p["train.lr_mult_hidden"]
+    losses = [loss(p) for p in grid]
+    picks = study_grid.selections(grid, losses)
+    off, on = grid[picks[(("sparsity.supar", False),)]], grid[picks[(("sparsity.supar", True),)]]
+    assert off == {"train.lr": 1e-2, "train.lr_mult_hidden": 0.1, "sparsity.supar": False}
+    assert study_grid.edges(off, grid) == ["train.lr", "train.lr_mult_hidden"]
+    assert study_grid.edges(on, grid) == ["train.lr_mult_hidden"]  # 0.3 is the largest hidden multiplier tried
+    new = study_grid.extensions(grid, losses)
+    assert {"train.lr": pytest.approx(1e-2 * 1e-2 / 3e-3), "train.lr_mult_hidden": 0.1, "sparsity.supar": False} in new
+    assert {"train.lr": 1e-2, "train.lr_mult_hidden": pytest.approx(0.1 / 3), "sparsity.supar": False} in new
+    assert {"train.lr": 3e-3, "train.lr_mult_hidden": pytest.approx(0.9), "sparsity.supar": True} in new
+    assert len(new) == 3
+
+
+def test_selection_loss_is_the_mean_of_the_last_steps_and_divergence_is_never_chosen():
+    steps = {s: float(s) for s in range(1, 101)}
+    assert study_grid.selection_loss(steps, 100, 0.1) == sum(range(91, 101)) / 10
+    assert study_grid.selection_loss({**steps, 95: math.nan}, 100, 0.1) == math.inf
+    assert study_grid.selection_loss({s: v for s, v in steps.items() if s != 100}, 100, 0.1) == math.inf
+    assert study_grid.best([{}, {}, {}], [math.inf, 2.0, math.nan]) == 1
+    assert study_grid.best([{}], [math.inf]) is None

@@ -1,0 +1,74 @@
+"""results.md of a study (tools/study.py): the selected setting of every variant, then each
+variant's slices and grid, then the long horizon. Runs that diverged show as such."""
+
+from __future__ import annotations
+
+import math
+
+import study_grid
+
+
+def _pm(stat: dict, fmt: str) -> str:
+    return f"{stat['mean']:{fmt}} ± {stat['sd']:{fmt}}" if stat["n"] > 1 else f"{stat['mean']:{fmt}}"
+
+
+def _rates(groups: dict | None) -> str:
+    """Peak rates embedding / head / hidden (a sparse run's hidden is its sparse linears')."""
+    if not groups:
+        return "—"
+    hidden = groups.get("hidden_sparse", groups.get("hidden"))
+    return " / ".join(f"{v:.3g}" if v is not None else "—" for v in (groups.get("embedding"), groups.get("head"),
+                                                                       hidden))
+
+
+def _num(value: float, fmt: str) -> str:
+    return "diverged" if value is None or not math.isfinite(value) else f"{value:{fmt}}"
+
+
+def selected_table(results: dict, horizon: dict) -> str:
+    lines = ["| run | method | selected setting | seeds | forward non-zeros | tokens | train GFLOP/token | "
+             "peak lr emb / head / hidden | selection loss | held-out ppl | bits/byte | on grid edge |",
+             "|---|---|---|---:|---:|---:|---:|---|---:|---:|---:|---|"]
+    for name, r in results.items():
+        edge = ", ".join(r.get("on_edge", [])) or "no"
+        lines.append(f"| {name} | {r['method']} | {study_grid.label(r.get('setting', {}))} | {r['perplexity']['n']} | "
+                     f"{r['forward_nonzeros'] / 1e6:.2f}M ({r['nonzero_fraction']:.2f}) | {r['tokens'] / 1e6:.2f}M | "
+                     f"{r['train_flops_per_token'] / 1e9:.4f} | {_rates(r.get('lr_groups'))} | "
+                     f"{_pm(r['selection_losses'], '.4f')} | {_pm(r['perplexity'], '.2f')} | "
+                     f"{_pm(r['bits_per_byte'], '.4f')} | {edge} |")
+    text = "\n".join(lines) + "\n"
+    if horizon:
+        text += ("\n| long horizon | steps | tokens | held-out ppl | bits/byte | selection loss |\n"
+                 "|---|---:|---:|---:|---:|---:|\n")
+        for name, r in horizon.items():
+            text += (f"| {name} | {r['steps']} | {r['tokens'] / 1e6:.2f}M | {_pm(r['perplexity'], '.2f')} | "
+                     f"{_pm(r['bits_per_byte'], '.4f')} | {_pm(r['selection_losses'], '.4f')} |\n")
+    return text
+
+
+def report(results: dict, horizon: dict, runs: list[dict], fraction: float) -> str:
+    text = [f"Selection: the mean training loss over the last {fraction:.0%} of the steps, at the first seed; "
+            "held-out numbers are `sparse-lm eval` on the held-out split, mean ± sample sd over seeds.\n",
+            selected_table(results, horizon)]
+    sliced = [(name, r) for name, r in results.items() if len(r.get("slices", {})) > 1]
+    if sliced:
+        text.append("\n| run | slice | its best setting | selection loss | held-out ppl | on grid edge |\n"
+                    "|---|---|---|---:|---:|---|\n")
+        for name, r in sliced:
+            for key, s in r["slices"].items():
+                text.append(f"| {name} | {key} | {study_grid.label(s['setting'])} | "
+                            f"{_num(s['selection_loss'], '.4f')} | {_num(s['perplexity'], '.2f')} | "
+                            f"{', '.join(s['on_edge']) or 'no'} |\n")
+    for name in dict.fromkeys(r["name"] for r in runs if r["phase"] == "grid"):
+        grid = [r for r in runs if r["name"] == name and r["phase"] == "grid"]
+        if len(grid) < 2:
+            continue
+        chosen = results.get(name, {}).get("setting")
+        text.append(f"\n**{name}** grid ({len(grid)} runs; ★ selected)\n\n"
+                    "| setting | peak lr emb / head / hidden | selection loss | held-out ppl |\n"
+                    "|---|---|---:|---:|\n")
+        for r in grid:
+            star = " ★" if r["setting"] == chosen else ""
+            text.append(f"| {study_grid.label(r['setting'])}{star} | {_rates(r['lr_groups'])} | "
+                        f"{_num(r['selection_loss'], '.4f')} | {_num(r['perplexity'], '.2f')} |\n")
+    return "".join(text)
