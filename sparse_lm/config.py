@@ -25,6 +25,7 @@ from typing import Any, Literal
 import yaml
 
 from sparse_lm.errors import UserError
+from sparse_lm.methods.registry import DENSE, METHODS, method_of
 from sparse_lm.parallel.layout import COLUMN_PARALLEL
 
 # The linears inside a Transformer block, in forward order (Hugging Face Llama names), each with the
@@ -33,7 +34,8 @@ BLOCK_LINEARS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_a
                  "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 BLOCK_LINEAR_NAMES = tuple(BLOCK_LINEARS)
 
-SparsityMethod = Literal["dense", "static", "topkast", "spartan"]
+# The registry's names (methods/registry.py), so a new method is one line there.
+SparsityMethod = Literal[tuple(METHODS)]
 Granularity = Literal["element", "block"]
 Complement = Literal["regenerate", "offload"]
 # How Spartan splits its budget over layers (docs/design/spartan.md, sparsity/allocation.py).
@@ -42,7 +44,6 @@ Candidates = Literal["backward_set", "dense"]
 Precision = Literal["auto", "fp32", "bf16"]
 ResumePolicy = Literal["auto", "never", "must"]
 
-SPARSITY_METHODS = typing.get_args(SparsityMethod)
 ALLOCATIONS = typing.get_args(Allocation)
 
 
@@ -104,7 +105,7 @@ class SparsityConfig:
     """Which block linears are sparse and how (docs/design/topkast.md, spartan.md; `static` and `dense`
     are baselines)."""
 
-    method: SparsityMethod = "dense"
+    method: SparsityMethod = DENSE
     """dense: no sparsity; static: a fixed seeded random set of size D; topkast: Top-KAST; spartan: Spartan."""
     density: float = 0.1
     """D: fraction of each sparse layer in the forward set A (Spartan: the target cost fraction ρ)."""
@@ -280,7 +281,8 @@ def _fail(name: str, expected: str, got: Any) -> None:
     raise UserError(f"config field {name}: expected {expected}, got {got!r}")
 
 
-def _require(ok: bool, name: str, expected: str, got: Any) -> None:
+def require(ok: bool, name: str, expected: str, got: Any) -> None:
+    """Fail with the one-line config error naming `name` unless `ok` (also used by the methods' checks)."""
     if not ok:
         _fail(name, expected, got)
 
@@ -294,120 +296,117 @@ def _check_choices(section: str, values: Any) -> None:
     for name, hint in typing.get_type_hints(type(values)).items():
         if typing.get_origin(hint) is Literal:
             value = getattr(values, name)
-            _require(value in typing.get_args(hint), f"{section}.{name}", _choices_text(typing.get_args(hint)), value)
+            require(value in typing.get_args(hint), f"{section}.{name}", _choices_text(typing.get_args(hint)), value)
 
 
 def _validate_model(cfg: RunConfig) -> None:
     m = cfg.model
     for name in ("d_model", "n_layers", "n_heads", "max_seq_len", "vocab_multiple"):
-        _require(getattr(m, name) >= 1, f"model.{name}", "an integer >= 1", getattr(m, name))
+        require(getattr(m, name) >= 1, f"model.{name}", "an integer >= 1", getattr(m, name))
     for name in ("vocab_size", "n_kv_heads", "ffn_hidden"):
         value = getattr(m, name)
-        _require(value is None or value >= 1, f"model.{name}", "an integer >= 1, or null (automatic)", value)
-    _require(m.d_model % m.n_heads == 0, "model.n_heads", f"a divisor of model.d_model={m.d_model}", m.n_heads)
-    _require(m.head_dim % 2 == 0, "model.n_heads", "a value giving an even head dimension (RoPE rotates pairs)",
-             m.n_heads)
-    _require(m.n_heads % m.n_kv_heads == 0, "model.n_kv_heads", f"a divisor of model.n_heads={m.n_heads}", m.n_kv_heads)
-    _require(m.rope_theta > 0, "model.rope_theta", "a positive number", m.rope_theta)
-    _require(0 < m.norm_eps < 1, "model.norm_eps", "a number in (0, 1)", m.norm_eps)
-    _require(m.init_std > 0, "model.init_std", "a positive number", m.init_std)
+        require(value is None or value >= 1, f"model.{name}", "an integer >= 1, or null (automatic)", value)
+    require(m.d_model % m.n_heads == 0, "model.n_heads", f"a divisor of model.d_model={m.d_model}", m.n_heads)
+    require(m.head_dim % 2 == 0, "model.n_heads", "a value giving an even head dimension (RoPE rotates pairs)",
+            m.n_heads)
+    require(m.n_heads % m.n_kv_heads == 0, "model.n_kv_heads", f"a divisor of model.n_heads={m.n_heads}", m.n_kv_heads)
+    require(m.rope_theta > 0, "model.rope_theta", "a positive number", m.rope_theta)
+    require(0 < m.norm_eps < 1, "model.norm_eps", "a number in (0, 1)", m.norm_eps)
+    require(m.init_std > 0, "model.init_std", "a positive number", m.init_std)
 
 
 def _validate_sparsity(cfg: RunConfig) -> None:
     m, s, p = cfg.model, cfg.sparsity, cfg.parallel
-    _require(0 < s.density <= 1, "sparsity.density", "a number in (0, 1]", s.density)
-    _require(s.exploration >= 0, "sparsity.exploration", "a number >= 0", s.exploration)
-    _require(s.density + s.exploration <= 1, "sparsity.exploration",
-             f"at most 1 - sparsity.density = {1 - s.density:g} (B is the top D + M of a layer)", s.exploration)
-    _require(s.block_size >= 1, "sparsity.block_size", "an integer >= 1", s.block_size)
-    _require(s.reselect_every >= 1, "sparsity.reselect_every", "an integer >= 1", s.reselect_every)
-    _require(s.penalty >= 0, "sparsity.penalty", "a number >= 0", s.penalty)
-    _require(0 <= s.freeze_masks_after <= 1, "sparsity.freeze_masks_after", "a fraction of train.steps in [0, 1]",
-             s.freeze_masks_after)
-    _require(bool(s.targets) and all(x in BLOCK_LINEAR_NAMES for x in s.targets), "sparsity.targets",
-             f"a non-empty list drawn from {list(BLOCK_LINEAR_NAMES)}", s.targets)
-    if s.method != "spartan":
-        _require(s.allocation == "uniform", "sparsity.allocation",
-                 f"uniform with sparsity.method={s.method} (other allocations are Spartan's)", s.allocation)
-    _require(not (s.supar and s.method == "dense"), "sparsity.supar",
-             "false with sparsity.method=dense (it scales sparse linears only)", s.supar)
-    _require(s.beta > 0, "sparsity.beta", "a positive number", s.beta)
+    require(0 < s.density <= 1, "sparsity.density", "a number in (0, 1]", s.density)
+    require(s.exploration >= 0, "sparsity.exploration", "a number >= 0", s.exploration)
+    require(s.density + s.exploration <= 1, "sparsity.exploration",
+            f"at most 1 - sparsity.density = {1 - s.density:g} (B is the top D + M of a layer)", s.exploration)
+    require(s.block_size >= 1, "sparsity.block_size", "an integer >= 1", s.block_size)
+    require(s.reselect_every >= 1, "sparsity.reselect_every", "an integer >= 1", s.reselect_every)
+    require(s.penalty >= 0, "sparsity.penalty", "a number >= 0", s.penalty)
+    require(0 <= s.freeze_masks_after <= 1, "sparsity.freeze_masks_after", "a fraction of train.steps in [0, 1]",
+            s.freeze_masks_after)
+    require(bool(s.targets) and all(x in BLOCK_LINEAR_NAMES for x in s.targets), "sparsity.targets",
+            f"a non-empty list drawn from {list(BLOCK_LINEAR_NAMES)}", s.targets)
+    require(s.beta > 0, "sparsity.beta", "a positive number", s.beta)
     for name in ("warmup_frac", "finetune_frac"):
-        _require(0 <= getattr(s, name) <= 1, f"sparsity.{name}", "a fraction of train.steps in [0, 1]",
-                 getattr(s, name))
-    _require(s.warmup_frac + s.finetune_frac <= 1, "sparsity.finetune_frac",
-             f"at most 1 - sparsity.warmup_frac = {1 - s.warmup_frac:g}", s.finetune_frac)
-    if s.method == "dense" or s.granularity != "block":
+        require(0 <= getattr(s, name) <= 1, f"sparsity.{name}", "a fraction of train.steps in [0, 1]",
+                getattr(s, name))
+    require(s.warmup_frac + s.finetune_frac <= 1, "sparsity.finetune_frac",
+            f"at most 1 - sparsity.warmup_frac = {1 - s.warmup_frac:g}", s.finetune_frac)
+    method = method_of(s.method)
+    method.validate(cfg)
+    if not method.sparse or s.granularity != "block":
         return
     for dim, what in ((m.d_model, "model.d_model"), (m.n_kv_heads * m.head_dim, "the k/v width"),
                       (m.ffn_hidden, "the FFN width")):
-        _require(dim % s.block_size == 0, "sparsity.block_size", f"a divisor of {what}={dim}", s.block_size)
+        require(dim % s.block_size == 0, "sparsity.block_size", f"a divisor of {what}={dim}", s.block_size)
     if p.tensor > 1 and all(n % p.tensor == 0 for n in (m.n_heads, m.n_kv_heads, m.ffn_hidden)):
         for leaf, (rows, cols) in block_linear_shapes(m).items():
             shard = (rows // p.tensor, cols) if leaf in COLUMN_PARALLEL else (rows, cols // p.tensor)
-            _require(shard[0] % s.block_size == 0 and shard[1] % s.block_size == 0, "sparsity.block_size",
-                     f"a divisor of every tensor-parallel shard (a block never straddles two ranks): {leaf} "
-                     f"[{rows}, {cols}] is [{shard[0]}, {shard[1]}] on each of parallel.tensor={p.tensor} ranks",
-                     s.block_size)
+            require(shard[0] % s.block_size == 0 and shard[1] % s.block_size == 0, "sparsity.block_size",
+                    f"a divisor of every tensor-parallel shard (a block never straddles two ranks): {leaf} "
+                    f"[{rows}, {cols}] is [{shard[0]}, {shard[1]}] on each of parallel.tensor={p.tensor} ranks",
+                    s.block_size)
 
 
 def _validate_parallel(cfg: RunConfig) -> None:
     m, p = cfg.model, cfg.parallel
-    _require(p.tensor >= 1, "parallel.tensor", "an integer >= 1", p.tensor)
-    _require(1 <= p.pipeline <= m.n_layers, "parallel.pipeline", f"an integer in [1, model.n_layers={m.n_layers}]",
-             p.pipeline)
+    require(p.tensor >= 1, "parallel.tensor", "an integer >= 1", p.tensor)
+    require(1 <= p.pipeline <= m.n_layers, "parallel.pipeline", f"an integer in [1, model.n_layers={m.n_layers}]",
+            p.pipeline)
     if p.pipeline > 1:
-        _require(not m.tie_embeddings, "model.tie_embeddings",
-                 "false with parallel.pipeline > 1 (the embedding and the LM head live on different stages)",
-                 m.tie_embeddings)
-    _require(p.shard_headroom >= 0, "parallel.shard_headroom", "a number >= 0 (fraction of spare slots)",
-             p.shard_headroom)
+        require(not m.tie_embeddings, "model.tie_embeddings",
+                "false with parallel.pipeline > 1 (the embedding and the LM head live on different stages)",
+                m.tie_embeddings)
+    require(p.shard_headroom >= 0, "parallel.shard_headroom", "a number >= 0 (fraction of spare slots)",
+            p.shard_headroom)
     if p.tensor > 1:
         vocab = (m.vocab_size, "model.vocab_size") if m.vocab_size else (m.vocab_multiple, "model.vocab_multiple")
         for value, what in ((m.n_heads, "model.n_heads"), (m.n_kv_heads, "the number of k/v heads"),
                             (m.ffn_hidden, "the FFN width"), vocab):
-            _require(value % p.tensor == 0, "parallel.tensor", f"a divisor of {what}={value}", p.tensor)
-    _require(p.timeout_s >= 1, "parallel.timeout_s", "an integer >= 1 (seconds)", p.timeout_s)
-    _require(p.zero_stage in (0, 1), "parallel.zero_stage",
-             "0 or 1 (ZeRO-1 partitions Adam state over data-parallel ranks)", p.zero_stage)
+            require(value % p.tensor == 0, "parallel.tensor", f"a divisor of {what}={value}", p.tensor)
+    require(p.timeout_s >= 1, "parallel.timeout_s", "an integer >= 1 (seconds)", p.timeout_s)
+    require(p.zero_stage in (0, 1), "parallel.zero_stage",
+            "0 or 1 (ZeRO-1 partitions Adam state over data-parallel ranks)", p.zero_stage)
 
 
 def _validate_data(cfg: RunConfig) -> None:
     d = cfg.data
-    _require(bool(d.path), "data.path", "a prepared data directory", d.path)
-    _require(260 <= d.vocab_size <= 2**31 - 1, "data.vocab_size",
-             "an integer in [260, 2^31) (256 byte pieces + unk, bos, eos + merges)", d.vocab_size)
-    _require(0 < d.heldout_fraction < 1, "data.heldout_fraction", "a number in (0, 1)", d.heldout_fraction)
+    require(bool(d.path), "data.path", "a prepared data directory", d.path)
+    require(260 <= d.vocab_size <= 2**31 - 1, "data.vocab_size",
+            "an integer in [260, 2^31) (256 byte pieces + unk, bos, eos + merges)", d.vocab_size)
+    require(0 < d.heldout_fraction < 1, "data.heldout_fraction", "a number in (0, 1)", d.heldout_fraction)
 
 
 def _validate_train(cfg: RunConfig) -> None:
     m, t = cfg.model, cfg.train
     for name in ("steps", "seq_len", "micro_batch", "grad_accum", "log_every", "eval_every", "eval_batches"):
-        _require(getattr(t, name) >= 1, f"train.{name}", "an integer >= 1", getattr(t, name))
-    _require(t.seq_len <= m.max_seq_len, "train.seq_len", f"at most model.max_seq_len={m.max_seq_len}", t.seq_len)
-    _require(t.lr > 0, "train.lr", "a positive number", t.lr)
+        require(getattr(t, name) >= 1, f"train.{name}", "an integer >= 1", getattr(t, name))
+    require(t.seq_len <= m.max_seq_len, "train.seq_len", f"at most model.max_seq_len={m.max_seq_len}", t.seq_len)
+    require(t.lr > 0, "train.lr", "a positive number", t.lr)
     for name in LR_MULTIPLIERS:
-        _require(getattr(t, name) > 0, f"train.{name}", "a positive number (a multiplier of train.lr)",
-                 getattr(t, name))
-    _require(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", "a number in [0, 1]", t.min_lr_ratio)
-    _require(t.warmup_steps >= 0, "train.warmup_steps", "an integer >= 0", t.warmup_steps)
-    _require(t.weight_decay >= 0, "train.weight_decay", "a number >= 0", t.weight_decay)
+        require(getattr(t, name) > 0, f"train.{name}", "a positive number (a multiplier of train.lr)",
+                getattr(t, name))
+    require(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", "a number in [0, 1]", t.min_lr_ratio)
+    require(t.warmup_steps >= 0, "train.warmup_steps", "an integer >= 0", t.warmup_steps)
+    require(t.weight_decay >= 0, "train.weight_decay", "a number >= 0", t.weight_decay)
     for name in ("beta1", "beta2"):
-        _require(0 <= getattr(t, name) < 1, f"train.{name}", "a number in [0, 1)", getattr(t, name))
-    _require(t.eps > 0, "train.eps", "a positive number", t.eps)
-    _require(t.grad_clip >= 0, "train.grad_clip", "a number >= 0 (0 disables clipping)", t.grad_clip)
-    _require(t.max_bad_steps >= 1, "train.max_bad_steps", "an integer >= 1", t.max_bad_steps)
-    _require(0 <= t.seed < 2**31, "train.seed", "an integer in [0, 2^31)", t.seed)  # seeds torch generators
-    _require(bool(t.out_dir), "train.out_dir", "a directory path", t.out_dir)
+        require(0 <= getattr(t, name) < 1, f"train.{name}", "a number in [0, 1)", getattr(t, name))
+    require(t.eps > 0, "train.eps", "a positive number", t.eps)
+    require(t.grad_clip >= 0, "train.grad_clip", "a number >= 0 (0 disables clipping)", t.grad_clip)
+    require(t.max_bad_steps >= 1, "train.max_bad_steps", "an integer >= 1", t.max_bad_steps)
+    require(0 <= t.seed < 2**31, "train.seed", "an integer in [0, 2^31)", t.seed)  # seeds torch generators
+    require(bool(t.out_dir), "train.out_dir", "a directory path", t.out_dir)
     for key, value in t.monitor.items():
-        _require(key in MONITORS, f"train.monitor.{key}", f"one of {', '.join(MONITORS)}", key)
-        _require(isinstance(value, str) and bool(value), f"train.monitor.{key}", MONITORS[key], value)
+        require(key in MONITORS, f"train.monitor.{key}", f"one of {', '.join(MONITORS)}", key)
+        require(isinstance(value, str) and bool(value), f"train.monitor.{key}", MONITORS[key], value)
 
 
 def _validate_checkpoint(cfg: RunConfig) -> None:
     c = cfg.checkpoint
-    _require(c.every >= 1, "checkpoint.every", "an integer >= 1", c.every)
-    _require(c.keep >= 1, "checkpoint.keep", "an integer >= 1", c.keep)
+    require(c.every >= 1, "checkpoint.every", "an integer >= 1", c.every)
+    require(c.keep >= 1, "checkpoint.keep", "an integer >= 1", c.keep)
 
 
 LR_MULTIPLIERS = ("lr_mult_embedding", "lr_mult_head", "lr_mult_hidden", "lr_mult_norm")
@@ -427,28 +426,28 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
             return None
         hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
     if typing.get_origin(hint) is Literal:
-        _require(value in typing.get_args(hint), name, _choices_text(typing.get_args(hint)), value)
+        require(value in typing.get_args(hint), name, _choices_text(typing.get_args(hint)), value)
     elif hint is bool:
-        _require(isinstance(value, bool), name, "true or false", value)
+        require(isinstance(value, bool), name, "true or false", value)
     elif hint is int:
-        _require(isinstance(value, int) and not isinstance(value, bool), name, "an integer", value)
+        require(isinstance(value, int) and not isinstance(value, bool), name, "an integer", value)
     elif hint is float:
         if isinstance(value, str):  # PyYAML reads "1e-3" (no dot) as a string
             try:
                 value = float(value)
             except ValueError:
                 pass
-        _require(isinstance(value, (int, float)) and not isinstance(value, bool), name, "a number", value)
+        require(isinstance(value, (int, float)) and not isinstance(value, bool), name, "a number", value)
         value = float(value)
-        _require(math.isfinite(value), name, "a finite number", value)  # YAML's .inf / .nan, "inf", "nan"
+        require(math.isfinite(value), name, "a finite number", value)  # YAML's .inf / .nan, "inf", "nan"
     elif hint is str:
-        _require(isinstance(value, str), name, "a string", value)
+        require(isinstance(value, str), name, "a string", value)
     elif typing.get_origin(hint) is list:
         if isinstance(value, str):  # --set sparsity.targets=q_proj,v_proj
             value = [v.strip() for v in value.split(",") if v.strip()]
-        _require(isinstance(value, list) and all(isinstance(v, str) for v in value), name, "a list of names", value)
+        require(isinstance(value, list) and all(isinstance(v, str) for v in value), name, "a list of names", value)
     elif hint is dict:
-        _require(isinstance(value, dict), name, "a mapping", value)
+        require(isinstance(value, dict), name, "a mapping", value)
     return value
 
 

@@ -27,8 +27,8 @@ def _train_in_process(sparsity: dict, recompute: bool, accum: int) -> tuple[list
     """(loss per step, final state dict, forward calls of one block linear) of 12 AdamW steps on
     fixed random tokens, reselecting through the method's schedule after every step."""
     from sparse_lm.config import RunConfig
+    from sparse_lm.methods.factory import make_schedule
     from sparse_lm.model.build import build_model
-    from sparse_lm.sparsity.methods import make_schedule
 
     cfg = RunConfig()
     cfg.model.vocab_size = 128

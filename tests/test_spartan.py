@@ -11,9 +11,9 @@ from torch.func import functional_call
 
 from sparse_lm.config import ModelConfig, ParallelConfig, RunConfig, SparsityConfig, TrainConfig
 from sparse_lm.errors import UserError
+from sparse_lm.methods.factory import make_schedule
 from sparse_lm.model.build import build_model
 from sparse_lm.sparsity import allocation, kernels
-from sparse_lm.sparsity.methods import make_schedule
 from sparse_lm.sparsity.spartan import Spartan, SpartanLinear, spartan_layers
 from tests.reference.dense_spartan import DenseSpartanLinear
 

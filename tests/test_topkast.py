@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from sparse_lm.config import ModelConfig, SparsityConfig
+from sparse_lm.methods.factory import linear_factory
 from sparse_lm.model import Llama, init_weights
 from sparse_lm.sparsity import compiled, kernels
-from sparse_lm.sparsity.methods import linear_factory
 from sparse_lm.sparsity.storage import SparseLinear, block_sums
 from sparse_lm.sparsity.topkast import TopKAST, initialize_static, reselect, sparse_layers
 from tests.reference.dense_topkast import DenseTopKASTLinear

@@ -73,8 +73,8 @@ def _measure(variant: str, args: argparse.Namespace, queue) -> None:
     import torch
 
     from sparse_lm.config import ModelConfig, SparsityConfig
+    from sparse_lm.methods.factory import linear_factory
     from sparse_lm.model import Llama, init_weights
-    from sparse_lm.sparsity.methods import linear_factory
     from sparse_lm.sparsity.topkast import TopKAST
     from sparse_lm.train.memory import dense_equivalent_bytes, model_state_bytes
     from sparse_lm.train.metrics import peak_rss_bytes

@@ -100,12 +100,12 @@ def _rank(spec: dict) -> dict:
 
     from sparse_lm.checkpoint.store import load_checkpoint, save_checkpoint
     from sparse_lm.config import load_config
+    from sparse_lm.methods.factory import make_schedule
     from sparse_lm.model import resolve_vocab
     from sparse_lm.model.build import build_model
     from sparse_lm.model.init import init_weights
     from sparse_lm.optim_state import link_partitions
     from sparse_lm.parallel.state import init_distributed, shutdown
-    from sparse_lm.sparsity.methods import make_schedule
     from sparse_lm.sparsity.topkast import initialize_static
     from sparse_lm.train.engine import make_engine, model_parallel_group
     from sparse_lm.train.memory import allocated_peak_bytes, model_state_bytes

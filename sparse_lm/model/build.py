@@ -8,14 +8,14 @@ from __future__ import annotations
 from torch import nn
 
 from sparse_lm.config import RunConfig
+from sparse_lm.methods.factory import linear_factory
+from sparse_lm.methods.registry import method_of
 from sparse_lm.model.init import init_weights
 from sparse_lm.model.llama import Llama, Vocabulary
 from sparse_lm.model.pipeline import build_pipeline
 from sparse_lm.parallel.layers import VocabShard
 from sparse_lm.parallel.plan import tensor_plan
 from sparse_lm.parallel.state import Topology
-from sparse_lm.sparsity.methods import linear_factory
-from sparse_lm.sparsity.topkast import initialize_static
 
 
 def build_model(cfg: RunConfig, initialize: bool = True, topology: Topology | None = None) -> nn.Module:
@@ -39,6 +39,5 @@ def build_model(cfg: RunConfig, initialize: bool = True, topology: Topology | No
     else:
         model = Llama(cfg.model, factory, vocab, recompute)
     if initialize:
-        sparse_init = initialize_static if cfg.sparsity.method == "static" else None
-        init_weights(model, cfg.train.seed, sparse_init)
+        init_weights(model, cfg.train.seed, method_of(cfg.sparsity.method).initializer())
     return model

@@ -7,6 +7,7 @@ weights it uses."""
 from __future__ import annotations
 
 from sparse_lm.config import RunConfig
+from sparse_lm.methods.registry import method_of
 from sparse_lm.sparsity.allocation import layer_caps, sparse_linear_shapes, stage_flops, static_budgets
 
 
@@ -23,16 +24,12 @@ def _every_block(cfg: RunConfig) -> dict[str, int]:
 def training_flops_per_token(cfg: RunConfig) -> float:
     """Training FLOPs per token: forward, input gradient and weight gradient. Dense parts cost three
     forwards; a sparse linear's forward and input gradient use A, its weight gradient B (Top-KAST's
-    rule; a static mask's B is A; Spartan's rule too, with A annealed from B to its budget over
-    `warmup_frac` of the run, so its mean |A| over the run counts)."""
-    if cfg.sparsity.method == "dense":
+    rule; each method says which sets it trains, averaged over the run: a static mask's B is A,
+    Spartan anneals A from B to its budget — `SparsityMethod.training_sets`)."""
+    method = method_of(cfg.sparsity.method)
+    if not method.sparse:
         return 3 * sum(stage_flops(cfg, _every_block(cfg)))
-    a, b = static_budgets(cfg), layer_caps(cfg)
-    if cfg.sparsity.method == "static":
-        b = a
-    if cfg.sparsity.method == "spartan":
-        w = cfg.sparsity.warmup_frac
-        a = {name: k + (b[name] - k) * w / 2 for name, k in a.items()}
+    a, b = method.training_sets(cfg, static_budgets(cfg), layer_caps(cfg))
     return 2 * sum(stage_flops(cfg, a)) + sum(stage_flops(cfg, b))
 
 
@@ -40,7 +37,7 @@ def plan_flops(cfg: RunConfig) -> dict:
     """`sparse` and `dense` FLOPs per token (forward), per stage and their imbalance, and `training`'s
     `sparse`, `dense` and `ratio`. `cfg` must have its vocabulary resolved."""
     dense = stage_flops(cfg, _every_block(cfg))
-    sparse = dense if cfg.sparsity.method == "dense" else stage_flops(cfg, static_budgets(cfg))
+    sparse = stage_flops(cfg, static_budgets(cfg)) if method_of(cfg.sparsity.method).sparse else dense
     training = training_flops_per_token(cfg)
     return {
         "sparse": sum(sparse), "dense": sum(dense), "ratio": sum(sparse) / sum(dense),

@@ -32,11 +32,13 @@ from dataclasses import dataclass
 
 from sparse_lm.config import BLOCK_LINEAR_NAMES, RunConfig, block_linear_shapes
 from sparse_lm.errors import UserError
+from sparse_lm.methods.registry import DENSE, method_of
 from sparse_lm.model.llama import resolve_vocab
 from sparse_lm.parallel.layout import COLUMN_PARALLEL, stage_of
 from sparse_lm.sparsity.kernels import GATHER_CHUNK_ELEMENTS, GATHER_TOKENS, MAX_TILE_ELEMENTS
 from sparse_lm.sparsity.storage import CACHED_SCORES_MIN_BLOCK, SCORE_CHUNK_ELEMENTS, shard_capacity
 from sparse_lm.train.engine import DEEPSPEED_BUCKET_ELEMENTS, skips_lone_all_reduce
+from sparse_lm.train.param_groups import GROUPS
 
 STATE_PARTS = ("parameters", "gradients", "master_weights", "optimizer_moments", "indices_masks", "score_caches",
                "rotary_tables")
@@ -96,7 +98,8 @@ def resolved(cfg: RunConfig) -> RunConfig:
 
 def dense_of(cfg: RunConfig) -> RunConfig:
     """The same run with every linear dense."""
-    return dataclasses.replace(cfg, sparsity=dataclasses.replace(cfg.sparsity, method="dense", allocation="uniform"))
+    return dataclasses.replace(cfg, sparsity=dataclasses.replace(cfg.sparsity, method=DENSE, allocation="uniform",
+                                                                 supar=False))
 
 
 @dataclass(frozen=True)
@@ -126,19 +129,19 @@ def sparse_shard(cfg: RunConfig, leaf: str) -> SparseShard:
     b = s.block
     n_blocks = (rows // b) * (cols // b)
     global_blocks = n_blocks * tp
-    exploration = {"static": 0.0, "spartan": 1 - s.density if s.candidates == "dense" else s.exploration}.get(
-        s.method, s.exploration)
+    method = method_of(s.method)
+    exploration = method.exploration(s)
     k_forward = max(1, math.ceil(s.density * global_blocks))
     k_backward = min(global_blocks, max(k_forward, math.ceil((s.density + exploration) * global_blocks)))
     capacity = shard_capacity(k_backward, tp, n_blocks, cfg.parallel.shard_headroom)
     index = 4 if n_blocks < 2**31 - 1 else 8
     caches = s.complement == "regenerate" and b >= CACHED_SCORES_MIN_BLOCK
-    return SparseShard(rows, cols, b, capacity, capacity * (index + 1), 8 if s.method == "spartan" else 0,
+    return SparseShard(rows, cols, b, capacity, capacity * (index + 1), method.extra_layer_bytes,
                        4 * n_blocks if caches else 0, 4 * rows * cols if s.complement == "offload" else 0)
 
 
 def _is_sparse(cfg: RunConfig, leaf: str) -> bool:
-    return cfg.sparsity.method != "dense" and leaf in cfg.sparsity.targets
+    return method_of(cfg.sparsity.method).sparse and leaf in cfg.sparsity.targets
 
 
 def stage_layers(cfg: RunConfig, stage: int) -> list[int]:
@@ -147,30 +150,40 @@ def stage_layers(cfg: RunConfig, stage: int) -> list[int]:
 
 
 def stage_contents(cfg: RunConfig, stage: int) -> dict[str, int]:
-    """Elements optimised and bytes of buffers one rank of `stage` holds."""
+    """Elements optimised (in all and per optimizer parameter group, `train.param_groups`) and bytes
+    of buffers one rank of `stage` holds."""
     m, tp, p = cfg.model, cfg.parallel.tensor, cfg.parallel.pipeline
-    weights = buffers = caches = host = 0
+    groups = dict.fromkeys(GROUPS, 0)
+    buffers = caches = host = 0
     dims = block_linear_shapes(m)
     layers = stage_layers(cfg, stage)
     for leaf in BLOCK_LINEAR_NAMES:
         if _is_sparse(cfg, leaf):
             shard = sparse_shard(cfg, leaf)
-            weights += len(layers) * shard.weights
+            groups["hidden_sparse"] += len(layers) * shard.weights
             buffers += len(layers) * (shard.index_bytes + shard.budget_bytes)
             caches += len(layers) * shard.score_cache_bytes
             host += len(layers) * shard.offload_bytes
         else:
             rows, cols = dims[leaf]
-            weights += len(layers) * rows * cols // tp
-    weights += 2 * m.d_model * len(layers)  # the two RMSNorm gains per block
+            groups["hidden"] += len(layers) * rows * cols // tp
+    groups["norm"] += 2 * m.d_model * len(layers)  # the two RMSNorm gains per block
     vocab_rows = m.vocab_size // tp
     if stage == 0:
-        weights += vocab_rows * m.d_model
+        groups["embedding"] += vocab_rows * m.d_model
     if stage == p - 1:
-        weights += m.d_model + (0 if m.tie_embeddings else vocab_rows * m.d_model)
+        groups["norm"] += m.d_model
+        groups["head"] += 0 if m.tie_embeddings else vocab_rows * m.d_model
     rotary_tables = len(layers) if p > 1 else 1  # a pipeline's block stages build one each
-    return {"weights": weights, "buffers": buffers, "caches": caches, "host": host,
+    return {"weights": sum(groups.values()), "groups": groups, "buffers": buffers, "caches": caches, "host": host,
             "rotary_elements": rotary_tables * 2 * m.max_seq_len * m.head_dim}
+
+
+def largest_group_partition(cfg: RunConfig, layout: Layout, stage: int) -> int:
+    """Elements of a rank's largest ZeRO partition of one parameter group: DeepSpeed's ZeRO-1 step
+    flattens the fp32 gradients and runs the optimizer one group at a time, so its transients
+    follow the largest group, not the whole model."""
+    return max(math.ceil(w / layout.data) for w in stage_contents(cfg, stage)["groups"].values())
 
 
 def model_state(cfg: RunConfig, layout: Layout, stage: int) -> dict[str, int]:
@@ -271,24 +284,24 @@ def step_workspace(cfg: RunConfig, layout: Layout, stage: int) -> int:
     the optimizer step's transient, ZeRO's fp32 gradient partition or torch AdamW's per-tensor
     temporaries (two of the largest parameter; the ZeRO-0 gate's norm runs in small chunks); and a
     reselection's scoring chunks."""
-    w = stage_contents(cfg, stage)["weights"]
     if layout.partitioned:
-        optimizer = 4 * math.ceil(w / layout.data)
+        optimizer = 4 * largest_group_partition(cfg, layout, stage)
     else:
         optimizer = 2 * 4 * largest_weight(cfg, layout)
-    reselect = 3 * 4 * SCORE_CHUNK_ELEMENTS if cfg.sparsity.method != "dense" else 0
+    reselect = 3 * 4 * SCORE_CHUNK_ELEMENTS if method_of(cfg.sparsity.method).sparse else 0
     return max(reduce_transient(cfg, layout, stage), optimizer, reselect)
 
 
 def zero_step_transient(cfg: RunConfig, layout: Layout, stage: int) -> int:
-    """What DeepSpeed's ZeRO-1 optimizer step (also bf16's) holds above the model state: its flat fp32
-    gradient partition of ⌈w / data⌉ elements, and two fp32 temporaries of that size from torch
-    AdamW (single-tensor, as `train/engine.make_engine` builds it), which runs once over the whole
-    partition and computes `exp_avg_sq.sqrt() / bias_correction2_sqrt`. Without ZeRO, AdamW's
+    """What DeepSpeed's ZeRO-1 optimizer step (also bf16's) holds above the model state: the flat fp32
+    gradient partition of the group it is stepping (`largest_group_partition`), and two fp32
+    temporaries of that size from torch AdamW (single-tensor, as `train/engine.make_engine` builds
+    it), which runs over the group's whole partition and computes `exp_avg_sq.sqrt() /
+    bias_correction2_sqrt`. Without ZeRO, AdamW's
     temporaries are per tensor (`step_workspace`)."""
     if not layout.partitioned:
         return 0
-    return 3 * 4 * math.ceil(stage_contents(cfg, stage)["weights"] / layout.data)
+    return 3 * 4 * largest_group_partition(cfg, layout, stage)
 
 
 def rank_memory(cfg: RunConfig, layout: Layout, stage: int) -> dict:

@@ -102,11 +102,12 @@ def _store_blocks(layer: SparseLinear, positions: torch.Tensor, values: torch.Te
 class TopKAST:
     """The schedule: reselect every `reselect_every` steps until `freeze_masks_after` · steps."""
 
-    def __init__(self, model: nn.Module, cfg: SparsityConfig, total_steps: int, group=None):
-        """`group`: the ranks whose layers together form the model (tensor × pipeline), or None."""
+    def __init__(self, model: nn.Module, cfg: SparsityConfig, total_steps: int, group=None, reselects: bool = True):
+        """`group`: the ranks whose layers together form the model (tensor × pipeline), or None.
+        `reselects`: whether the method re-picks its sets at all (a static mask or dense does not)."""
         self.layers, self.group = sparse_layers(model), group
         self.every = cfg.reselect_every
-        self.active = cfg.method in ("topkast", "spartan") and (bool(self.layers) or group is not None)
+        self.active = reselects and (bool(self.layers) or group is not None)
         self.freeze_at = cfg.freeze_masks_after * total_steps
 
     def due(self, step: int) -> bool:

@@ -24,10 +24,10 @@ from sparse_lm.checkpoint.store import find_checkpoint, load_checkpoint, read_la
 from sparse_lm.config import RunConfig
 from sparse_lm.errors import UserError
 from sparse_lm.eval.heldout import data_parallel_sum, heldout_loss
+from sparse_lm.methods.factory import make_schedule
 from sparse_lm.model.build import build_model
 from sparse_lm.optim_state import link_partitions
 from sparse_lm.parallel.state import Topology, init_distributed, shutdown
-from sparse_lm.sparsity.methods import make_schedule
 from sparse_lm.sparsity.topkast import TopKAST, verify_replicas
 from sparse_lm.termination import Terminated, stopped_by_sigterm
 from sparse_lm.train.engine import make_engine, model_parallel_group

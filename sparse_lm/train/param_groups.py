@@ -20,6 +20,7 @@ from typing import Any
 from torch import nn
 
 from sparse_lm.config import BLOCK_LINEAR_NAMES, RunConfig
+from sparse_lm.methods.registry import method_of
 from sparse_lm.model.init import init_std_of
 from sparse_lm.parallel.layout import canonical_name
 from sparse_lm.sparsity.storage import SparseLinear
@@ -58,7 +59,7 @@ def peak_rates(cfg: RunConfig) -> dict[str, float]:
     rates = {name: cfg.train.lr * mult for name, mult in lr_multipliers(cfg).items()}
     if cfg.model.tie_embeddings:
         del rates["head"]
-    if cfg.sparsity.method == "dense":
+    if not method_of(cfg.sparsity.method).sparse:
         del rates["hidden_sparse"]
     return rates
 
