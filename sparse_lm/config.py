@@ -26,13 +26,7 @@ import yaml
 
 from sparse_lm.errors import UserError
 from sparse_lm.methods.registry import DENSE, METHODS, method_of
-from sparse_lm.parallel.layout import COLUMN_PARALLEL
-
-# The linears inside a Transformer block, in forward order (Hugging Face Llama names), each with the
-# block's sub-module that holds it: the one list the model, the sparsity targets and the allocation use.
-BLOCK_LINEARS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
-                 "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
-BLOCK_LINEAR_NAMES = tuple(BLOCK_LINEARS)
+from sparse_lm.parallel.layout import BLOCK_LINEAR_NAMES, block_linear_shapes, shard_shape
 
 # The registry's names (methods/registry.py), so a new method is one line there.
 SparsityMethod = Literal[tuple(METHODS)]
@@ -50,14 +44,6 @@ ALLOCATIONS = typing.get_args(Allocation)
 def llama_ffn_hidden(d_model: int) -> int:
     """Llama's FFN width for a model width: 8/3·d rounded up to a multiple of 64."""
     return 64 * math.ceil(8 * d_model / 3 / 64)
-
-
-def block_linear_shapes(m: ModelConfig) -> dict[str, tuple[int, int]]:
-    """[rows (out), cols (in)] of each linear of a Transformer block, by name."""
-    kv = m.n_kv_heads * m.head_dim
-    return {"q_proj": (m.d_model, m.d_model), "k_proj": (kv, m.d_model), "v_proj": (kv, m.d_model),
-            "o_proj": (m.d_model, m.d_model), "gate_proj": (m.ffn_hidden, m.d_model),
-            "up_proj": (m.ffn_hidden, m.d_model), "down_proj": (m.d_model, m.ffn_hidden)}
 
 
 @dataclass
@@ -343,7 +329,7 @@ def _validate_sparsity(cfg: RunConfig) -> None:
         require(dim % s.block_size == 0, "sparsity.block_size", f"a divisor of {what}={dim}", s.block_size)
     if p.tensor > 1 and all(n % p.tensor == 0 for n in (m.n_heads, m.n_kv_heads, m.ffn_hidden)):
         for leaf, (rows, cols) in block_linear_shapes(m).items():
-            shard = (rows // p.tensor, cols) if leaf in COLUMN_PARALLEL else (rows, cols // p.tensor)
+            shard = shard_shape(leaf, rows, cols, p.tensor)
             require(shard[0] % s.block_size == 0 and shard[1] % s.block_size == 0, "sparsity.block_size",
                     f"a divisor of every tensor-parallel shard (a block never straddles two ranks): {leaf} "
                     f"[{rows}, {cols}] is [{shard[0]}, {shard[1]}] on each of parallel.tensor={p.tensor} ranks",

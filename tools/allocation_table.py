@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sparse_lm.checkpoint.model_io import load_trained_model  # noqa: E402
-from sparse_lm.config import BLOCK_LINEAR_NAMES  # noqa: E402
+from sparse_lm.parallel.layout import BLOCK_LINEAR_NAMES  # noqa: E402
 from sparse_lm.sparsity import allocation  # noqa: E402
 from sparse_lm.sparsity.spartan import spartan_layers  # noqa: E402
 

@@ -55,8 +55,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from sparse_lm.atomic import to_json, write_text  # noqa: E402
-from sparse_lm.config import block_linear_shapes, config_from_dict  # noqa: E402
+from sparse_lm.config import config_from_dict  # noqa: E402
 from sparse_lm.errors import UserError  # noqa: E402
+from sparse_lm.parallel.layout import block_linear_shapes  # noqa: E402
 from sparse_lm.plan.flops import training_flops_per_token  # noqa: E402
 from sparse_lm.sparsity.allocation import sparse_linear_shapes, uniform_budgets  # noqa: E402
 

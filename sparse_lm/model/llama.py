@@ -23,8 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from sparse_lm.config import BLOCK_LINEARS, ModelConfig, block_linear_shapes
+from sparse_lm.config import ModelConfig
 from sparse_lm.errors import UserError
+from sparse_lm.parallel.layout import BLOCK_LINEARS, block_linear_shapes
 
 LinearFactory = Callable[[str, int, int], nn.Module]
 
@@ -53,7 +54,7 @@ class Vocabulary:
 
 def add_linears(owner: nn.Module, cfg: ModelConfig, prefix: str, linear: LinearFactory) -> None:
     """Give a block's `self_attn` or `mlp` (`owner`, named `prefix`) its linears — those the
-    config's list of a block's linears (`config.BLOCK_LINEARS`) puts there, at their whole shapes."""
+    list of a block's linears (`parallel.layout.BLOCK_LINEARS`) puts there, at their whole shapes."""
     part = prefix.rsplit(".", 1)[-1]
     for leaf, (rows, cols) in block_linear_shapes(cfg).items():
         if BLOCK_LINEARS[leaf] == part:

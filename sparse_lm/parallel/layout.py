@@ -1,4 +1,6 @@
-"""How the model's weights are split over tensor-parallel ranks (Megatron's layout, HF's names).
+"""The model's layout facts, torch-free and in one place: the linears of a Transformer block and
+their shapes, and how every weight is split over tensor-parallel ranks (Megatron's layout, HF's
+names). Config validation, the model, the parallel layers and the planner all read them here.
 
 Column-parallel linears (q/k/v, gate/up) and the vocabulary (embedding, LM head) split their
 *rows* — the output features — so each rank computes its own heads, FFN columns or vocabulary
@@ -13,8 +15,33 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+# The linears inside a Transformer block, in forward order (Hugging Face Llama names), each with the
+# block's sub-module that holds it: the one list the model, the sparsity targets and the allocation use.
+BLOCK_LINEARS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+                 "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+BLOCK_LINEAR_NAMES = tuple(BLOCK_LINEARS)
+
 COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "embed_tokens", "lm_head")
 ROW_PARALLEL = ("o_proj", "down_proj")
+
+
+def block_linear_shapes(m) -> dict[str, tuple[int, int]]:
+    """[rows (out), cols (in)] of each linear of a Transformer block of model config `m`, by name."""
+    kv = m.n_kv_heads * m.head_dim
+    return {"q_proj": (m.d_model, m.d_model), "k_proj": (kv, m.d_model), "v_proj": (kv, m.d_model),
+            "o_proj": (m.d_model, m.d_model), "gate_proj": (m.ffn_hidden, m.d_model),
+            "up_proj": (m.ffn_hidden, m.d_model), "down_proj": (m.d_model, m.ffn_hidden)}
+
+
+def shard_shape(leaf: str, rows: int, cols: int, tensor: int) -> tuple[int, int]:
+    """One tensor-parallel rank's [rows, cols] of a [rows, cols] weight named `leaf`: rows split for
+    column-parallel weights, columns for row-parallel ones, whole when replicated."""
+    dim = partition_dim(leaf)
+    if dim == 0:
+        return rows // tensor, cols
+    if dim == 1:
+        return rows, cols // tensor
+    return rows, cols
 
 
 def partition_dim(module_name: str) -> int | None:

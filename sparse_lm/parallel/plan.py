@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from sparse_lm.config import BLOCK_LINEAR_NAMES
-from sparse_lm.parallel.layout import ShardSpec, partition_dim
+from sparse_lm.parallel.layout import BLOCK_LINEAR_NAMES, ShardSpec, partition_dim
 from sparse_lm.parallel.state import Topology
 
 

@@ -30,11 +30,11 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from sparse_lm.config import BLOCK_LINEAR_NAMES, RunConfig, block_linear_shapes
+from sparse_lm.config import RunConfig
 from sparse_lm.errors import UserError
 from sparse_lm.methods.registry import DENSE, method_of
 from sparse_lm.model.llama import resolve_vocab
-from sparse_lm.parallel.layout import COLUMN_PARALLEL, stage_of
+from sparse_lm.parallel.layout import BLOCK_LINEAR_NAMES, block_linear_shapes, shard_shape, stage_of
 from sparse_lm.sparsity.kernels import GATHER_CHUNK_ELEMENTS, GATHER_TOKENS, MAX_TILE_ELEMENTS
 from sparse_lm.sparsity.storage import CACHED_SCORES_MIN_BLOCK, SCORE_CHUNK_ELEMENTS, shard_capacity
 from sparse_lm.train.engine import DEEPSPEED_BUCKET_ELEMENTS, skips_lone_all_reduce
@@ -125,7 +125,7 @@ def sparse_shard(cfg: RunConfig, leaf: str) -> SparseShard:
     s, tp = cfg.sparsity, cfg.parallel.tensor
     rows, cols = block_linear_shapes(cfg.model)[leaf]
     if tp > 1:
-        rows, cols = (rows // tp, cols) if leaf in COLUMN_PARALLEL else (rows, cols // tp)
+        rows, cols = shard_shape(leaf, rows, cols, tp)
     b = s.block
     n_blocks = (rows // b) * (cols // b)
     global_blocks = n_blocks * tp

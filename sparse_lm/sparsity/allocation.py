@@ -35,9 +35,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from sparse_lm.config import BLOCK_LINEAR_NAMES, BLOCK_LINEARS, RunConfig, block_linear_shapes
+from sparse_lm.config import RunConfig
 from sparse_lm.parallel.layers import collective_device
-from sparse_lm.parallel.layout import stage_of
+from sparse_lm.parallel.layout import BLOCK_LINEAR_NAMES, BLOCK_LINEARS, block_linear_shapes, stage_of
 from sparse_lm.sparsity.threshold import select_topk_positions
 
 STATIC = ("uniform", "erk", "pipeline_balanced")

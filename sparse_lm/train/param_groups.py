@@ -19,10 +19,10 @@ from typing import Any
 
 from torch import nn
 
-from sparse_lm.config import BLOCK_LINEAR_NAMES, RunConfig
+from sparse_lm.config import RunConfig
 from sparse_lm.methods.registry import method_of
 from sparse_lm.model.init import init_std_of
-from sparse_lm.parallel.layout import canonical_name
+from sparse_lm.parallel.layout import BLOCK_LINEAR_NAMES, canonical_name
 from sparse_lm.sparsity.storage import SparseLinear
 
 # embedding: the token embedding (also the LM head when tied); head: the LM head; hidden: the
