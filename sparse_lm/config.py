@@ -121,6 +121,8 @@ class SparsityConfig:
     """Spartan: last fraction of train.steps trained with the hard mask frozen."""
     candidates: Candidates = "backward_set"
     """Spartan: blocks the soft top-k ranks: Top-KAST's backward set B, or every block (small scale only)."""
+    update_fraction: float = 0.3
+    """RigL: α, the fraction of A dropped and regrown at the first update, cosine-decayed to 0 by freeze_masks_after."""
     supar: bool = False
     """SμPar: a sparse linear's init scaled to a dense layer's forward variance and its Adam lr ×1/density."""
 
@@ -314,6 +316,7 @@ def _validate_sparsity(cfg: RunConfig) -> None:
             s.freeze_masks_after)
     require(bool(s.targets) and all(x in BLOCK_LINEAR_NAMES for x in s.targets), "sparsity.targets",
             f"a non-empty list drawn from {list(BLOCK_LINEAR_NAMES)}", s.targets)
+    require(0 < s.update_fraction <= 1, "sparsity.update_fraction", "a number in (0, 1]", s.update_fraction)
     require(s.beta > 0, "sparsity.beta", "a positive number", s.beta)
     for name in ("warmup_frac", "finetune_frac"):
         require(0 <= getattr(s, name) <= 1, f"sparsity.{name}", "a fraction of train.steps in [0, 1]",

@@ -33,6 +33,8 @@ REFERENCE_VARIANTS = {
                                            "complement": "offload", "granularity": "block", "block_size": 16,
                                            "supar": True},
                               "train": {"lr_mult_embedding": 2.0, "lr_mult_hidden": 0.3, "lr_mult_norm": 0.5}},
+    # resumed at step 6, between RigL's updates at 4 and 8 (the step before 8 captures its gradients)
+    "rigl": {"sparsity": {"method": "rigl", "density": 0.2, "reselect_every": 4}},
     # resumed at step 6: after the warmup (3 steps) and a reallocation (4), before another (8) and
     # the frozen finetune (from step 10)
     "spartan-global": {"sparsity": {"method": "spartan", "density": 0.2, "exploration": 0.2, "reselect_every": 4,

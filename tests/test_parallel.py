@@ -37,6 +37,9 @@ VARIANTS = {
     "spartan-global": {"method": "spartan", "density": 0.25, "exploration": 0.25, "reselect_every": 4,
                        "granularity": "block", "block_size": 8, "allocation": "global", "warmup_frac": 0.3,
                        "finetune_frac": 0.05},
+    # RigL: each shard's growth scores from its own inputs and output gradients, selected over the
+    # shards; over data-parallel replicas, the gradient chunks summed first.
+    "rigl": {"method": "rigl", "density": 0.25, "reselect_every": 4, "granularity": "block", "block_size": 8},
 }
 
 
@@ -167,6 +170,17 @@ def test_tensor_and_pipeline_parallel_match_one_process(tp_runs):
     assert set(got) == set(want)
     for key in want:
         assert torch.allclose(got[key], want[key], rtol=1e-3, atol=1e-4), key
+
+
+def test_rigl_on_tensor_and_pipeline_parallel_and_data_parallel_matches_one_process(tp_runs):
+    """RigL on TP 2 × PP 2 and on two data-parallel replicas (ZeRO-1, replicas verified alike):
+    the same losses, the same blocks dropped and grown at every update, the same weights."""
+    single = tp_runs("rigl", 1)
+    for run in (tp_runs("rigl", 2, pipeline=2), tp_runs("rigl", 1, data=2)):
+        _assert_same_run(run, single, rel=1e-5)
+        want, got = _merged_weights(single), _merged_weights(run)
+        for key in want:
+            assert torch.allclose(got[key], want[key], rtol=1e-3, atol=1e-4), key
 
 
 def test_spartan_on_tensor_and_pipeline_parallel_matches_one_process(tp_runs):

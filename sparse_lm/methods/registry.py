@@ -20,6 +20,7 @@ METHODS = {
     "static": "sparse_lm.methods.static",
     "topkast": "sparse_lm.methods.topkast",
     "spartan": "sparse_lm.methods.spartan",
+    "rigl": "sparse_lm.methods.rigl",
 }
 
 

@@ -24,6 +24,7 @@ from sparse_lm.config import SparsityConfig
 from sparse_lm.optim_state import write_slots, zero_moments
 from sparse_lm.parallel.layers import collective_device
 from sparse_lm.sparsity.storage import SparseLinear
+from sparse_lm.sparsity.threshold import ChunkedScores
 
 
 def sparse_layers(model: nn.Module) -> list[SparseLinear]:
@@ -48,16 +49,19 @@ class LayerChange:
 
 
 @torch.no_grad()
-def reselect(layer: SparseLinear, optimizer: torch.optim.Optimizer | None, pick_forward: bool = True) -> LayerChange:
+def reselect(layer: SparseLinear, optimizer: torch.optim.Optimizer | None, pick_forward: bool = True,
+             scores: torch.Tensor | ChunkedScores | None = None, entering_values=None) -> LayerChange:
     """Re-pick B and A from current magnitudes; see the module docstring for the steps. With
     `pick_forward=False` A is left to the caller (Spartan re-picks it against the new budget) and
     `entered_a` is 0: picking it here too would cost one more sharded top-k per layer for nothing.
+    Another method may rank blocks by its own `scores` (default: Σ|θ| of the current weight) and
+    give entering blocks its own values (`entering_values(positions)`, default: the complement's).
 
     A shard's number of used slots may change (see `storage`): entering blocks fill the slots of
     leaving ones, then unused ones; slots left over become unused (value 0, moments 0)."""
     old_positions = layer.index.long().clone()
     old_forward = old_positions[layer.forward_mask]
-    new_positions = layer.select_backward(layer.current_scores())
+    new_positions = layer.select_backward(layer.current_scores() if scores is None else scores)
     staying = layer.live & _members(old_positions, new_positions, layer.n_blocks)
     entering = new_positions[~_members(new_positions, old_positions, layer.n_blocks)]  # ascending
     free = torch.nonzero(~staying).view(-1)  # slots of leaving blocks and unused slots, ascending
@@ -67,7 +71,7 @@ def reselect(layer: SparseLinear, optimizer: torch.optim.Optimizer | None, pick_
             _store_blocks(layer, old_positions[leaving], layer.values[leaving])
         filled, emptied = free[: len(entering)], free[len(entering) :]
         new_values = layer.values.new_zeros(len(free), layer.block, layer.block)
-        new_values[: len(entering)] = layer.complement_blocks(entering)
+        new_values[: len(entering)] = (entering_values or layer.complement_blocks)(entering)
         write_slots(layer.values, free, new_values)
         layer.index[filled] = entering.to(layer.index.dtype)
         layer.index[emptied] = layer.n_blocks

@@ -1,0 +1,178 @@
+"""RigL (Evci et al., ICML 2020), always sparse: a random sparse set A (B = A), and every
+`sparsity.reselect_every` steps until `freeze_masks_after` · steps each layer drops the
+⌊f(t)·|A|⌋ blocks of smallest |θ| and grows as many of largest |∇L| among the rest, f(t) =
+α/2·(1 + cos(πt / T_end)) with α = `sparsity.update_fraction`. Grown blocks start at zero with
+zero Adam moments (the paper's rule); a block dropped and regrown in the same update keeps its
+value, as in the paper's code (its growth candidates are everything outside the kept set).
+
+Always sparse: the dense gradient of a layer, ∂L/∂W = Σ_t g_tᵀ x_t, is never materialised
+whole. During the step before an update, each layer keeps its inputs x and output gradients g
+(activation-sized, for that one step); at the update it forms ∂L/∂W one chunk of block-rows at a
+time, scores each block by Σ|∂L/∂W|, and the kept set (scored +∞) and the grown blocks are
+selected together by the project's exact sharded top-k over the tensor-parallel group, with the
+shard capacities of `storage`. A tensor-parallel shard's x and g are exactly what its own slice of
+∂L/∂W needs (a column-parallel shard sees all of x and its rows of g, a row-parallel one its
+columns of x and all of g). Data-parallel replicas sum each chunk over the data-parallel group —
+one dense gradient's traffic per update, every `reselect_every` steps — so all replicas select
+alike.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from sparse_lm.config import RunConfig, SparsityConfig, require
+from sparse_lm.methods.base import SparsityMethod
+from sparse_lm.parallel.layers import collective_device, enter_region, leave_region
+from sparse_lm.sparsity.allocation import sparse_linear_shapes
+from sparse_lm.sparsity.kernels import SparseMatmul, to_blocks
+from sparse_lm.sparsity.storage import SparseLinear, block_sums, score_dtype
+from sparse_lm.sparsity.threshold import ChunkedScores, select_topk_positions
+from sparse_lm.sparsity.topkast import TopKAST, initialize_static, reselect
+
+
+class RigLLinear(SparseLinear):
+    """A `SparseLinear` with B = A that, while `capture` is on, keeps each training forward's input
+    and its output's gradient (`captured`) for the next update's growth scores."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.capture, self.captured = False, []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = enter_region(x, self.spec)
+        y = SparseMatmul.apply(x, self.values, self.forward_mask, self.index, self.shape, self.block, 0.0,
+                               self.density)
+        if self.capture and self.training and torch.is_grad_enabled():
+            inputs = x.detach().reshape(-1, self.in_features)
+            y.register_hook(lambda g: self.captured.append((inputs, g.detach().reshape(-1, self.out_features))))
+        return leave_region(y, self.spec)
+
+    def growth_scores(self, kept: torch.Tensor, data_group=None) -> ChunkedScores:
+        """Σ|∂L/∂W| per block of this shard from the captured (x, g) pairs, a chunk of block-rows
+        at a time (summed over `data_group`), with the blocks at `kept` scored +∞."""
+        b, cols, device = self.block, self.block_cols, self.values.device
+        keep = torch.zeros(self.n_blocks, dtype=torch.bool, device=device)
+        keep[kept] = True
+        pairs = self.captured
+
+        def chunks():
+            for r0, r1 in self.row_chunks():
+                rows = slice(r0 * b, r1 * b)
+                grad = sum(g[:, rows].T.to(score_dtype(g.dtype)) @ x.to(score_dtype(x.dtype)) for x, g in pairs)
+                if data_group is not None:
+                    dist.all_reduce(grad, group=data_group)
+                scores = block_sums(to_blocks(grad, b)).float()  # the sharded select ranks float32
+                scores[keep[r0 * cols : r1 * cols]] = math.inf
+                yield scores
+
+        return ChunkedScores(chunks, self.n_blocks, device)
+
+
+@torch.no_grad()
+def update(layer: RigLLinear, optimizer, k: int, data_group=None):
+    """One RigL update of a layer: keep the top |A| − k blocks of A by Σ|θ|, fill the rest of the
+    budget with the blocks of largest gradient outside them (new ones at zero); returns
+    `topkast.reselect`'s change."""
+    used = torch.nonzero(layer.live).view(-1)
+    rank = layer.spec.rank if layer.spec else 0
+    picked = select_topk_positions(block_sums(layer.values.detach()[used]).float(), layer.k_forward - k,
+                                   layer.group, global_offset=rank * layer.capacity)
+    kept = layer.index.long()[used[picked]]
+    zeros = lambda positions: layer.values.new_zeros(len(positions), layer.block, layer.block)  # noqa: E731
+    change = reselect(layer, optimizer, pick_forward=False, scores=layer.growth_scores(kept, data_group),
+                      entering_values=zeros)
+    layer.forward_mask.copy_(layer.live)
+    return change
+
+
+class RigL(TopKAST):
+    """The schedule: arm the layers to capture in the step before an update, update after it."""
+
+    def __init__(self, model: nn.Module, cfg: RunConfig, group=None):
+        super().__init__(model, cfg.sparsity, cfg.train.steps, group, reselects=True)
+        self.alpha = cfg.sparsity.update_fraction
+        self.end = cfg.sparsity.freeze_masks_after * cfg.train.steps
+        self.data_group = _data_parallel_group()
+
+    def fraction(self, step: int) -> float:
+        """f(t) = α/2·(1 + cos(πt / T_end)): the share of A replaced at the update after step t."""
+        return self.alpha / 2 * (1 + math.cos(math.pi * min(1.0, step / self.end))) if self.end else 0.0
+
+    def start(self, step: int) -> None:
+        self._arm(step)
+
+    def after_step(self, step: int, optimizer) -> dict[str, float] | None:
+        record = self.update_all(step, optimizer) if self.due(step) else None
+        self._arm(step)
+        return record
+
+    def _arm(self, step: int) -> None:
+        """Capture during step `step` + 1 if an update follows it; drop what an update has used."""
+        for layer in self.layers:
+            layer.capture, layer.captured = self.due(step + 1), []
+
+    def update_all(self, step: int, optimizer) -> dict[str, float]:
+        """Update every layer; the fraction of the model's A that changed, summed over shards and
+        stages (each layer's budget counted once), as a reselection record."""
+        started = time.perf_counter()
+        entered = 0
+        for layer in self.layers:
+            entered += update(layer, optimizer, math.floor(self.fraction(step) * layer.k_forward),
+                              self.data_group).entered_b
+        first = [layer for layer in self.layers if layer.spec is None or layer.spec.rank == 0]
+        counts = torch.tensor([entered, sum(layer.capped_ranks > 0 for layer in first),
+                               sum(layer.k_forward for layer in first)],
+                              dtype=torch.float64, device=collective_device(self.group))
+        if self.group is not None:
+            dist.all_reduce(counts, group=self.group)
+        entered, capped, k = counts.tolist()
+        return {"changed_b": entered / k, "changed_a": entered / k, "capacity_bound_layers": int(capped),
+                "update_fraction": self.fraction(step), "seconds": time.perf_counter() - started}
+
+
+def _data_parallel_group():
+    """megatron-core's data-parallel group when there are several replicas, else None."""
+    from sparse_lm.parallel.mcore import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        return None
+    return parallel_state.get_data_parallel_group() if parallel_state.get_data_parallel_world_size() > 1 else None
+
+
+class RigLMethod(SparsityMethod):
+    name = "rigl"
+    reselects = True
+    linear_class = RigLLinear
+
+    def validate(self, cfg: RunConfig) -> None:
+        super().validate(cfg)
+        s = cfg.sparsity
+        require(s.complement == "regenerate", "sparsity.complement",
+                "regenerate with sparsity.method=rigl (its dropped weights are zero: there is nothing to offload)",
+                s.complement)
+
+    def exploration(self, s: SparsityConfig) -> float:
+        return 0.0  # B is A
+
+    def initializer(self) -> Callable | None:
+        return initialize_static  # a seeded random set, as the paper's random sparse start
+
+    def schedule(self, model, cfg: RunConfig, group=None) -> RigL:
+        return RigL(model, cfg, group)
+
+    def training_sets(self, cfg, a, b):
+        """A forward and backward, and the dense weight gradient once every `reselect_every` steps."""
+        every = cfg.sparsity.reselect_every
+        whole = {s.name: (s.rows // cfg.sparsity.block) * (s.cols // cfg.sparsity.block)
+                 for s in sparse_linear_shapes(cfg)}
+        return a, {name: k + (whole[name] - k) / every for name, k in a.items()}
+
+
+METHOD = RigLMethod()
