@@ -24,7 +24,7 @@ import subprocess
 import sys
 import time
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,7 +50,6 @@ class Step:
     cuda: bool = False
     rehearse: list[str] | None = None
     numbers: object = None
-    record: dict = field(default_factory=dict)
 
 
 def kernel_numbers(out: Path, work: Path) -> dict:
@@ -127,7 +126,7 @@ class Check:
         self.out, self.work, self.rehearse = out, work, rehearse
         self.deadline = time.monotonic() + budget
         self.records: list[dict] = []
-        self.log = open(out / "gpu_check.log", "a", buffering=1)  # noqa: SIM115 (open for the whole check)
+        self.log = open(out / "gpu_check.log", "a", buffering=1)
         self.summary = {"mode": "rehearsal" if rehearse else "gpu", "python": sys.version.split()[0],
                         "steps": self.records}
 

@@ -93,3 +93,23 @@ def summary(wheel_dir: Path) -> dict:
     """The wheels' names and total size, for the check's summary."""
     wheels = sorted(wheel_dir.glob("*.whl"))
     return {"wheels": [w.name for w in wheels], "wheel_mib": round(sum(w.stat().st_size for w in wheels) / 2**20, 2)}
+
+
+def beyond_image() -> list[str]:
+    """Installed distributions the image lacks: the rehearsal removes them from its venv (pip pulls
+    some as dependencies of image packages), so a wheel missing here is missing there too."""
+    from importlib.metadata import distributions
+
+    image = image_packages()
+    return sorted({canonicalize_name(d.metadata["Name"]) for d in distributions()} - set(image))
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] == ["--beyond-image"]:
+        print("\n".join(beyond_image()))
+    else:  # the wheels folder given: what keeps it from installing there, one line each
+        errors = problems(Path(sys.argv[1] if len(sys.argv) > 1 else "build/gpu_wheels"))
+        print("\n".join(errors) or "the wheels are complete for the image")
+        sys.exit(1 if errors else 0)

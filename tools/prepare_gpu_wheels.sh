@@ -8,7 +8,10 @@
 # build/gpu_wheels_host holds, for each wheel tied to a python version, the same version for this
 # machine's python: `gpu_check.sh --rehearse` installs those here (it is never carried).
 # The pins are the versions the test suite runs with; every Requires-Dist of these wheels that the
-# image lacks is among them (`python tools/gpu_check.py --check-wheels` checks, the rehearsal too).
+# image lacks is among them (`python3 tools/gpu_wheels.py build/gpu_wheels` checks, as the check's
+# install step does). typing-extensions and fsspec are in the image, at versions not all recorded:
+# they come for pydantic's >= 4.16 and datasets' <= 2026.9.0, and pip takes them only where the
+# image's own do not satisfy those.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=build/gpu_wheels host=build/gpu_wheels_host
@@ -18,7 +21,7 @@ BINARY=(megatron-core==0.16.1 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 
         typing-extensions==4.16.0 fsspec==2026.9.0)
 rm -rf "$out" "$host"
 mkdir -p "$out" "$host"
-python3 -m pip wheel -q --no-deps --no-binary=:all: -w "$out" "${BUILT[@]}"
+python3 -m pip wheel -q --disable-pip-version-check --no-deps --no-binary=:all: -w "$out" "${BUILT[@]}"
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     --platform any -d "$out" "${BINARY[@]}"
@@ -29,3 +32,4 @@ for wheel in "$out"/*.whl; do  # name-version-[build-]python-abi-platform.whl
 done
 ls -l "$out" "$host"
 du -ch "$out"/*.whl | tail -1
+python3 tools/gpu_wheels.py "$out"
