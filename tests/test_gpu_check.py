@@ -81,8 +81,12 @@ def test_a_requirement_the_images_version_misses_needs_a_wheel(wheels):
 
 def test_the_rehearsal_installs_only_what_the_image_holds():
     script = (REPO / "tools" / "gpu_check.sh").read_text()
-    names = re.search(r"^image=\((.*?)\)", script, re.M | re.S).group(1).split()
-    assert names and set(names) <= set(gpu_wheels.image_packages())
+    pins = dict(item.partition("==")[::2] for item in re.search(r"^image=\((.*?)\)", script, re.M | re.S)
+                .group(1).split())
+    image = gpu_wheels.image_packages()
+    assert pins and set(pins) <= set(image)
+    assert all(version == image[name] for name, version in pins.items() if version)
+    assert {name for name, version in pins.items() if image[name] and not version} == {"numpy"}  # none for 3.11
 
 
 def test_every_cuda_step_has_a_command_check():

@@ -21,10 +21,13 @@ shift
 venv="${REHEARSE_VENV:-build/gpu_rehearsal}"
 rm -rf "$venv" "$out" "${out}_work"
 python3 -m venv "$venv" || exit 1
-# What the image holds that the steps use (every name is in tools/gpu_image.txt; the tests check it);
-# torch pinned: CPU torch, never an unpinned one (it may pull a multi-GB CUDA build).
-image=(numpy pyyaml tqdm sentencepiece safetensors transformers pyarrow pandas filelock fsspec huggingface-hub
-       xxhash packaging einops msgpack ninja psutil py-cpuinfo typing-extensions pytest requests)
+# What the image holds that the steps use (every name is in tools/gpu_image.txt, at its version there
+# where one is recorded — numpy 2.5.2 has no build for this python; the tests check both): a newer
+# huggingface-hub, say, needs packages the image lacks. torch pinned: CPU torch, never an unpinned one
+# (it may pull a multi-GB CUDA build).
+image=(numpy pyyaml tqdm sentencepiece==0.2.2 safetensors==0.8.0 transformers==5.17.0 pyarrow pandas filelock
+       fsspec huggingface-hub==1.33.0 xxhash packaging einops msgpack ninja psutil py-cpuinfo typing-extensions
+       pytest requests)
 pip=("$venv/bin/python" -m pip -q --disable-pip-version-check)
 "${pip[@]}" install torch==2.13.0 "${image[@]}" || exit 1
 # pip pulls a few packages the image lacks as their dependencies: without them, as there.
