@@ -11,14 +11,15 @@
 # image lacks is among them (`python3 tools/gpu_wheels.py build/gpu_wheels` checks, as the check's
 # install step does). typing-extensions and fsspec are in the image, at versions not all recorded:
 # they come for pydantic's >= 4.16 and datasets' <= 2026.9.0, and pip takes them only where the
-# image's own do not satisfy those.
+# image's own do not satisfy those. tzdata is not in the image, and python-dateutil 4 (pandas', so
+# datasets') requires it: the rehearsal found it missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=build/gpu_wheels host=build/gpu_wheels_host
 BUILT=(deepspeed==0.19.8)  # a source release only: built here as a pure py3-none-any wheel
 BINARY=(megatron-core==0.16.1 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 hjson==3.1.0
         pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
-        typing-extensions==4.16.0 fsspec==2026.9.0)
+        typing-extensions==4.16.0 fsspec==2026.9.0 tzdata==2026.6)
 rm -rf "$out" "$host"
 mkdir -p "$out" "$host"
 python3 -m pip wheel -q --disable-pip-version-check --no-deps --no-binary=:all: -w "$out" "${BUILT[@]}"
