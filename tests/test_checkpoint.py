@@ -75,19 +75,28 @@ def test_non_finite_weights_on_one_rank_are_refused_on_all(tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: NCCL process groups take CUDA tensors only")
-def test_save_on_a_gpu_under_nccl(tmp_path):
-    """A run on a GPU has an NCCL-only process group: the save's all-reduce must not be given a CPU
-    tensor ("No backend type associated with device type cpu")."""
+def test_save_and_resume_on_a_gpu_under_nccl(tmp_path):
+    """A run on a GPU has an NCCL-only process group: the save's and the load's collectives must not
+    be given a CPU tensor ("No backend type associated with device type cpu"), and what is loaded
+    back onto the GPU is what was saved."""
     import torch.distributed as dist
+
+    from sparse_lm.checkpoint.store import load_checkpoint
 
     dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
     try:
         cfg = tiny_config()
         model, optimizer = trained_step(cfg, "cuda")
         step_dir = save(tmp_path / "ckpt", cfg, model, optimizer, device="cuda")
+        torch.manual_seed(1)
+        resumed = build_model(cfg).to("cuda")
+        resumed_optimizer = torch.optim.AdamW(resumed.parameters(), lr=1e-2)
+        load_checkpoint(step_dir, resumed, resumed_optimizer, topology("cuda"), cfg.to_dict())
     finally:
         dist.destroy_process_group()
     assert (step_dir / "manifest.json").is_file()
+    for (name, saved), loaded in zip(model.state_dict().items(), resumed.state_dict().values()):
+        assert loaded.is_cuda and torch.equal(saved, loaded), name
 
 
 # ---------------------------------------------------------------- bf16: the fp32 masters

@@ -10,20 +10,23 @@ from sparse_lm.atomic import check_writable, write_json
 from sparse_lm.config import RunConfig, load_config
 from sparse_lm.errors import UserError
 from sparse_lm.plan.flops import plan_flops
-from sparse_lm.plan.memory import HOST_PARTS, STATE_PARTS, Layout, dense_of, layout_of, plan_memory, resolved
+from sparse_lm.plan.memory import HOST_PARTS, STATE_PARTS, Layout, dense_of, layout_of, plan_memory
 from sparse_lm.plan.presets import LLAMA_FAMILY
+from sparse_lm.plan.vocab import resolve
 
 GIB = 2**30
 
 
 def plan(cfg: RunConfig, world: int | None = None, gpu_memory_gib: float | None = None) -> dict:
     """The report `sparse-lm plan` prints and writes (see docs/guide/plan.md for its keys)."""
-    cfg = resolved(cfg)
+    cfg, vocabulary = resolve(cfg)
     layout = layout_of(cfg, world)
     sparse, dense = plan_memory(cfg, layout), plan_memory(dense_of(cfg), layout)
     report = {
         "layout": {**dataclasses.asdict(layout), "world": layout.tensor * layout.pipeline * layout.data},
         "model": dataclasses.asdict(cfg.model),
+        "vocabulary": vocabulary,
+        "gpu_kernels": gpu_kernels(cfg),
         "sparsity": {k: getattr(cfg.sparsity, k)
                      for k in ("method", "density", "exploration", "granularity", "block_size")},
         "tokens_per_micro_batch": cfg.train.micro_batch * cfg.train.seq_len,
@@ -40,6 +43,21 @@ def plan(cfg: RunConfig, world: int | None = None, gpu_memory_gib: float | None 
         report["dense_fits"] = dense["per_rank"]["total_bytes"] <= limit
         report["largest_fitting"] = largest_fitting(cfg, layout, limit)
     return report
+
+
+def gpu_kernels(cfg: RunConfig) -> str:
+    """What a sparse linear's products run on a GPU today (sparsity/kernels.py's rules with the
+    Triton kernels of triton_blocks.py): element mode has no GPU kernel and computes densely."""
+    s = cfg.sparsity
+    if s.method == "dense":
+        return "dense: cuBLAS matrix products"
+    if s.granularity == "element":
+        return ("element mode runs the dense tile path (each product computed densely, tile by tile of the "
+                "layer): dense compute, no sparse speedup; there is no Triton element kernel yet")
+    b = s.block_size
+    if b >= 16 and b & (b - 1) == 0:
+        return f"{b}x{b} blocks run the Triton block kernels where few enough are used (kernels.py), else dense tiles"
+    return f"{b}x{b} blocks run gathered blocks or dense tiles (the Triton kernels need b a power of two >= 16)"
 
 
 def family_member(cfg: RunConfig, shape: dict) -> RunConfig | None:
@@ -78,6 +96,8 @@ def format_report(report: dict) -> str:
     sparse, dense, flops = report["per_rank"], report["dense"], report["flops_per_token"]
     lay = Layout(**{k: v for k, v in report["layout"].items() if k != "world"})
     lines = [f"layout: {lay.describe()}; {report['tokens_per_micro_batch']} tokens per micro-batch",
+             f"vocabulary: {report['vocabulary']['size']} from {report['vocabulary']['note']}",
+             f"on a GPU: {report['gpu_kernels']}",
              f"fullest rank: stage {sparse['stage']} (sparse), stage {dense['stage']} (dense)",
              f"{'GiB per rank':<34}{'sparse':>9}  {'dense':>9}"]
     for part in (*STATE_PARTS, "activations", "workspace", "zero_step_buffers"):

@@ -14,11 +14,12 @@ take the tensor cores, with fp32 accumulation.
 
 Where no GPU is present, `TRITON_INTERPRET=1` runs the same kernels on CPU tensors in Triton's
 interpreter: that is how tests/test_kernels.py checks them against dense matmuls on a CPU-only
-machine. Before the kernels first serve a device, dtype and block size they are tried once on one
-block (`_works`): where this Triton cannot build or run them (a GPU too old for bf16, say), the
-pure-torch gathered path takes over after one warning instead of the step failing. Speed on a
-GPU: `tools/bench_step.py --device cuda` (`tools/gpu_check.sh`) — not yet measured, no GPU having
-been lent to this project so far; TOKEN_TILE and the path limits are untuned there.
+machine. Before the kernels first serve a device, dtype and block size they are tried once on a
+random layout against float64 (`_works`, with `kernel_oracle`'s bounds): where this Triton cannot
+build or run them (a GPU too old for bf16, say), or they give wrong numbers, the pure-torch gathered
+path takes over after one warning instead of the step failing. Speed on a GPU: `tools/gpu_check.sh`
+(`tools/bench_step.py --device cuda`) — not yet measured, no GPU having been lent to this project
+so far; TOKEN_TILE and the path limits are untuned there.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ import os
 import warnings
 
 import torch
+
+from sparse_lm.sparsity import kernel_oracle
 
 # Tokens per program. 64 keeps a b = 64 program's fp32 accumulator at 64×64 (16 KiB of registers).
 TOKEN_TILE = 64
@@ -64,15 +67,20 @@ def supports(a: torch.Tensor, block: int) -> bool:
 
 @functools.cache
 def _works(device: torch.device, dtype: torch.dtype, block: int, interpret: bool) -> bool:
-    """Whether both kernels build and give the right numbers on one block of ones (once per
-    device, dtype, block size and mode); if not, one warning says why."""
+    """Whether both kernels build and give the right numbers (once per device, dtype, block size
+    and mode) on a random layout: 4 of a 3 × 2 grid of blocks in shuffled slots, 70 tokens (a short
+    second tile), against float64 with `kernel_oracle`'s dtype-aware bound, so a wrong index or a
+    missing transpose shows here, not in a loss curve; if not, one warning says why."""
     try:
-        ones = torch.ones(1, block, device=device, dtype=dtype)
-        block_of_ones = torch.ones(1, block, block, device=device, dtype=dtype)
-        zero, starts = torch.zeros(1, dtype=torch.long, device=device), torch.tensor([0, 1], device=device)
-        right = (bool(_product(ones, block_of_ones, zero, zero, starts, block, True).eq(block).all())
-                 and bool(_sddmm(ones, ones, zero, zero, block).eq(1).all()))
-        reason = "they gave wrong numbers on one block of ones"
+        gen = torch.Generator().manual_seed(0)
+        layout = kernel_oracle.random_layout(3, 2, block, 4, 2, gen)
+        on = {"device": device, "dtype": dtype}
+        values = torch.randn(layout.capacity, block, block, generator=gen).to(**on)
+        x, g = torch.randn(70, 2 * block, generator=gen).to(**on), torch.randn(70, 3 * block, generator=gen).to(**on)
+        worst = kernel_oracle.worst_error(_product, _sddmm, layout, values, x, g)
+        right = max(worst.values()) <= 1
+        reason = "they missed the float64 product on a random layout (error / allowed: " + ", ".join(
+            f"{name} {ratio:.3g}" for name, ratio in worst.items()) + ")"
     except Exception as error:  # a compiler error of Triton's, an unsupported GPU: the fallback still works
         right, reason = False, (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
     if not right:

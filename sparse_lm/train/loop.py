@@ -350,8 +350,10 @@ def finish(run: Run) -> dict[str, Any]:
         "dense_model_state_bytes": dense_bytes,
         "memory_ratio": memory["total"] / dense_bytes if memory else None,
         "peak_rss_bytes": peak_rss_bytes(),
-        # the GPU's high-water mark, which `sparse-lm plan`'s per-rank total predicts (tools/gpu_check.sh)
+        # the GPU's high-water marks: what tensors held, which `sparse-lm plan`'s per-rank total predicts,
+        # and what the caching allocator reserved for them (tools/gpu_check.sh puts both beside the plan)
         "peak_device_bytes": torch.cuda.max_memory_allocated() if run.topo.device.type == "cuda" else None,
+        "peak_device_reserved_bytes": torch.cuda.max_memory_reserved() if run.topo.device.type == "cuda" else None,
     }
     run.log.write("summary", **summary)
     memory_note = ""
