@@ -15,26 +15,36 @@ from tests.cli_runs import REPO
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def test_study_pipeline_produces_every_artefact(data_dir, tmp_path):
-    study = {
-        "base": {"model": {"d_model": 64, "n_layers": 2, "n_heads": 4, "max_seq_len": 32},
-                 "data": {"path": str(data_dir)},
-                 "train": {"steps": 4, "seq_len": 32, "micro_batch": 4, "eval_every": 2, "eval_batches": 2,
-                           "warmup_steps": 1},
-                 "checkpoint": {"every": 4, "keep": 1}},
-        "seeds": [7, 8],
-        "variants": {"dense": {},
-                     "topkast-75": {"sparsity": {"method": "topkast", "density": 0.25, "exploration": 0.25,
-                                                 "reselect_every": 2}},
-                     "small-dense-75": {"small_dense": "topkast-75"}},
-    }
+def _run_study(study: dict, tmp_path) -> tuple[list[str], object, dict]:
+    """Run tools/study.py on `study`; (its command, its output folder, its results.json)."""
     config = tmp_path / "study.yaml"
     config.write_text(yaml.safe_dump(study, sort_keys=False))
     out = tmp_path / "results"
     command = [sys.executable, str(REPO / "tools" / "study.py"), "--config", str(config), "--out", str(out)]
     proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    report = json.loads((out / "results.json").read_text())
+    return command, out, json.loads((out / "results.json").read_text())
+
+
+def _base(data_dir, steps: int, eval_every: int) -> dict:
+    """A study's base run: a tiny model for `steps` steps, checkpointed at the end."""
+    return {"model": {"d_model": 64, "n_layers": 2, "n_heads": 4, "max_seq_len": 32},
+            "data": {"path": str(data_dir)},
+            "train": {"steps": steps, "seq_len": 32, "micro_batch": 4, "eval_every": eval_every, "eval_batches": 2,
+                      "warmup_steps": 1},
+            "checkpoint": {"every": steps, "keep": 1}}
+
+
+def test_study_pipeline_produces_every_artefact(data_dir, tmp_path):
+    study = {
+        "base": _base(data_dir, steps=4, eval_every=2),
+        "seeds": [7, 8],
+        "variants": {"dense": {},
+                     "topkast-75": {"sparsity": {"method": "topkast", "density": 0.25, "exploration": 0.25,
+                                                 "reselect_every": 2}},
+                     "small-dense-75": {"small_dense": "topkast-75"}},
+    }
+    command, out, report = _run_study(study, tmp_path)
     results = report["results"]
     assert list(results) == ["dense", "topkast-75", "small-dense-75"]
     for name, r in results.items():
@@ -67,11 +77,7 @@ def test_a_grid_is_tuned_by_training_loss_and_extended_off_its_edge(data_dir, tm
     selection is the lowest mean training loss over the last steps; a variant inherits a field of
     another's selection; the seeds phase repeats the selected setting only."""
     study = {
-        "base": {"model": {"d_model": 64, "n_layers": 2, "n_heads": 4, "max_seq_len": 32},
-                 "data": {"path": str(data_dir)},
-                 "train": {"steps": 6, "seq_len": 32, "micro_batch": 4, "eval_every": 6, "eval_batches": 2,
-                           "warmup_steps": 1},
-                 "checkpoint": {"every": 6, "keep": 1}},
+        "base": _base(data_dir, steps=6, eval_every=6),
         "seeds": [7, 8],
         "select_fraction": 0.5,
         "max_extensions": 1,
@@ -79,13 +85,7 @@ def test_a_grid_is_tuned_by_training_loss_and_extended_off_its_edge(data_dir, tm
                      "static-75": {"sparsity": {"method": "static", "density": 0.25},
                                    "inherit": {"dense": ["train.lr"]}, "grid": {"sparsity.supar": [False, True]}}},
     }
-    config = tmp_path / "study.yaml"
-    config.write_text(yaml.safe_dump(study, sort_keys=False))
-    out = tmp_path / "results"
-    command = [sys.executable, str(REPO / "tools" / "study.py"), "--config", str(config), "--out", str(out)]
-    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    report = json.loads((out / "results.json").read_text())
+    _, out, report = _run_study(study, tmp_path)
     grid = [r for r in report["runs"] if r["name"] == "dense" and r["phase"] == "grid"]
     assert [r["setting"]["train.lr"] for r in grid] == [1.0e-4, 3.0e-4, 9.0e-4]  # one step beyond the edge
     for r in grid:  # the selection loss is the mean of the last half of the steps' training losses

@@ -13,6 +13,7 @@ import math
 import torch
 
 from sparse_lm.sparsity.init import counter_normal
+from tests.reference.dense_topkast import masked_adamw
 
 
 class DenseRigLLinear:
@@ -61,13 +62,4 @@ class DenseRigLLinear:
 
     def adamw(self, grad, step, lr, betas, eps, weight_decay) -> None:
         """torch.optim.AdamW's update on A's entries only."""
-        on_a = self.dense(self.A)
-        beta1, beta2 = betas
-        theta = self.theta * (1 - lr * weight_decay)
-        exp_avg = self.exp_avg.lerp(grad, 1 - beta1)
-        exp_avg_sq = self.exp_avg_sq * beta2 + (1 - beta2) * grad * grad
-        denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**step)) + eps
-        theta = theta - (lr / (1 - beta1**step)) * exp_avg / denom
-        self.theta = torch.where(on_a, theta, self.theta)
-        self.exp_avg = torch.where(on_a, exp_avg, self.exp_avg)
-        self.exp_avg_sq = torch.where(on_a, exp_avg_sq, self.exp_avg_sq)
+        masked_adamw(self, self.dense(self.A), grad, step, lr, betas, eps, weight_decay)

@@ -68,13 +68,17 @@ class DenseTopKASTLinear:
 
     def adamw(self, grad, step, lr, betas, eps, weight_decay) -> None:
         """torch.optim.AdamW's update, applied to B's entries only (others are frozen)."""
-        on_b = self.blocks_to_dense(self.B)
-        beta1, beta2 = betas
-        theta = self.theta * (1 - lr * weight_decay)
-        exp_avg = self.exp_avg.lerp(grad, 1 - beta1)
-        exp_avg_sq = self.exp_avg_sq * beta2 + (1 - beta2) * grad * grad
-        denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**step)) + eps
-        theta = theta - (lr / (1 - beta1**step)) * exp_avg / denom
-        self.theta = torch.where(on_b, theta, self.theta)
-        self.exp_avg = torch.where(on_b, exp_avg, self.exp_avg)
-        self.exp_avg_sq = torch.where(on_b, exp_avg_sq, self.exp_avg_sq)
+        masked_adamw(self, self.blocks_to_dense(self.B), grad, step, lr, betas, eps, weight_decay)
+
+
+def masked_adamw(layer, on: torch.Tensor, grad, step, lr, betas, eps, weight_decay) -> None:
+    """torch.optim.AdamW's update written out, applied to `layer`'s θ and moments where `on`."""
+    beta1, beta2 = betas
+    theta = layer.theta * (1 - lr * weight_decay)
+    exp_avg = layer.exp_avg.lerp(grad, 1 - beta1)
+    exp_avg_sq = layer.exp_avg_sq * beta2 + (1 - beta2) * grad * grad
+    denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**step)) + eps
+    theta = theta - (lr / (1 - beta1**step)) * exp_avg / denom
+    layer.theta = torch.where(on, theta, layer.theta)
+    layer.exp_avg = torch.where(on, exp_avg, layer.exp_avg)
+    layer.exp_avg_sq = torch.where(on, exp_avg_sq, layer.exp_avg_sq)
