@@ -31,7 +31,7 @@ def test_presets_are_valid(path):
         ("model.tie_embeddings=maybe", "config field model.tie_embeddings: expected true or false, got 'maybe'"),
         ("data.heldout_fraction=1.5", "config field data.heldout_fraction: expected a number in (0, 1), got 1.5"),
         ("sparsity.method=magic",
-         "config field sparsity.method: expected one of: dense, static, topkast, spartan, got 'magic'"),
+         "config field sparsity.method: expected one of: dense, static, topkast, spartan, rigl, got 'magic'"),
         ("sparsity.density=0", "config field sparsity.density: expected a number in (0, 1], got 0.0"),
         ("sparsity.exploration=0.95", "config field sparsity.exploration: expected at most 1 - sparsity.density = 0.9"),
         ("sparsity.granularity=block sparsity.block_size=48",
@@ -115,7 +115,7 @@ def test_choice_fields_are_literals_checked_also_for_configs_built_in_python():
                  "sparsity.candidates", "train.precision", "checkpoint.resume"):
         assert typing.get_origin(hints[name]) is typing.Literal, name
     with pytest.raises(UserError, match=r"^config field sparsity.method: expected one of: dense, static, topkast, "
-                                        r"spartan, got 'magic'$"):
+                                        r"spartan, rigl, got 'magic'$"):
         RunConfig(sparsity=SparsityConfig(method="magic")).validate()
     with pytest.raises(UserError, match=r"^config field train.precision: expected one of: auto, fp32, bf16, "
                                         r"got 'fp8'$"):
