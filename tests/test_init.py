@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sparse_lm.sparsity import compiled
 from sparse_lm.sparsity.init import counter_normal, counter_normal_at
+from sparse_lm.sparsity.kernels import cpu
 
 
 def _positions() -> torch.Tensor:
@@ -20,11 +20,11 @@ def _positions() -> torch.Tensor:
 
 @pytest.mark.parametrize("seed, stream", [(0, 0), (1234, 0xDEADBEEF), ((1 << 40) + 7, 99)])
 def test_compiled_hash_is_the_torch_expression_bit_for_bit(monkeypatch, seed, stream):
-    assert compiled.ops() is not None, "the compiled CPU kernels did not build"
+    assert cpu.ops() is not None, "the compiled CPU kernels did not build"
     positions = _positions()
     fast = counter_normal_at(seed, stream, positions, 0.02)
     small = counter_normal_at(seed, stream, positions[:5000], 0.02)  # all below 2^32: the other torch branch
-    monkeypatch.setattr(compiled, "ops", lambda: None)
+    monkeypatch.setattr(cpu, "ops", lambda: None)
     torch.testing.assert_close(fast, counter_normal_at(seed, stream, positions, 0.02), rtol=0, atol=0)
     torch.testing.assert_close(small, counter_normal_at(seed, stream, positions[:5000], 0.02), rtol=0, atol=0)
 
@@ -33,9 +33,9 @@ def test_compiled_hash_is_the_torch_expression_bit_for_bit(monkeypatch, seed, st
 def test_compiled_ranges_are_the_torch_expression_bit_for_bit(monkeypatch, start):
     """`counter_normal` hashes a range without building its positions (compiled) — the same bits as
     the torch expression at those positions."""
-    assert compiled.ops() is not None, "the compiled CPU kernels did not build"
+    assert cpu.ops() is not None, "the compiled CPU kernels did not build"
     fast = counter_normal(77, 5, start, 5000, 0.3)
-    monkeypatch.setattr(compiled, "ops", lambda: None)
+    monkeypatch.setattr(cpu, "ops", lambda: None)
     torch.testing.assert_close(fast, counter_normal(77, 5, start, 5000, 0.3), rtol=0, atol=0)
     torch.testing.assert_close(fast, counter_normal_at(77, 5, torch.arange(start, start + 5000), 0.3), rtol=0, atol=0)
 

@@ -1,4 +1,4 @@
-"""The block kernels against a float64 dense product with dtype-aware bounds (`kernel_oracle`):
+"""The block kernels against a float64 dense product with dtype-aware bounds (`kernels.oracle`):
 the bounds pass an fp32 sum and fail a 16-bit one; the oracle and the start-up probe catch a
 transposed block; and the Triton kernels meet them in fp32, fp16 and bf16 for b = 16, 32, 64 on
 layouts with no block, every block and a ragged draw (on a GPU; on the CPU Triton's interpreter
@@ -11,8 +11,8 @@ import functools
 import pytest
 import torch
 
-from sparse_lm.sparsity import kernel_oracle
-from sparse_lm.sparsity.kernel_oracle import allowed_error, random_layout, worst_error
+from sparse_lm.sparsity.kernels import oracle
+from sparse_lm.sparsity.kernels.oracle import allowed_error, random_layout, worst_error
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -73,13 +73,13 @@ def test_the_oracle_catches_a_transposed_block():
 def test_the_probe_turns_away_a_transposing_kernel(monkeypatch):
     """The start-up probe (a random layout) refuses kernels that transpose a block: with a block of
     ones, as the probe once had, nobody would have noticed."""
-    from sparse_lm.sparsity import triton_blocks
+    from sparse_lm.sparsity.kernels import triton_kernels
 
-    monkeypatch.setattr(triton_blocks, "_sddmm", _torch_sddmm)
-    monkeypatch.setattr(triton_blocks, "_product", _torch_product)
-    probe = triton_blocks._works.__wrapped__
+    monkeypatch.setattr(triton_kernels, "_sddmm", _torch_sddmm)
+    monkeypatch.setattr(triton_kernels, "_product", _torch_product)
+    probe = triton_kernels.works.__wrapped__
     assert probe(torch.device("cpu"), torch.float32, 16, True)
-    monkeypatch.setattr(triton_blocks, "_product", functools.partial(_torch_product, forget_transpose=True))
+    monkeypatch.setattr(triton_kernels, "_product", functools.partial(_torch_product, forget_transpose=True))
     with pytest.warns(UserWarning, match="missed the float64 product on a random layout"):
         assert not probe(torch.device("cpu"), torch.float32, 16, True)
 
@@ -101,19 +101,19 @@ def _device_for(dtype, monkeypatch) -> str:
 def test_triton_kernels_meet_the_float64_oracle(monkeypatch, dtype, block, stored):
     """fp32 sums wherever the dtype: a kernel summing in bf16 (or fp16) misses these bounds. The
     start-up probe must pass too, or `supports` would leave the products to the gathered path."""
-    from sparse_lm.sparsity import triton_blocks
+    from sparse_lm.sparsity.kernels import backends, triton_kernels
 
     device = _device_for(dtype, monkeypatch)
     grid = 4 * 3
     n_stored = {"none": 0, "all": grid, "ragged": int(torch.randint(1, grid, (1,),
                                                                     generator=torch.Generator().manual_seed(block)))}
     layout, values, x, g = _problem(block, n_stored[stored], dtype, device, seed=block)
-    assert triton_blocks.supports(x, block), "the start-up probe failed"
-    worst = worst_error(triton_blocks.block_product, triton_blocks.block_sddmm, layout, values, x, g)
+    assert backends.triton_takes(x, block), "the start-up probe failed"
+    worst = worst_error(triton_kernels.block_product, triton_kernels.block_sddmm, layout, values, x, g)
     assert max(worst.values()) <= 1, worst
 
 
 def test_the_bounds_know_every_kernel_dtype():
-    from sparse_lm.sparsity import triton_blocks
+    from sparse_lm.sparsity.kernels import backends
 
-    assert set(kernel_oracle.UNIT_ROUNDOFF) == set(triton_blocks.DTYPES)
+    assert set(oracle.UNIT_ROUNDOFF) == set(backends.TRITON.dtypes)

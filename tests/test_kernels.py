@@ -11,8 +11,8 @@ import functools
 import pytest
 import torch
 
-from sparse_lm.sparsity import compiled, kernels
-from sparse_lm.sparsity.kernels import SparseMatmul
+from sparse_lm.sparsity import kernels
+from sparse_lm.sparsity.kernels import SparseMatmul, backends, cpu
 
 
 def _layer(out_f, in_f, block, n_used, n_a, spare, dtype, seed=0, empty_row=False, empty_col=False):
@@ -92,7 +92,7 @@ def path(request):
     """Forces one path for every product (all must give the same numbers). The in-place path must
     really run: its compiled kernels have to build here."""
     if request.param == "in_place":
-        assert compiled.ops() is not None, "the compiled block kernels did not build"
+        assert cpu.ops() is not None, "the compiled block kernels did not build"
     with kernels.forced_path(request.param):
         yield request.param
 
@@ -193,13 +193,13 @@ def test_element_keys_fit_in_64_bits():
     assert kernels.element_keys_fit((1 << 20, 1 << 20), (1 << 24) - 1)
     assert not kernels.element_keys_fit((1 << 20, 1 << 20), 1 << 24)
     assert kernels.element_keys_fit((1, 1), 0)
-    assert kernels._layer_path(torch.zeros(1, 2), 1, 1, ((1 << 31) - 1, (1 << 31) - 1), 4) == "tiles"
-    assert kernels._layer_path(torch.zeros(1, 2), 1, 1, (4, 4), 4) == "in_place"
+    assert kernels.layer_path(torch.zeros(1, 2), 1, 1, ((1 << 31) - 1, (1 << 31) - 1), 4) == "tiles"
+    assert kernels.layer_path(torch.zeros(1, 2), 1, 1, (4, 4), 4) == "in_place"
 
 
 def test_element_kernels_check_their_positions():
     """A position outside the layer is an error, not a read past the activations."""
-    ops = compiled.ops()
+    ops = cpu.ops()
     a, outside = torch.zeros(4, 8), torch.tensor([17])  # grid 2 × 8: 16 means unused, 17 is outside
     with pytest.raises(RuntimeError, match="position out of range"):
         ops.element_product(a, torch.ones(1), outside, torch.ones(1, dtype=torch.bool), 2, 8, True)
@@ -224,7 +224,7 @@ def test_default_rule_matches_dense(monkeypatch, compiled_kernels):
     """No forcing: A (5 of 32 blocks) takes the in-place path where the kernels are built, else the
     gathered one; B (24 of 32) the tiles."""
     if not compiled_kernels:
-        monkeypatch.setattr(compiled, "ops", lambda: None)
+        monkeypatch.setattr(cpu, "ops", lambda: None)
     shape, block = (256, 128), 32
     assert kernels.use_in_place(block, 5, 32) and not kernels.use_in_place(block, 24, 32)
     assert kernels.use_blocks(block, 5, 32) and not kernels.use_blocks(block, 24, 32)
@@ -233,9 +233,9 @@ def test_default_rule_matches_dense(monkeypatch, compiled_kernels):
 
 def test_compiled_kernels_only_where_they_run():
     """CPU fp32/fp64 only: bf16 and other devices keep the pure-torch paths."""
-    assert compiled.supports(torch.zeros(2, 2)) and compiled.supports(torch.zeros(2, 2, dtype=torch.float64))
-    assert not compiled.supports(torch.zeros(2, 2, dtype=torch.bfloat16))
-    assert not compiled.supports(torch.zeros(2, 2, device="meta"))
+    assert backends.cpu_takes(torch.zeros(2, 2)) and backends.cpu_takes(torch.zeros(2, 2, dtype=torch.float64))
+    assert not backends.cpu_takes(torch.zeros(2, 2, dtype=torch.bfloat16))
+    assert not backends.cpu_takes(torch.zeros(2, 2, device="meta"))
 
 
 def test_forced_path_is_checked():
@@ -252,7 +252,7 @@ def _need_triton() -> None:
 
 
 def _interpreted_triton(monkeypatch) -> None:
-    """Triton's interpreter on, from here: `triton_blocks` builds its kernels for each mode apart,
+    """Triton's interpreter on, from here: `triton_kernels` builds its kernels for each mode apart,
     whichever mode triton itself was first imported in (another library may have imported it)."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     _need_triton()
@@ -261,14 +261,14 @@ def _interpreted_triton(monkeypatch) -> None:
 @pytest.fixture
 def triton_in_place(monkeypatch):
     """The device on which every product takes the in-place path with the Triton kernels
-    (`triton_blocks`): a GPU where there is one, else the CPU, by Triton's interpreter — the GPU
+    (`triton_kernels`): a GPU where there is one, else the CPU, by Triton's interpreter — the GPU
     kernels' own code, checked on a CPU-only machine."""
     if torch.cuda.is_available():
         _need_triton()
         device = "cuda"
     else:
         _interpreted_triton(monkeypatch)
-        monkeypatch.setattr(compiled, "supports", lambda a: False)  # CPU tensors go to Triton, not csrc/
+        monkeypatch.setattr(backends, "cpu_takes", lambda a: False)  # CPU tensors go to Triton, not csrc/
         device = "cpu"
     with kernels.forced_path("in_place"):
         yield device
@@ -304,16 +304,16 @@ def test_triton_kernels_in_half_precision(triton_in_place, dtype):
 
 def test_triton_kernels_that_do_not_build_leave_the_products_to_the_gathered_path(monkeypatch):
     """A Triton that cannot build the kernels for a GPU (or dtype) costs one warning, not the step."""
-    from sparse_lm.sparsity import triton_blocks
+    from sparse_lm.sparsity.kernels import triton_kernels
 
     _interpreted_triton(monkeypatch)
 
     def cannot_build(interpret):
         raise RuntimeError("PassManager::run failed")
 
-    monkeypatch.setattr(triton_blocks, "_kernels", cannot_build)
-    monkeypatch.setattr(triton_blocks, "_works", functools.cache(triton_blocks._works.__wrapped__))  # untried
-    monkeypatch.setattr(compiled, "supports", lambda a: False)
+    monkeypatch.setattr(triton_kernels, "_kernels", cannot_build)
+    monkeypatch.setattr(triton_kernels, "works", functools.cache(triton_kernels.works.__wrapped__))  # untried
+    monkeypatch.setattr(backends, "cpu_takes", lambda a: False)
     with pytest.warns(UserWarning, match="Triton block kernels unavailable .*PassManager::run failed"):
         assert kernels.in_place_ops(torch.zeros(2, 64), 32) is None
     assert kernels.choose_path(torch.zeros(2, 64), 32, 5, 32) == "gathered"
@@ -322,12 +322,12 @@ def test_triton_kernels_that_do_not_build_leave_the_products_to_the_gathered_pat
 
 def test_triton_kernels_only_where_they_run(monkeypatch):
     """A GPU (or the interpreter), fp32/fp16/bf16, and blocks that tl.dot multiplies."""
-    from sparse_lm.sparsity import triton_blocks
+    from sparse_lm.sparsity.kernels import backends
 
     _interpreted_triton(monkeypatch)
-    assert triton_blocks.supports(torch.zeros(2, 2), 16) and triton_blocks.supports(torch.zeros(2, 2), 64)
-    assert not triton_blocks.supports(torch.zeros(2, 2), 8) and not triton_blocks.supports(torch.zeros(2, 2), 48)
-    assert not triton_blocks.supports(torch.zeros(2, 2, dtype=torch.float64), 32)
-    assert kernels.in_place_ops(torch.zeros(2, 2), 32) is compiled.ops()  # the CPU prefers csrc/
+    assert backends.triton_takes(torch.zeros(2, 2), 16) and backends.triton_takes(torch.zeros(2, 2), 64)
+    assert not backends.triton_takes(torch.zeros(2, 2), 8) and not backends.triton_takes(torch.zeros(2, 2), 48)
+    assert not backends.triton_takes(torch.zeros(2, 2, dtype=torch.float64), 32)
+    assert kernels.in_place_ops(torch.zeros(2, 2), 32) is cpu.ops()  # the CPU prefers csrc/
     monkeypatch.delenv("TRITON_INTERPRET")
-    assert not triton_blocks.supports(torch.zeros(2, 2), 32)  # a CPU tensor, no interpreter
+    assert not backends.triton_takes(torch.zeros(2, 2), 32)  # a CPU tensor, no interpreter

@@ -9,7 +9,8 @@ import torch
 from sparse_lm.config import ModelConfig, SparsityConfig
 from sparse_lm.methods.factory import linear_factory
 from sparse_lm.model import Llama, init_weights
-from sparse_lm.sparsity import compiled, kernels
+from sparse_lm.sparsity import kernels
+from sparse_lm.sparsity.kernels import cpu
 from sparse_lm.sparsity.storage import SparseLinear, block_sums
 from sparse_lm.sparsity.topkast import TopKAST, initialize_static, reselect, sparse_layers
 from tests.reference.dense_topkast import DenseTopKASTLinear
@@ -129,7 +130,7 @@ def _check_paths(paths, case: str) -> None:
 def _without_compiled_kernels(monkeypatch, case: str) -> None:
     """The gathered case: the in-place kernels unavailable (as with no C++ compiler)."""
     if KERNEL_CASES[case]["path"] == "gathered":
-        monkeypatch.setattr(compiled, "ops", lambda: None)
+        monkeypatch.setattr(cpu, "ops", lambda: None)
 
 
 @pytest.mark.parametrize("case", list(KERNEL_CASES))
@@ -149,10 +150,10 @@ def _tensor_parallel_body(rank, world):
     from sparse_lm.parallel.mcore import parallel_state
 
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=world)
-    ops, changed = compiled.ops, {}
+    ops, changed = cpu.ops, {}
     try:
         for case in KERNEL_CASES:  # one launch for all cases: starting the ranks is most of the time
-            compiled.ops = (lambda: None) if KERNEL_CASES[case]["path"] == "gathered" else ops
+            cpu.ops = (lambda: None) if KERNEL_CASES[case]["path"] == "gathered" else ops
             specs = (ShardSpec(dim=0, rank=rank, size=world), ShardSpec(dim=1, rank=rank, size=world))
             with kernels.recorded_paths() as paths:
                 try:
@@ -162,7 +163,7 @@ def _tensor_parallel_body(rank, world):
             _check_paths(paths, case)
         return changed
     finally:
-        compiled.ops = ops
+        cpu.ops = ops
         parallel_state.destroy_model_parallel()
 
 

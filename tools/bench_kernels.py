@@ -22,8 +22,8 @@ import sys
 import torch
 
 from bench_step import alternate, cpu_model, write_report
-from sparse_lm.sparsity import compiled, kernels
-from sparse_lm.sparsity.kernels import SparseMatmul, from_blocks, scatter_blocks
+from sparse_lm.sparsity import kernels
+from sparse_lm.sparsity.kernels import SparseMatmul, backends, cpu, from_blocks, scatter_blocks
 
 PRODUCTS = ("forward", "input_grad", "value_grad")
 
@@ -60,7 +60,7 @@ def measure(shape, block: int, fraction: float, args) -> dict:
     x = torch.randn(args.tokens, shape[1], generator=generator)
     g = torch.randn(args.tokens, shape[0], generator=generator)
     dense = {"forward": lambda: x @ weight.T, "input_grad": lambda: g @ weight, "value_grad": lambda: g.T @ x}
-    paths = [p for p in kernels.PATHS if (p != "in_place" or compiled.supports(x)) and (p != "gathered" or block >= 8)]
+    paths = [p for p in kernels.PATHS if (p != "in_place" or backends.cpu_takes(x)) and (p != "gathered" or block >= 8)]
     sparse = {}
     for path in paths:
         with kernels.forced_path(path):
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--shape {args.shape[0]} {args.shape[1]} does not split into blocks of {block}")
     torch.set_num_threads(args.threads)
     env = {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "threads": args.threads, "torch": torch.__version__,
-           "compiled_kernels": compiled.ops() is not None, "load_average_at_start": os.getloadavg()}
+           "compiled_kernels": cpu.ops() is not None, "load_average_at_start": os.getloadavg()}
     results = []
     for block in args.blocks:
         for fraction in args.fractions:

@@ -113,10 +113,10 @@ def _rank(spec: dict) -> dict:
     cfg = load_config(spec["config"], spec["overrides"])
     topo = init_distributed(cfg.parallel.tensor, cfg.parallel.pipeline)
     cfg.model = resolve_vocab(cfg.model, cfg.data.vocab_size)
-    from sparse_lm.sparsity import compiled
+    from sparse_lm.sparsity.kernels import cpu
 
     # Loading (on a cold cache: compiling) the CPU kernels is a start-up cost of its own, not θ₀'s.
-    phases.run("kernels", compiled.ops)
+    phases.run("kernels", cpu.ops)
     phases.baseline_rss = _status_bytes("VmRSS")
     model = phases.run("build", lambda: build_model(cfg, initialize=False, topology=topo))
     sparse_init = initialize_static if cfg.sparsity.method == "static" else None
@@ -326,12 +326,12 @@ def environment(threads: int) -> dict:
     import torch
 
     from bench_step import cpu_model
-    from sparse_lm.sparsity import compiled
+    from sparse_lm.sparsity.kernels import cpu
 
     return {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "threads": threads, "torch": torch.__version__,
             "python": platform.python_version(), "platform": platform.platform(),
             "memory_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
-            "compiled_kernels": compiled.ops() is not None, "load_average_at_start": os.getloadavg()}
+            "compiled_kernels": cpu.ops() is not None, "load_average_at_start": os.getloadavg()}
 
 
 def markdown(report: dict) -> str:

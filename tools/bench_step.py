@@ -3,7 +3,7 @@
     python tools/bench_step.py --json docs/bench/step.json --markdown docs/bench/step.md --plot docs/bench/step.png
     python tools/bench_step.py --full ...        # every density × mode × d_model (tens of minutes on 2 cores)
     python tools/bench_step.py --device cuda --dtype bfloat16 --d-models 4096 --modes block32 block64 \
-        --densities 1 0.2 0.1 0.05 --tokens 8192 --repeat 10   # a GPU: the Triton kernels (sparsity/triton_blocks.py)
+        --densities 1 0.2 0.1 0.05 --tokens 8192 --repeat 10   # a GPU: the Triton kernels (sparsity/triton_kernels.py)
 
 The model is weight-dominated: `--layers` SwiGLU MLP blocks, x + down(silu(gate(x)) · up(x)) with
 hidden = `--hidden-mult` · d_model, on `--tokens` tokens. Sparse: every linear is a
@@ -35,7 +35,8 @@ import torch
 from torch import nn
 
 from sparse_lm.atomic import write_text
-from sparse_lm.sparsity import compiled, kernels, triton_blocks
+from sparse_lm.sparsity import kernels
+from sparse_lm.sparsity.kernels import cpu, triton_kernels
 from sparse_lm.sparsity.storage import SparseLinear
 from sparse_lm.sparsity.topkast import reselect, sparse_layers
 
@@ -172,11 +173,11 @@ def environment(threads: int, device: str, dtype: str) -> dict:
     env = {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "threads": threads, "torch": torch.__version__,
            "python": platform.python_version(), "platform": platform.platform(), "device": device, "dtype": dtype,
            "load_average_at_start": os.getloadavg(),
-           "compiled_kernels": compiled.ops() is not None,
+           "compiled_kernels": cpu.ops() is not None,
            "rule": {"in_place_limits": kernels.IN_PLACE_LIMITS, "gather_limits": kernels.GATHER_LIMITS}}
     if torch.device(device).type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
-        env["triton"] = triton_blocks.version()
+        env["triton"] = triton_kernels.version()
     return env
 
 

@@ -47,7 +47,7 @@ def plan(cfg: RunConfig, world: int | None = None, gpu_memory_gib: float | None 
 
 def gpu_kernels(cfg: RunConfig) -> str:
     """What a sparse linear's products run on a GPU today (sparsity/kernels.py's rules with the
-    Triton kernels of triton_blocks.py): element mode has no GPU kernel and computes densely."""
+    Triton kernels of triton_kernels.py): element mode has no GPU kernel and computes densely."""
     s = cfg.sparsity
     if s.method == "dense":
         return "dense: cuBLAS matrix products"

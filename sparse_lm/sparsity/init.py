@@ -23,7 +23,7 @@ import zlib
 
 import torch
 
-from sparse_lm.sparsity import compiled
+from sparse_lm.sparsity.kernels import cpu
 
 _MASK32 = 0xFFFFFFFF
 
@@ -45,8 +45,8 @@ def _mix(x):
 def counter_normal(seed: int, stream: int, start: int, count: int, std: float,
                    device: torch.device | str = "cpu") -> torch.Tensor:
     """float32 N(0, std²) values of elements start .. start+count-1 of stream `stream`."""
-    if torch.device(device).type == "cpu" and compiled.ops() is not None:  # no position tensor needed
-        return _box_muller(*compiled.ops().counter_uniforms_range(start, count, _key(seed, stream)), std)
+    if torch.device(device).type == "cpu" and cpu.ops() is not None:  # no position tensor needed
+        return _box_muller(*cpu.ops().counter_uniforms_range(start, count, _key(seed, stream)), std)
     return counter_normal_at(seed, stream, torch.arange(start, start + count, dtype=torch.int64, device=device), std)
 
 
@@ -59,8 +59,8 @@ def counter_normal_at(seed: int, stream: int, positions: torch.Tensor, std: floa
     """
     positions = positions.long()
     key = _key(seed, stream)
-    if compiled.runs_on(positions):  # the same uniforms, hashed in one pass (`compiled`)
-        u1, u2 = compiled.ops().counter_uniforms(positions, key)
+    if cpu.runs_on(positions):  # the same uniforms, hashed in one pass (`compiled`)
+        u1, u2 = cpu.ops().counter_uniforms(positions, key)
     else:
         u1, u2 = _uniforms(positions, key)
     return _box_muller(u1, u2, std)

@@ -15,7 +15,7 @@ take the tensor cores, with fp32 accumulation.
 Where no GPU is present, `TRITON_INTERPRET=1` runs the same kernels on CPU tensors in Triton's
 interpreter: that is how tests/test_kernels.py checks them against dense matmuls on a CPU-only
 machine. Before the kernels first serve a device, dtype and block size they are tried once on a
-random layout against float64 (`_works`, with `kernel_oracle`'s bounds): where this Triton cannot
+random layout against float64 (`works`, with `oracle`'s bounds): where this Triton cannot
 build or run them (a GPU too old for bf16, say), or they give wrong numbers, the pure-torch gathered
 path takes over after one warning instead of the step failing. Speed on a GPU: `tools/gpu_check.sh`
 (`tools/bench_step.py --device cuda`) — not yet measured, no GPU having been lent to this project
@@ -30,11 +30,10 @@ import warnings
 
 import torch
 
-from sparse_lm.sparsity import kernel_oracle
+from sparse_lm.sparsity.kernels import oracle
 
 # Tokens per program. 64 keeps a b = 64 program's fp32 accumulator at 64×64 (16 KiB of registers).
 TOKEN_TILE = 64
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @functools.cache
@@ -56,28 +55,22 @@ def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def supports(a: torch.Tensor, block: int) -> bool:
-    """Whether these kernels take activations like `a` for blocks of `block`: Triton installed,
-    `a` on a GPU (or anywhere under Triton's interpreter), a dtype `tl.dot` takes, a block size it
-    multiplies (a power of two ≥ 16), and the kernels built and right there (`_works`)."""
-    return ((a.is_cuda or interpreted()) and a.dtype in DTYPES and block >= 16 and block & (block - 1) == 0
-            and _triton() is not None  # after the cheap checks: no import of triton for CPU tensors
-            and _works(a.device, a.dtype, block, interpreted()))
-
-
 @functools.cache
-def _works(device: torch.device, dtype: torch.dtype, block: int, interpret: bool) -> bool:
+def works(device: torch.device, dtype: torch.dtype, block: int, interpret: bool) -> bool:
     """Whether both kernels build and give the right numbers (once per device, dtype, block size
     and mode) on a random layout: 4 of a 3 × 2 grid of blocks in shuffled slots, 70 tokens (a short
-    second tile), against float64 with `kernel_oracle`'s dtype-aware bound, so a wrong index or a
-    missing transpose shows here, not in a loss curve; if not, one warning says why."""
+    second tile), against float64 with `oracle`'s dtype-aware bound, so a wrong index or a
+    missing transpose shows here, not in a loss curve; if not, one warning says why. False
+    without a warning where Triton is not installed."""
+    if _triton() is None:
+        return False
     try:
         gen = torch.Generator().manual_seed(0)
-        layout = kernel_oracle.random_layout(3, 2, block, 4, 2, gen)
+        layout = oracle.random_layout(3, 2, block, 4, 2, gen)
         on = {"device": device, "dtype": dtype}
         values = torch.randn(layout.capacity, block, block, generator=gen).to(**on)
         x, g = torch.randn(70, 2 * block, generator=gen).to(**on), torch.randn(70, 3 * block, generator=gen).to(**on)
-        worst = kernel_oracle.worst_error(_product, _sddmm, layout, values, x, g)
+        worst = oracle.worst_error(_product, _sddmm, layout, values, x, g)
         right = max(worst.values()) <= 1
         reason = "they missed the float64 product on a random layout (error / allowed: " + ", ".join(
             f"{name} {ratio:.3g}" for name, ratio in worst.items()) + ")"
@@ -145,8 +138,10 @@ def _kernels(interpret: bool):
 
 
 def _check(a: torch.Tensor, block: int, what: str) -> None:
-    if not supports(a, block):
-        raise RuntimeError(f"triton_blocks.{what}: cannot take {a.dtype} on {a.device} with blocks of {block} "
+    from sparse_lm.sparsity.kernels.backends import triton_takes  # the table of what each backend takes
+
+    if not triton_takes(a, block):
+        raise RuntimeError(f"triton_kernels.{what}: cannot take {a.dtype} on {a.device} with blocks of {block} "
                            "(Triton, a GPU or TRITON_INTERPRET=1, fp32/fp16/bf16, b a power of two ≥ 16)")
 
 

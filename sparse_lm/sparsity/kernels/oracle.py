@@ -1,6 +1,6 @@
 """Block products held to a float64 dense product, with tolerances that know the dtype.
 
-The GPU kernels (`triton_blocks`) take fp32, fp16 and bf16 and sum in fp32. A 16-bit kernel that
+The GPU kernels (`triton_kernels`) take fp32, fp16 and bf16 and sum in fp32. A 16-bit kernel that
 summed in its own dtype would still land within a loose fixed tolerance (rtol 5e-2, atol 0.1), so
 the bound here is what fp32 summation allows and no more: the output's one rounding to its dtype,
 u·|reference|, plus the fp32 sum's error over K products, at most about K·2⁻²⁴·Σ|aᵢ·wᵢ| (doubled:
@@ -10,7 +10,7 @@ bound on most outputs from K = 16 on (tests/test_kernel_oracle.py shows it on an
 
 `random_layout` draws which blocks of a layer are stored and in which slots (unused slots between
 them), and `worst_error` runs a kernel pair on it against the dense product: the Triton kernels'
-start-up probe (`triton_blocks._works`) and the tests use both, so an indexing or transpose error
+start-up probe (`triton_kernels.works`) and the tests use both, so an indexing or transpose error
 shows wherever the kernels first run.
 """
 

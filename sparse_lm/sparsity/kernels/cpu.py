@@ -29,7 +29,6 @@ import torch
 SOURCES = [Path(__file__).with_name("csrc") / name
            for name in ("block_kernels.cpp", "element_kernels.cpp", "counter_hash.cpp")]
 SWITCH = "SPARSE_LM_COMPILED_KERNELS"
-DTYPES = (torch.float32, torch.float64)
 
 
 @functools.cache
@@ -62,8 +61,3 @@ def ops():
 def runs_on(t: torch.Tensor) -> bool:
     """Whether the compiled kernels are built and `t` is on the CPU, where they run."""
     return t.device.type == "cpu" and ops() is not None
-
-
-def supports(a: torch.Tensor) -> bool:
-    """Whether the in-place products can take activations like `a` (CPU, fp32/fp64, built)."""
-    return a.dtype in DTYPES and runs_on(a)
