@@ -80,7 +80,7 @@ def format_report(report: dict) -> str:
     lines = [f"layout: {lay.describe()}; {report['tokens_per_micro_batch']} tokens per micro-batch",
              f"fullest rank: stage {sparse['stage']} (sparse), stage {dense['stage']} (dense)",
              f"{'GiB per rank':<34}{'sparse':>9}  {'dense':>9}"]
-    for part in (*STATE_PARTS, "activations", "workspace", "zero_step_buffers"):
+    for part in (*STATE_PARTS, "activations", "workspace"):
         lines.append(f"  {part:<32}{_gib(sparse['parts'][part])}  {_gib(dense['parts'][part])}")
     lines.append(f"  {'model state (device)':<32}{_gib(sparse['model_state_bytes'])}  "
                  f"{_gib(dense['model_state_bytes'])}")

@@ -20,8 +20,8 @@ product), times the micro-batches a pipeline stage holds under 1F1B: min(stages 
 micro-batches). With activation checkpointing a block keeps only its input, and one block's
 activations are rebuilt at a time. The workspace is the largest transient of a step, counted on top:
 the backward pass's gradients in flight and the sparse kernels' bounded workspaces, the optimizer
-step's fp32 gradient partition, a reselection's scoring chunks; under ZeRO (and bf16) the step's
-Adam temporaries over that partition come on top (`zero_step_buffers`).
+step's fp32 gradient partition, a reselection's scoring chunks. The optimizer step itself (torch's
+fused AdamW, `train/engine.adamw`) updates in place and adds nothing.
 """
 
 from __future__ import annotations
@@ -268,35 +268,20 @@ def largest_weight(cfg: RunConfig, layout: Layout) -> int:
 
 def step_workspace(cfg: RunConfig, layout: Layout, stage: int) -> int:
     """What comes after the backward pass's activations are gone: the gradient reduction's copy;
-    the optimizer step's transient, ZeRO's fp32 gradient partition or torch AdamW's per-tensor
-    temporaries (two of the largest parameter; the ZeRO-0 gate's norm runs in small chunks); and a
-    reselection's scoring chunks."""
+    the optimizer step's transient, ZeRO's fp32 gradient partition (the fused AdamW over it, and
+    without ZeRO over each parameter, allocates nothing; the ZeRO-0 gate's norm runs in small
+    chunks); and a reselection's scoring chunks."""
     w = stage_contents(cfg, stage)["weights"]
-    if layout.partitioned:
-        optimizer = 4 * math.ceil(w / layout.data)
-    else:
-        optimizer = 2 * 4 * largest_weight(cfg, layout)
+    optimizer = 4 * math.ceil(w / layout.data) if layout.partitioned else 0
     reselect = 3 * 4 * SCORE_CHUNK_ELEMENTS if cfg.sparsity.method != "dense" else 0
     return max(reduce_transient(cfg, layout, stage), optimizer, reselect)
-
-
-def zero_step_transient(cfg: RunConfig, layout: Layout, stage: int) -> int:
-    """What DeepSpeed's ZeRO-1 optimizer step (also bf16's) holds above the model state: its flat fp32
-    gradient partition of ⌈w / data⌉ elements, and two fp32 temporaries of that size from torch
-    AdamW (single-tensor, as `train/engine.make_engine` builds it), which runs once over the whole
-    partition and computes `exp_avg_sq.sqrt() / bias_correction2_sqrt`. Without ZeRO, AdamW's
-    temporaries are per tensor (`step_workspace`)."""
-    if not layout.partitioned:
-        return 0
-    return 3 * 4 * math.ceil(stage_contents(cfg, stage)["weights"] / layout.data)
 
 
 def rank_memory(cfg: RunConfig, layout: Layout, stage: int) -> dict:
     """One rank of `stage`: its parts (device and host), activations with and without checkpointing,
     and `total_bytes`, the device's fullest moment: model state + saved activations (per the config's
     checkpointing) + `workspace`, what the backward pass adds on top of them, or what the optimizer
-    step (or a reselection) adds beyond the activations it follows, + `zero_step_buffers`, what ZeRO's
-    optimizer step (its fp32 gradient partition and AdamW's temporaries over it) needs beyond those."""
+    step (or a reselection) adds beyond the activations it follows."""
     state = model_state(cfg, layout, stage)
     full = activations(cfg, layout, stage, checkpointing=False)
     ckpt = activations(cfg, layout, stage, checkpointing=True)
@@ -304,9 +289,7 @@ def rank_memory(cfg: RunConfig, layout: Layout, stage: int) -> dict:
     kernels = kernel_workspace(cfg, layout)
     # The optimizer step and reselection run after the backward pass has freed the activations.
     workspace = max(chosen["transient"] + kernels, step_workspace(cfg, layout, stage) - chosen["saved"])
-    # The ZeRO step's AdamW temporaries, beyond what the backward pass (or the step's partition) needs already.
-    zero_step = max(0, zero_step_transient(cfg, layout, stage) - chosen["saved"] - workspace)
-    parts = {**state, "activations": chosen["saved"], "workspace": workspace, "zero_step_buffers": zero_step}
+    parts = {**state, "activations": chosen["saved"], "workspace": workspace}
     device = {k: v for k, v in parts.items() if k not in HOST_PARTS}
     return {
         "stage": stage,
