@@ -33,12 +33,19 @@ def model_parallel_group(topo: Topology):
 
 
 def adamw(groups: list[dict], cfg: RunConfig) -> torch.optim.Optimizer:
-    """torch's fused AdamW (CPU and CUDA): one kernel updates weights and moments in place. The
+    """Under `parallel.offload_optimizer` DeepSpeed's CPU Adam (the only optimizer its ZeRO-Offload
+    takes; a C++ op built on first use, like DeepSpeed's other ops: it needs a C++ compiler and
+    ninja), in AdamW mode. Otherwise torch's fused AdamW (CPU and CUDA): one kernel updates weights
+    and moments in place. The
     single-tensor AdamW (`foreach=False`) computes `exp_avg_sq.sqrt() / bias_correction2_sqrt` and
     the step as new tensors; under ZeRO its one tensor is the whole flat fp32 partition, so the
     step held two fp32 temporaries of it (21 GiB of a 13B model's 75 on one GPU). The update is
     the same algorithm; the losses agree within float rounding (tests/test_train.py)."""
     t = cfg.train
+    if cfg.parallel.offload_optimizer:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, adamw_mode=True)
     return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, fused=True)
 
 
@@ -68,7 +75,8 @@ def make_engine(model: torch.nn.Module, cfg: RunConfig, topo: Topology):
         "train_micro_batch_size_per_gpu": t.micro_batch,
         "gradient_accumulation_steps": t.grad_accum,
         "gradient_clipping": t.grad_clip if guard is None else 0.0,
-        "zero_optimization": {"stage": zero_stage, "reduce_bucket_size": reduce_bucket_elements(model)},
+        "zero_optimization": {"stage": zero_stage, "reduce_bucket_size": reduce_bucket_elements(model),
+                              **offload_config(cfg, topo)},
         "bf16": {"enabled": bf16},
         "steps_per_print": 2**31 - 1,
         **deepspeed_monitor_config(t.monitor),
@@ -80,6 +88,14 @@ def make_engine(model: torch.nn.Module, cfg: RunConfig, topo: Topology):
     if skips_lone_all_reduce(zero_stage, bf16, topo.data):
         skip_lone_all_reduce(engine)
     return engine, optimizer, guard
+
+
+def offload_config(cfg: RunConfig, topo: Topology) -> dict:
+    """ZeRO-Offload's part of DeepSpeed's config: the fp32 partitions in host memory, pinned on a
+    GPU machine (page-locked, so the per-step copies run at full PCIe speed)."""
+    if not cfg.parallel.offload_optimizer:
+        return {}
+    return {"offload_optimizer": {"device": "cpu", "pin_memory": topo.device.type == "cuda"}}
 
 
 def skips_lone_all_reduce(zero_stage: int, bf16: bool, data: int) -> bool:
