@@ -375,9 +375,6 @@ def _validate_parallel(cfg: RunConfig) -> None:
     if p.offload_optimizer:
         _require(p.zero_stage == 1, "parallel.offload_optimizer",
                  "false unless parallel.zero_stage=1 (ZeRO-Offload moves ZeRO-1's partitions to the host)", True)
-        _require(p.pipeline == 1, "parallel.offload_optimizer",
-                 "false with parallel.pipeline > 1 (DeepSpeed's pipeline engine is not run with ZeRO-Offload here)",
-                 True)
 
 
 def _validate_data(cfg: RunConfig) -> None:

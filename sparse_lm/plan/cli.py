@@ -51,7 +51,7 @@ def plan(cfg: RunConfig, world: int | None = None, gpu_memory_gib: float | None 
         report["fits"] = fits(sparse["per_rank"], limits)
         report["dense_fits"] = fits(dense["per_rank"], limits)
         report["largest_fitting"] = largest_fitting(cfg, layout, limits)
-        if host_memory_gib is not None and not layout.offload and layout.pipeline == 1:
+        if host_memory_gib is not None and not layout.offload:
             offloaded = dataclasses.replace(layout, zero_stage=1, offload=True)
             report["largest_fitting_offload"] = largest_fitting(cfg, offloaded, limits)
     return report
