@@ -1,7 +1,8 @@
 """`sparse-lm plan` against real runs: its model-state parts per rank against the tensors of real
 DeepSpeed engines (one rank, and tensor 2 × pipeline 2 over four gloo ranks; element and block
-granularity; ZeRO-0, ZeRO-1, bf16), its activation estimate against the profiler's step peak, and
-`model_state_bytes` against every tensor alive in the process (gc), under ZeRO-1 + bf16."""
+granularity; ZeRO-0, ZeRO-1, bf16; ZeRO-Offload's device and host parts), its activation estimate
+against the profiler's step peak, and `model_state_bytes` against every tensor alive in the
+process (gc), under ZeRO-1 + bf16."""
 
 from __future__ import annotations
 
