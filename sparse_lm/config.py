@@ -147,6 +147,8 @@ class ParallelConfig:
     """Spare B slots per tensor-parallel shard beyond its fair share (a layer's top-k may be uneven)."""
     verify_replicas: bool = False
     """After every reselection, check with one all-reduce that all data-parallel replicas chose alike."""
+    offload_optimizer: bool = False
+    """ZeRO-Offload: fp32 masters and Adam moments in host memory, stepped by DeepSpeed's CPU Adam (needs ZeRO-1)."""
 
 
 @dataclass
@@ -358,6 +360,9 @@ def _validate_parallel(cfg: RunConfig) -> None:
     require(p.timeout_s >= 1, "parallel.timeout_s", "an integer >= 1 (seconds)", p.timeout_s)
     require(p.zero_stage in (0, 1), "parallel.zero_stage",
             "0 or 1 (ZeRO-1 partitions Adam state over data-parallel ranks)", p.zero_stage)
+    if p.offload_optimizer:
+        require(p.zero_stage == 1, "parallel.offload_optimizer",
+                "false unless parallel.zero_stage=1 (ZeRO-Offload moves ZeRO-1's partitions to the host)", True)
 
 
 def _validate_data(cfg: RunConfig) -> None:

@@ -46,14 +46,22 @@ def ensure_state(optimizer, params: list[nn.Parameter], step: int) -> None:
     """
     if any(partitioned(p) for p in params):
         inner = optimizer.optimizer
+        offloaded = getattr(optimizer, "cpu_offload", False)
         for flat in optimizer.single_partition_of_fp32_groups:
-            inner.state[flat] = {"step": torch.tensor(float(step)), "exp_avg": torch.zeros_like(flat),
+            inner.state[flat] = {"step": step if offloaded else _step(step, flat), "exp_avg": torch.zeros_like(flat),
                                  "exp_avg_sq": torch.zeros_like(flat)}
         optimizer._lazy_init_hp_params_optimizer_state()
         return
     for param in params:
-        optimizer.state[param] = {"step": torch.tensor(float(step)),
+        optimizer.state[param] = {"step": _step(step, param),
                                   **{key: torch.zeros_like(param) for key in MOMENTS}}
+
+
+def _step(step: int, like: torch.Tensor) -> torch.Tensor:
+    """Adam's step count as the fused AdamW keeps it: an fp32 scalar on the parameter's device
+    (its kernel takes every state tensor from one device). DeepSpeed's CPU Adam (ZeRO-Offload)
+    counts in a Python int instead."""
+    return torch.tensor(float(step), dtype=torch.float32, device=like.device)
 
 
 def link_partitions(optimizer) -> None:

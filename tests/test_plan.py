@@ -1,7 +1,8 @@
 """`sparse-lm plan` against real runs: its model-state parts per rank against the tensors of real
 DeepSpeed engines (one rank, and tensor 2 × pipeline 2 over four gloo ranks; element and block
-granularity; ZeRO-0, ZeRO-1, bf16), its activation estimate against the profiler's step peak, and
-`model_state_bytes` against every tensor alive in the process (gc), under ZeRO-1 + bf16."""
+granularity; ZeRO-0, ZeRO-1, bf16; ZeRO-Offload's device and host parts), its activation estimate
+against the profiler's step peak, and `model_state_bytes` against every tensor alive in the
+process (gc), under ZeRO-1 + bf16."""
 
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ from tests.cli_runs import REPO, run_cli
 from tests.distributed import run_distributed
 
 # The plan's parts that `model_state_bytes` measures (the rotary tables are derived, not state).
-MEASURED_PARTS = ("parameters", "gradients", "master_weights", "optimizer_moments", "indices_masks", "score_caches",
-                  "offload_host")
+MEASURED_PARTS = ("parameters", "gradients", "master_weights", "optimizer_moments", "offload_buffers", "indices_masks",
+                  "score_caches", "offload_host")
 SINGLE_CASES = [  # (overrides) on configs/tiny.yaml, one rank
     ["sparsity.granularity=element", "parallel.zero_stage=0", "train.precision=fp32"],
     ["sparsity.granularity=element", "parallel.zero_stage=1", "train.precision=fp32", "sparsity.complement=offload"],
@@ -119,6 +120,64 @@ def _check_against_plan(config: str, cases: list[list[str]], results: list, worl
 def test_plan_matches_the_engines_tensors_on_one_rank():
     (results,) = run_distributed(_train_and_measure, 1, "configs/tiny.yaml", SINGLE_CASES, timeout=300)
     _check_against_plan("configs/tiny.yaml", SINGLE_CASES, results, 1)
+
+
+OFFLOAD_CASES = [  # ZeRO-Offload on configs/tiny.yaml, one rank
+    ["sparsity.granularity=block", "parallel.zero_stage=1", "train.precision=fp32", "parallel.offload_optimizer=true"],
+    ["sparsity.granularity=element", "parallel.zero_stage=1", "train.precision=bf16", "parallel.offload_optimizer=true",
+     "train.grad_accum=2"],
+]
+
+
+def _gradients_between_micro_batches(rank: int, world: int, overrides: list[str]) -> int:
+    """Bytes of `model_state_bytes`' gradients after the first micro-batch's backward pass of the
+    second step: what a run holds from there until the last micro-batch."""
+    import deepspeed
+
+    from sparse_lm.model import resolve_vocab
+    from sparse_lm.model.build import build_model
+    from sparse_lm.parallel.state import init_distributed
+    from sparse_lm.train.loop import make_engine
+    from sparse_lm.train.memory import model_state_bytes
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    cfg = load_config(REPO / "configs/tiny.yaml", ["train.micro_batch=2", "train.seq_len=32", *overrides])
+    topo = init_distributed(1, 1)
+    cfg.model = resolve_vocab(cfg.model, cfg.data.vocab_size)
+    engine, optimizer, _ = make_engine(build_model(cfg, topology=topo), cfg, topo)
+    ids = torch.randint(0, cfg.model.vocab_size, (2, 33), generator=torch.Generator().manual_seed(0))
+    for step in range(2):
+        for micro in range(cfg.train.grad_accum):
+            engine.backward(engine(ids[:, :-1], ids[:, 1:]))
+            if step == 1 and micro == 0:
+                gradients = model_state_bytes(engine.module, optimizer)["gradients"]
+            engine.step()
+    return gradients
+
+
+def test_plan_matches_an_offloaded_engine_on_one_rank():
+    """Under ZeRO-Offload the plan's device part (weights, gradients, the device staging buffer)
+    and host part (masters, moments, DeepSpeed's host buffers) against a real engine's tensors at
+    the optimizer step, bf16 and fp32; with gradient accumulation the gradients DeepSpeed keeps on
+    the device until the last micro-batch, measured after the first."""
+    from sparse_lm.plan.memory import rank_memory
+
+    (results,) = run_distributed(_train_and_measure, 1, "configs/tiny.yaml", OFFLOAD_CASES, timeout=300)
+    for overrides, (_, measured) in zip(OFFLOAD_CASES, results):
+        cfg = resolved(load_config(REPO / "configs/tiny.yaml", ["train.micro_batch=2", "train.seq_len=32", *overrides]))
+        layout = layout_of(cfg, 1)
+        planned = rank_memory(cfg, layout, 0)
+        if cfg.train.grad_accum > 1:  # at the step the accumulated gradients are on the host already
+            (measured["gradients_accumulating"],) = run_distributed(_gradients_between_micro_batches, 1, overrides)
+            assert planned["parts"]["gradients"] == pytest.approx(measured["gradients_accumulating"], rel=0.02)
+            measured["total"] += measured["gradients_accumulating"] - measured["gradients"]
+            measured["gradients"] = measured["gradients_accumulating"]
+        for part in MEASURED_PARTS:
+            assert planned["parts"][part] == pytest.approx(measured[part], rel=0.02, abs=256), (overrides, part)
+        host = sum(measured[p] for p in layout.host_parts)
+        assert measured["offload_buffers"] > 0 and planned["host_bytes"] == pytest.approx(host, rel=0.05), overrides
+        device = measured["total"] - host
+        assert planned["model_state_bytes"] - planned["parts"]["rotary_tables"] == pytest.approx(device, rel=0.05)
 
 
 def test_plan_matches_every_rank_of_tensor_2_pipeline_2():
@@ -234,8 +293,7 @@ def test_training_flops_follow_their_definition(sparsity):
 
 
 # d_model 1024, 8 layers, 32 tokens: gradients of ~110 MiB (vocabulary 4096), against which the
-# gradient reduction's copy decides the peak; with a 32000 vocabulary AdamW's temporaries for the
-# embedding do.
+# gradient reduction's copy decides the peak; with a 32000 vocabulary the embedding's gradient does.
 STEP_CASE = ["model.d_model=1024", "model.n_heads=8", "model.n_layers=8", "train.seq_len=32", "train.micro_batch=1",
              "sparsity.granularity=block", "sparsity.block_size=16", "train.precision=fp32"]
 
@@ -263,16 +321,16 @@ def _step_peaks(rank: int, world: int, overrides: list[str]) -> list[int]:
     return [allocated_peak_bytes(step) for _ in range(2)]
 
 
-@pytest.mark.parametrize("zero_stage, world, vocab", [(0, 1, 32000), (0, 2, 4096), (1, 1, 4096)])
+@pytest.mark.parametrize("zero_stage, world, vocab", [(0, 2, 4096), (1, 1, 4096), (1, 1, 32000)])
 def test_step_peak_matches_a_real_step(zero_stage, world, vocab):
     """What a step holds above the weights and Adam's moments (DeepSpeed frees the gradients after
     each step): the gradients, the reduction's copy of them at the end of the backward pass (none
     without ZeRO on one replica, where the engine skips the all-reduce), and the optimizer step's
-    transients — under ZeRO-1 its flat fp32 gradient partition and AdamW's two temporaries over it
-    (`zero_step_buffers`), without ZeRO AdamW's per-tensor temporaries. The plan's total less its
-    gradient-free state must match every rank's profiled peak. (On one replica without ZeRO the
-    largest gradient's AdamW temporaries, 262 MB, decide it; the skipped copy would be 344 MB.)"""
-    from sparse_lm.plan.memory import rank_memory, reduce_transient
+    transient — under ZeRO-1 its flat fp32 gradient partition; the fused AdamW over it (and over
+    each parameter without ZeRO) adds nothing, where the single-tensor AdamW it replaced held two
+    fp32 temporaries of the partition. The plan's total less its gradient-free state must match
+    every rank's profiled peak."""
+    from sparse_lm.plan.memory import rank_memory, reduce_transient, step_workspace
 
     overrides = [*STEP_CASE, f"data.vocab_size={vocab}", f"parallel.zero_stage={zero_stage}"]
     measured = run_distributed(_step_peaks, world, overrides, timeout=300)
@@ -280,7 +338,43 @@ def test_step_peak_matches_a_real_step(zero_stage, world, vocab):
     layout = layout_of(cfg, world)
     planned = rank_memory(cfg, layout, 0)
     above_state = planned["total_bytes"] - planned["model_state_bytes"] + planned["parts"]["gradients"]
-    assert (planned["parts"]["zero_step_buffers"] > 0) == (zero_stage == 1)
+    assert (step_workspace(cfg, layout, 0) == planned["parts"]["master_weights"]) == (zero_stage == 1)
     assert (reduce_transient(cfg, layout, 0) > 0) == (zero_stage == 1 or world > 1)
     for rank in measured:
         assert max(rank) == pytest.approx(above_state, rel=0.05), (measured, planned["parts"])
+
+
+def test_step_without_zero_adds_nothing_to_the_gradients():
+    """One replica without ZeRO: no reduction copy, and the fused AdamW allocates nothing, so a
+    step's peak is its gradients and the loss's logits (the single-tensor AdamW's temporaries of
+    the largest parameter, the 32000 × 1024 embedding, would add 262 MB, 76%). The plan's
+    backward-pass part is an upper bound here: it counts the saved activations and the
+    embedding's gradient on top of all the gradients, which a step holds at different moments."""
+    from sparse_lm.plan.memory import rank_memory
+
+    overrides = [*STEP_CASE, "data.vocab_size=32000", "parallel.zero_stage=0"]
+    (measured,) = run_distributed(_step_peaks, 1, overrides, timeout=300)
+    cfg = resolved(load_config(REPO / "configs/tiny.yaml", overrides))
+    planned = rank_memory(cfg, layout_of(cfg), 0)
+    gradients = planned["parts"]["gradients"]
+    assert gradients < max(measured) < 1.05 * gradients
+    assert max(measured) < planned["total_bytes"] - planned["model_state_bytes"] + gradients
+
+
+@pytest.mark.parametrize("preset, gpu, host", [("configs/llama-13b-24gb.yaml", 24, 64),
+                                               ("configs/llama-70b-1gpu.yaml", 80, 384)])
+def test_offload_presets_fit_one_gpu_and_dense_does_not(preset, gpu, host, tmp_path):
+    out = tmp_path / "plan.json"
+    proc = run_cli("plan", "--config", str(REPO / preset), "--gpu-memory-gib", str(gpu), "--host-memory-gib",
+                   str(host), "--json", str(out))
+    assert f"fits {gpu} GiB per GPU and {host} GiB of host memory: sparse yes, dense no" in proc.stdout
+    assert "optimizer offload per step:" in proc.stdout and "master_weights (host memory)" in proc.stdout
+    report = json.loads(out.read_text())
+    rank = report["per_rank"]
+    assert report["layout"]["offload"] and report["layout"]["tensor"] * report["layout"]["data"] == 1
+    assert rank["total_bytes"] == sum(v for k, v in rank["parts"].items() if k not in
+                                      ("offload_host", "master_weights", "optimizer_moments", "offload_buffers"))
+    assert rank["host_bytes"] > 3 * rank["parts"]["parameters"]  # 12+ bytes per weight against 2
+    too_small = run_cli("plan", "--config", str(REPO / preset), "--gpu-memory-gib", str(gpu), "--host-memory-gib",
+                        str(rank["host_bytes"] / 2**30 * 0.9))
+    assert "sparse no" in too_small.stdout

@@ -262,7 +262,7 @@ def summarise(name: str, case: dict, overrides: list[str], planned: dict, ranks:
     per_rank = planned["per_rank"]
     plan_state = planned_state(per_rank["parts"])
     plan_total = {kind: per_rank["model_state_bytes"] + per_rank["activations_bytes"][kind]
-                  + per_rank["parts"]["workspace"] + per_rank["parts"]["zero_step_buffers"]
+                  + per_rank["parts"]["workspace"]
                   for kind in ("full", "checkpointed")}
     rows = []
     for r in ranks:
@@ -345,7 +345,7 @@ def markdown(report: dict) -> str:
         "`model_state_bytes` of the live engine at the second step vs `sparse-lm plan`'s parts for the same "
         "config and layout. Peak RSS: the process's high-water mark over all phases (the baseline is the "
         "process after importing torch, DeepSpeed and megatron-core, before the model); plan total = model state "
-        "+ activations (kept) + workspace + zero_step_buffers. Step peak: the high-water mark of a training step "
+        "+ activations (kept) + workspace. Step peak: the high-water mark of a training step "
         "(forward, backward, optimizer step) after the warm-up; plan peak = baseline + plan total.", "",
         "| case | rank | build + init s | step s | recompute step s | recompute / kept | reselect s "
         "| model state GiB | plan GiB | measured / plan | peak RSS GiB | baseline GiB | plan total GiB "

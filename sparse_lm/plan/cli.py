@@ -5,19 +5,29 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 
 from sparse_lm.atomic import check_writable, write_json
 from sparse_lm.config import RunConfig, load_config
 from sparse_lm.errors import UserError
+from sparse_lm.methods.registry import method_of
 from sparse_lm.plan.flops import plan_flops
-from sparse_lm.plan.memory import HOST_PARTS, STATE_PARTS, Layout, dense_of, layout_of, plan_memory
+from sparse_lm.plan.memory import (
+    CPU_ADAM_SECONDS_PER_WEIGHT,
+    STATE_PARTS,
+    Layout,
+    dense_of,
+    layout_of,
+    plan_memory,
+)
 from sparse_lm.plan.presets import LLAMA_FAMILY
 from sparse_lm.plan.vocab import resolve
 
 GIB = 2**30
 
 
-def plan(cfg: RunConfig, world: int | None = None, gpu_memory_gib: float | None = None) -> dict:
+def plan(cfg: RunConfig, world: int | None = None, gpu_memory_gib: float | None = None,
+         host_memory_gib: float | None = None) -> dict:
     """The report `sparse-lm plan` prints and writes (see docs/guide/plan.md for its keys)."""
     cfg, vocabulary = resolve(cfg)
     layout = layout_of(cfg, world)
@@ -37,27 +47,39 @@ def plan(cfg: RunConfig, world: int | None = None, gpu_memory_gib: float | None 
         "flops_per_token": plan_flops(cfg),
     }
     if gpu_memory_gib is not None:
-        limit = gpu_memory_gib * GIB
-        report["gpu_memory_bytes"] = int(limit)
-        report["fits"] = sparse["per_rank"]["total_bytes"] <= limit
-        report["dense_fits"] = dense["per_rank"]["total_bytes"] <= limit
-        report["largest_fitting"] = largest_fitting(cfg, layout, limit)
+        limits = (gpu_memory_gib * GIB, math.inf if host_memory_gib is None else host_memory_gib * GIB)
+        report["gpu_memory_bytes"] = int(limits[0])
+        if host_memory_gib is not None:
+            report["host_memory_bytes"] = int(limits[1])
+        report["fits"] = fits(sparse["per_rank"], limits)
+        report["dense_fits"] = fits(dense["per_rank"], limits)
+        report["largest_fitting"] = largest_fitting(cfg, layout, limits)
+        if host_memory_gib is not None and not layout.offload:
+            offloaded = dataclasses.replace(layout, zero_stage=1, offload=True)
+            report["largest_fitting_offload"] = largest_fitting(cfg, offloaded, limits)
     return report
 
 
 def gpu_kernels(cfg: RunConfig) -> str:
-    """What a sparse linear's products run on a GPU today (sparsity/kernels.py's rules with the
-    Triton kernels of triton_kernels.py): element mode has no GPU kernel and computes densely."""
+    """What a sparse linear's products run on a GPU today (the path rules of sparsity/kernels/ with
+    its Triton kernels): element mode has no GPU kernel and computes densely."""
     s = cfg.sparsity
-    if s.method == "dense":
+    if not method_of(s.method).sparse:
         return "dense: cuBLAS matrix products"
     if s.granularity == "element":
         return ("element mode runs the dense tile path (each product computed densely, tile by tile of the "
                 "layer): dense compute, no sparse speedup; there is no Triton element kernel yet")
     b = s.block_size
     if b >= 16 and b & (b - 1) == 0:
-        return f"{b}x{b} blocks run the Triton block kernels where few enough are used (kernels.py), else dense tiles"
+        return (f"{b}x{b} blocks run the Triton block kernels where few enough are used (sparsity/kernels/), "
+                "else dense tiles")
     return f"{b}x{b} blocks run gathered blocks or dense tiles (the Triton kernels need b a power of two >= 16)"
+
+
+def fits(rank: dict, limits: tuple[float, float]) -> bool:
+    """Whether a rank's device total fits the GPU and its host parts the host (per GPU: a host
+    serving several GPUs needs this for each)."""
+    return rank["total_bytes"] <= limits[0] and rank["host_bytes"] <= limits[1]
 
 
 def family_member(cfg: RunConfig, shape: dict) -> RunConfig | None:
@@ -69,20 +91,21 @@ def family_member(cfg: RunConfig, shape: dict) -> RunConfig | None:
         return None
 
 
-def largest_fitting(cfg: RunConfig, layout: Layout, limit: float) -> dict:
-    """The largest family member that fits `limit` bytes per rank, sparse and dense, with this run's
-    layout, sparsity and batch, and every member's totals."""
+def largest_fitting(cfg: RunConfig, layout: Layout, limits: tuple[float, float]) -> dict:
+    """The largest family member that fits `limits` (device, host bytes per rank), sparse and
+    dense, with this run's layout, sparsity and batch, and every member's totals."""
     members, best = {}, {"sparse": None, "dense": None}
     for name, shape in LLAMA_FAMILY.items():
         member = family_member(cfg, shape)
         if member is None:
             members[name] = None
             continue
-        totals = {"sparse": plan_memory(member, layout)["per_rank"]["total_bytes"],
-                  "dense": plan_memory(dense_of(member), layout)["per_rank"]["total_bytes"]}
-        members[name] = totals
-        for kind, total in totals.items():
-            if total <= limit:
+        ranks = {"sparse": plan_memory(member, layout)["per_rank"],
+                 "dense": plan_memory(dense_of(member), layout)["per_rank"]}
+        members[name] = {kind: rank["total_bytes"] for kind, rank in ranks.items()}
+        members[name].update({f"{kind}_host": rank["host_bytes"] for kind, rank in ranks.items()})
+        for kind, rank in ranks.items():
+            if fits(rank, limits):
                 best[kind] = name
     return {**best, "members": members}
 
@@ -100,13 +123,15 @@ def format_report(report: dict) -> str:
              f"on a GPU: {report['gpu_kernels']}",
              f"fullest rank: stage {sparse['stage']} (sparse), stage {dense['stage']} (dense)",
              f"{'GiB per rank':<34}{'sparse':>9}  {'dense':>9}"]
-    for part in (*STATE_PARTS, "activations", "workspace", "zero_step_buffers"):
+    device_parts = [p for p in (*STATE_PARTS, "activations", "workspace") if p not in lay.host_parts]
+    for part in device_parts:
         lines.append(f"  {part:<32}{_gib(sparse['parts'][part])}  {_gib(dense['parts'][part])}")
     lines.append(f"  {'model state (device)':<32}{_gib(sparse['model_state_bytes'])}  "
                  f"{_gib(dense['model_state_bytes'])}")
     lines.append(f"  {'total on the device':<32}{_gib(sparse['total_bytes'])}  {_gib(dense['total_bytes'])}")
-    for part in HOST_PARTS:
+    for part in lay.host_parts:
         lines.append(f"  {part + ' (host memory)':<32}{_gib(sparse['parts'][part])}  {_gib(dense['parts'][part])}")
+    lines.append(f"  {'total in host memory':<32}{_gib(sparse['host_bytes'])}  {_gib(dense['host_bytes'])}")
     for kind in ("checkpointed", "full"):
         lines.append(f"  {'activations, ' + kind:<32}{_gib(sparse['activations_bytes'][kind])}  "
                      f"{_gib(dense['activations_bytes'][kind])}")
@@ -121,22 +146,34 @@ def format_report(report: dict) -> str:
         stages = " / ".join(f"{s['total_bytes'] / GIB:.1f}" for s in report["stages"])
         lines.append(f"stages: GiB per rank {stages}; slowest stage over the mean: sparse "
                      f"{flops['sparse_stage_imbalance']:.3f}, dense {flops['dense_stage_imbalance']:.3f}")
+    if lay.offload:
+        step = sparse["offload"]
+        lines.append(f"optimizer offload per step: {step['device_to_host_bytes'] / GIB:.2f} GiB of gradients to the "
+                     f"host, {step['host_to_device_bytes'] / GIB:.2f} GiB of weights back, CPU Adam "
+                     f"~{step['cpu_adam_seconds']:.1f} s (at {CPU_ADAM_SECONDS_PER_WEIGHT * 1e9:.2f} ns per weight)")
     if "fits" in report:
-        limit = report["gpu_memory_bytes"] / GIB
-        best = report["largest_fitting"]
-        lines.append(f"fits {limit:g} GiB per GPU: sparse {'yes' if report['fits'] else 'no'}, "
+        limit = f"{report['gpu_memory_bytes'] / GIB:g} GiB per GPU"
+        if "host_memory_bytes" in report:
+            limit += f" and {report['host_memory_bytes'] / GIB:g} GiB of host memory"
+        lines.append(f"fits {limit}: sparse {'yes' if report['fits'] else 'no'}, "
                      f"dense {'yes' if report['dense_fits'] else 'no'}")
-        lines.append(f"largest Llama that fits this layout: sparse {best['sparse'] or 'none'}, "
-                     f"dense {best['dense'] or 'none'}")
+        for key, what in (("largest_fitting", "this layout"), ("largest_fitting_offload", "it with optimizer offload")):
+            if key in report:
+                best = report[key]
+                lines.append(f"largest Llama that fits {what}: sparse {best['sparse'] or 'none'}, "
+                             f"dense {best['dense'] or 'none'}")
     return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.gpu_memory_gib is not None and not args.gpu_memory_gib > 0:
-        raise UserError(f"--gpu-memory-gib {args.gpu_memory_gib}: expected a positive number of GiB")
+    for flag, value in (("--gpu-memory-gib", args.gpu_memory_gib), ("--host-memory-gib", args.host_memory_gib)):
+        if value is not None and not value > 0:
+            raise UserError(f"{flag} {value}: expected a positive number of GiB")
+    if args.host_memory_gib is not None and args.gpu_memory_gib is None:
+        raise UserError("--host-memory-gib: expected --gpu-memory-gib too (the host is sized beside a GPU)")
     if args.json:
         check_writable(args.json, "--json", is_file=True)
-    report = plan(load_config(args.config, args.overrides), args.world, args.gpu_memory_gib)
+    report = plan(load_config(args.config, args.overrides), args.world, args.gpu_memory_gib, args.host_memory_gib)
     print(format_report(report))
     if args.json:
         write_json(args.json, report)
@@ -154,5 +191,8 @@ def register_cli(subparsers) -> None:
                         help="number of GPUs (default: parallel.tensor × parallel.pipeline, one data-parallel replica)")
     parser.add_argument("--gpu-memory-gib", type=float, default=None,
                         help="memory of one GPU: say whether each rank fits, and the largest Llama that does")
+    parser.add_argument("--host-memory-gib", type=float, default=None,
+                        help="host memory per GPU: count it against what stays in host memory (optimizer offload), "
+                             "and say the largest Llama that fits with optimizer offload")
     parser.add_argument("--json", default=None, help="also write the numbers here")
     parser.set_defaults(func=run)

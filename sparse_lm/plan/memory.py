@@ -6,7 +6,14 @@ same parts from live tensors, and the tests compare the two):
 * fp32 without ZeRO (a torch AdamW): fp32 weights, gradients and both moments, per rank whole;
 * ZeRO-1, and bf16 (which always runs DeepSpeed's ZeRO-1 or, in a pipeline, its bf16 optimizer):
   the weights and gradients in the training dtype, whole on every rank, and the fp32 master copy
-  and both moments split over the data-parallel ranks.
+  and both moments split over the data-parallel ranks;
+* ZeRO-Offload (`parallel.offload_optimizer`, ZeRO-1): the same, but the masters and moments in
+  host memory, with the buffers DeepSpeed's step works through there (`offload_buffers`: the fp32
+  gradient partition, a training-dtype copy of the partition and a staging buffer of the largest
+  parameter). On the device the gradients pass through the reduce bucket (counted at the backward
+  pass's end, `reduce_transient`) to the host, through a staging buffer of the largest parameter;
+  with gradient accumulation they also stay there, in the training dtype, from the first
+  micro-batch to the last (measured: DeepSpeed 0.19 reduces them only at the step's boundary).
 
 A sparse linear stores its shard's `capacity` slots of b×b values (B, plus the tensor-parallel
 headroom), an int32 index (int64 past 2^31 blocks) and a bool A-mask per slot, Spartan one int64
@@ -20,8 +27,8 @@ product), times the micro-batches a pipeline stage holds under 1F1B: min(stages 
 micro-batches). With activation checkpointing a block keeps only its input, and one block's
 activations are rebuilt at a time. The workspace is the largest transient of a step, counted on top:
 the backward pass's gradients in flight and the sparse kernels' bounded workspaces, the optimizer
-step's fp32 gradient partition, a reselection's scoring chunks; under ZeRO (and bf16) the step's
-Adam temporaries over that partition come on top (`zero_step_buffers`).
+step's fp32 gradient partition, a reselection's scoring chunks. The optimizer step itself (torch's
+fused AdamW, `train/engine.adamw`) updates in place and adds nothing.
 """
 
 from __future__ import annotations
@@ -40,9 +47,13 @@ from sparse_lm.sparsity.storage import CACHED_SCORES_MIN_BLOCK, SCORE_CHUNK_ELEM
 from sparse_lm.train.engine import DEEPSPEED_BUCKET_ELEMENTS, skips_lone_all_reduce
 from sparse_lm.train.param_groups import GROUPS
 
-STATE_PARTS = ("parameters", "gradients", "master_weights", "optimizer_moments", "indices_masks", "score_caches",
-               "rotary_tables")
-HOST_PARTS = ("offload_host",)
+STATE_PARTS = ("parameters", "gradients", "master_weights", "optimizer_moments", "offload_buffers", "indices_masks",
+               "score_caches", "rotary_tables")
+OFFLOADED_PARTS = ("master_weights", "optimizer_moments", "offload_buffers")  # in host memory under ZeRO-Offload
+# DeepSpeed's CPU Adam (AVX, all of the host's cores) per stored weight: 1.85 ns measured on this
+# project's 2-core CPU machine by tools/bench_offload.py (5M weights, while the machine was shared;
+# to be rerun quiet); a server's many-core host steps faster.
+CPU_ADAM_SECONDS_PER_WEIGHT = 1.85e-9
 
 
 @dataclass(frozen=True)
@@ -55,6 +66,7 @@ class Layout:
     zero_stage: int  # what DeepSpeed runs: bf16 without a pipeline always uses ZeRO-1
     bf16: bool
     checkpointing: bool
+    offload: bool = False  # ZeRO-Offload: masters and moments in host memory
 
     @property
     def dtype_bytes(self) -> int:
@@ -65,10 +77,16 @@ class Layout:
         """fp32 masters and moments split over data-parallel ranks (ZeRO-1, or DeepSpeed's bf16 optimizer)."""
         return self.bf16 or self.zero_stage == 1
 
+    @property
+    def host_parts(self) -> tuple[str, ...]:
+        """The parts in host memory: Top-KAST's offload store, and under ZeRO-Offload the optimizer's."""
+        return ("offload_host", *(OFFLOADED_PARTS if self.offload else ()))
+
     def describe(self) -> str:
         return (f"tensor {self.tensor} × pipeline {self.pipeline} × data {self.data}, "
                 f"{'bf16' if self.bf16 else 'fp32'}, ZeRO-{self.zero_stage}"
-                f"{' (bf16 optimizer)' if self.bf16 and self.pipeline > 1 and self.zero_stage == 0 else ''}, "
+                f"{' (bf16 optimizer)' if self.bf16 and self.pipeline > 1 and self.zero_stage == 0 else ''}"
+                f"{', optimizer offloaded to the host' if self.offload else ''}, "
                 f"activation checkpointing {'on' if self.checkpointing else 'off'}")
 
 
@@ -86,7 +104,7 @@ def layout_of(cfg: RunConfig, world: int | None = None) -> Layout:
         raise UserError(f"--world {world}: expected a multiple of parallel.tensor × parallel.pipeline = {model_ranks}")
     bf16 = cfg.train.precision != "fp32"
     zero = 1 if bf16 and p.zero_stage == 0 and p.pipeline == 1 else p.zero_stage
-    return Layout(p.tensor, p.pipeline, world // model_ranks, zero, bf16, checkpointing_of(cfg))
+    return Layout(p.tensor, p.pipeline, world // model_ranks, zero, bf16, checkpointing_of(cfg), p.offload_optimizer)
 
 
 def resolved(cfg: RunConfig) -> RunConfig:
@@ -187,15 +205,20 @@ def largest_group_partition(cfg: RunConfig, layout: Layout, stage: int) -> int:
 
 
 def model_state(cfg: RunConfig, layout: Layout, stage: int) -> dict[str, int]:
-    """Bytes of each part of one rank's model state (`offload_host` in host memory, the rest on the device)."""
+    """Bytes of each part of one rank's model state (`layout.host_parts` in host memory, the rest on the device)."""
     c = stage_contents(cfg, stage)
     w, e = c["weights"], layout.dtype_bytes
     dp = layout.data if layout.partitioned else 1
+    part = math.ceil(w / dp)
+    staging = e * largest_weight(cfg, layout) if layout.offload else 0
+    offload = (4 + e) * part + staging if layout.offload else 0
+    accumulated = w * e if cfg.train.grad_accum > 1 else 0
     return {
         "parameters": w * e,
-        "gradients": w * (e if layout.partitioned else 4),
-        "master_weights": 4 * math.ceil(w / dp) if layout.partitioned else 0,
-        "optimizer_moments": 8 * math.ceil(w / dp),
+        "gradients": accumulated + staging if layout.offload else w * (e if layout.partitioned else 4),
+        "master_weights": 4 * part if layout.partitioned else 0,
+        "optimizer_moments": 8 * part,
+        "offload_buffers": offload,
         "indices_masks": c["buffers"],
         "score_caches": c["caches"],
         "rotary_tables": c["rotary_elements"] * e,
@@ -281,35 +304,21 @@ def largest_weight(cfg: RunConfig, layout: Layout) -> int:
 
 def step_workspace(cfg: RunConfig, layout: Layout, stage: int) -> int:
     """What comes after the backward pass's activations are gone: the gradient reduction's copy;
-    the optimizer step's transient, ZeRO's fp32 gradient partition or torch AdamW's per-tensor
-    temporaries (two of the largest parameter; the ZeRO-0 gate's norm runs in small chunks); and a
-    reselection's scoring chunks."""
-    if layout.partitioned:
-        optimizer = 4 * largest_group_partition(cfg, layout, stage)
-    else:
-        optimizer = 2 * 4 * largest_weight(cfg, layout)
+    the optimizer step's transient, ZeRO's fp32 gradient partition of the group it is stepping
+    (`largest_group_partition`; the fused AdamW over it, and without ZeRO over each parameter,
+    allocates nothing; the ZeRO-0 gate's norm runs in small chunks; ZeRO-Offload keeps the
+    partition on the host); and a reselection's scoring chunks."""
+    partitioned = layout.partitioned and not layout.offload
+    optimizer = 4 * largest_group_partition(cfg, layout, stage) if partitioned else 0
     reselect = 3 * 4 * SCORE_CHUNK_ELEMENTS if method_of(cfg.sparsity.method).sparse else 0
     return max(reduce_transient(cfg, layout, stage), optimizer, reselect)
-
-
-def zero_step_transient(cfg: RunConfig, layout: Layout, stage: int) -> int:
-    """What DeepSpeed's ZeRO-1 optimizer step (also bf16's) holds above the model state: the flat fp32
-    gradient partition of the group it is stepping (`largest_group_partition`), and two fp32
-    temporaries of that size from torch AdamW (single-tensor, as `train/engine.make_engine` builds
-    it), which runs over the group's whole partition and computes `exp_avg_sq.sqrt() /
-    bias_correction2_sqrt`. Without ZeRO, AdamW's
-    temporaries are per tensor (`step_workspace`)."""
-    if not layout.partitioned:
-        return 0
-    return 3 * 4 * largest_group_partition(cfg, layout, stage)
 
 
 def rank_memory(cfg: RunConfig, layout: Layout, stage: int) -> dict:
     """One rank of `stage`: its parts (device and host), activations with and without checkpointing,
     and `total_bytes`, the device's fullest moment: model state + saved activations (per the config's
     checkpointing) + `workspace`, what the backward pass adds on top of them, or what the optimizer
-    step (or a reselection) adds beyond the activations it follows, + `zero_step_buffers`, what ZeRO's
-    optimizer step (its fp32 gradient partition and AdamW's temporaries over it) needs beyond those."""
+    step (or a reselection) adds beyond the activations it follows."""
     state = model_state(cfg, layout, stage)
     full = activations(cfg, layout, stage, checkpointing=False)
     ckpt = activations(cfg, layout, stage, checkpointing=True)
@@ -317,21 +326,31 @@ def rank_memory(cfg: RunConfig, layout: Layout, stage: int) -> dict:
     kernels = kernel_workspace(cfg, layout)
     # The optimizer step and reselection run after the backward pass has freed the activations.
     workspace = max(chosen["transient"] + kernels, step_workspace(cfg, layout, stage) - chosen["saved"])
-    # The ZeRO step's AdamW temporaries, beyond what the backward pass (or the step's partition) needs already.
-    zero_step = max(0, zero_step_transient(cfg, layout, stage) - chosen["saved"] - workspace)
-    parts = {**state, "activations": chosen["saved"], "workspace": workspace, "zero_step_buffers": zero_step}
-    device = {k: v for k, v in parts.items() if k not in HOST_PARTS}
+    parts = {**state, "activations": chosen["saved"], "workspace": workspace}
+    device = {k: v for k, v in parts.items() if k not in layout.host_parts}
     return {
         "stage": stage,
         "parts": parts,
-        "model_state_bytes": sum(state[k] for k in STATE_PARTS),
-        "host_bytes": sum(parts[k] for k in HOST_PARTS),
+        "model_state_bytes": sum(state[k] for k in STATE_PARTS if k not in layout.host_parts),
+        "host_bytes": sum(parts[k] for k in layout.host_parts),
+        **({"offload": offload_step(cfg, layout, stage)} if layout.offload else {}),
         "activations_bytes": {"checkpointed": ckpt["saved"], "full": full["saved"]},
         "activation_transient_bytes": {"checkpointed": ckpt["transient"], "full": full["transient"]},
         "kernel_workspace_bytes": kernels,
         "in_flight_micro_batches": in_flight(layout, stage, cfg.train.grad_accum),
         "total_bytes": sum(device.values()),
     }
+
+
+def offload_step(cfg: RunConfig, layout: Layout, stage: int) -> dict:
+    """What ZeRO-Offload adds to every optimizer step of one rank: its partition's gradients go to
+    the host in fp32 (4 bytes per weight) and its updated weights come back in the training dtype
+    (DeepSpeed converts them on the host), and the CPU Adam steps the partition
+    (`CPU_ADAM_SECONDS_PER_WEIGHT`; the copies can overlap the backward pass, the CPU Adam cannot
+    overlap anything)."""
+    part = math.ceil(stage_contents(cfg, stage)["weights"] / layout.data)
+    return {"device_to_host_bytes": 4 * part, "host_to_device_bytes": layout.dtype_bytes * part,
+            "cpu_adam_seconds": part * CPU_ADAM_SECONDS_PER_WEIGHT}
 
 
 def plan_memory(cfg: RunConfig, layout: Layout) -> dict:

@@ -32,10 +32,27 @@ def model_parallel_group(topo: Topology):
     return parallel_state.get_model_parallel_group()
 
 
+def adamw(groups: list[dict], cfg: RunConfig) -> torch.optim.Optimizer:
+    """Under `parallel.offload_optimizer` DeepSpeed's CPU Adam (the only optimizer its ZeRO-Offload
+    takes; a C++ op built on first use, like DeepSpeed's other ops: it needs a C++ compiler and
+    ninja), in AdamW mode. Otherwise torch's fused AdamW (CPU and CUDA): one kernel updates weights
+    and moments in place. The
+    single-tensor AdamW (`foreach=False`) computes `exp_avg_sq.sqrt() / bias_correction2_sqrt` and
+    the step as new tensors; under ZeRO its one tensor is the whole flat fp32 partition, so the
+    step held two fp32 temporaries of it (21 GiB of a 13B model's 75 on one GPU). The update is
+    the same algorithm; the losses agree within float rounding (tests/test_train.py)."""
+    t = cfg.train
+    if cfg.parallel.offload_optimizer:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, adamw_mode=True)
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, fused=True)
+
+
 def make_engine(model: torch.nn.Module, cfg: RunConfig, topo: Topology):
-    """deepspeed.initialize with a torch AdamW (no FusedAdam compile on CPU); returns (engine,
-    optimizer, guard). A pipeline stage gets DeepSpeed's PipelineEngine (its topology is the
-    module's); otherwise megatron-core's groups are the engine's `mpu`.
+    """deepspeed.initialize with `adamw`'s optimizer; returns (engine, optimizer, guard). A
+    pipeline stage gets DeepSpeed's PipelineEngine (its topology is the module's); otherwise
+    megatron-core's groups are the engine's `mpu`.
 
     Gradient clipping: with ZeRO-0 `GuardedStep` measures, skips and clips (see `train/guard.py`)
     and DeepSpeed's is off; under ZeRO-1 DeepSpeed clips. It is always written out, because
@@ -45,8 +62,7 @@ def make_engine(model: torch.nn.Module, cfg: RunConfig, topo: Topology):
 
     t = cfg.train
     bf16 = t.precision == "bf16" or (t.precision == "auto" and topo.device.type == "cuda")
-    optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps,
-                                  foreach=False)
+    optimizer = adamw(param_groups(model, cfg), cfg)
     # DeepSpeed's bf16 without ZeRO keeps its fp32 masters apart from the parameters, out of reach
     # of reselection (which rewrites slots) and checkpoints (which save the masters; every save
     # failed); ZeRO-1 links them to each parameter (`optim_state.partitioned`) on one rank as on
@@ -59,7 +75,8 @@ def make_engine(model: torch.nn.Module, cfg: RunConfig, topo: Topology):
         "train_micro_batch_size_per_gpu": t.micro_batch,
         "gradient_accumulation_steps": t.grad_accum,
         "gradient_clipping": t.grad_clip if guard is None else 0.0,
-        "zero_optimization": {"stage": zero_stage, "reduce_bucket_size": reduce_bucket_elements(model)},
+        "zero_optimization": {"stage": zero_stage, "reduce_bucket_size": reduce_bucket_elements(model),
+                              **offload_config(cfg, topo)},
         "bf16": {"enabled": bf16},
         "steps_per_print": 2**31 - 1,
         **deepspeed_monitor_config(t.monitor),
@@ -71,6 +88,14 @@ def make_engine(model: torch.nn.Module, cfg: RunConfig, topo: Topology):
     if skips_lone_all_reduce(zero_stage, bf16, topo.data):
         skip_lone_all_reduce(engine)
     return engine, optimizer, guard
+
+
+def offload_config(cfg: RunConfig, topo: Topology) -> dict:
+    """ZeRO-Offload's part of DeepSpeed's config: the fp32 partitions in host memory, pinned on a
+    GPU machine (page-locked, so the per-step copies run at full PCIe speed)."""
+    if not cfg.parallel.offload_optimizer:
+        return {}
+    return {"offload_optimizer": {"device": "cpu", "pin_memory": topo.device.type == "cuda"}}
 
 
 def skips_lone_all_reduce(zero_stage: int, bf16: bool, data: int) -> bool:

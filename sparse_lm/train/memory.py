@@ -3,8 +3,9 @@
 "Model state" is every byte a training rank holds besides activations and transient workspaces:
 parameters (the bf16 copy under bf16), gradients (wherever the engine keeps them: `param.grad` or
 DeepSpeed's flat gradient buffers), the fp32 master weights DeepSpeed keeps under ZeRO and bf16,
-Adam's moments, the sparse layers' indices and A masks, their cached θ₀ block scores and the
-offload host store. It is measured from live tensors, not from formulas — the optimizer wrapper's
+Adam's moments, the sparse layers' indices and A masks, their cached θ₀ block scores, Top-KAST's
+offload host store and, under ZeRO-Offload (`parallel.offload_optimizer`), the host buffers its
+step works through. It is measured from live tensors, not from formulas — the optimizer wrapper's
 attributes are walked, not just `optimizer.state` — so a hidden copy anywhere shows up; tensors
 sharing storage (parameters that are views into a flat buffer) are counted once, at the size of
 the storage. `sparse_lm.plan` predicts the same parts from shapes alone, and its tests check it
@@ -21,9 +22,14 @@ from sparse_lm.sparsity.storage import SparseLinear
 
 ADAM_DENSE_BYTES_PER_WEIGHT = 4 + 4 + 8  # fp32 weight, gradient, exp_avg and exp_avg_sq
 PARTS = ("parameters", "gradients", "master_weights", "optimizer_moments", "indices_masks", "score_caches",
-         "offload_host", "engine_buffers")
+         "offload_host", "offload_buffers", "engine_buffers")
 # DeepSpeed's fp32 master partitions: ZeRO-1/2 (`DeepSpeedZeroOptimizer`) and `BF16_Optimizer`.
 MASTER_ATTRIBUTES = ("single_partition_of_fp32_groups", "fp32_groups_flat_partition")
+# ZeRO-Offload's host buffers (DeepSpeed 0.19, stage 1/2): the partition's training-dtype copy that
+# carries updated weights to the device, the staging buffer of gradients and each parameter's
+# gradient sum where DeepSpeed accumulates on the host; the fp32 gradient partition is the masters' `.grad`.
+OFFLOAD_ATTRIBUTES = ("param_buffer_of_bit16_for_cpu_offload_groups", "temp_grad_buffer_for_cpu_offload",
+                      "accumulated_grads_in_cpu")
 
 
 class _Counter:
@@ -77,6 +83,10 @@ def model_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None)
         for attribute in MASTER_ATTRIBUTES:
             count.walk("master_weights", getattr(optimizer, attribute, None))
         count.walk("optimizer_moments", dict(inner.state))
+        if getattr(optimizer, "cpu_offload", False):
+            count.walk("offload_buffers", [flat.grad for flat in optimizer.single_partition_of_fp32_groups])
+            for attribute in OFFLOAD_ATTRIBUTES:
+                count.walk("offload_buffers", getattr(optimizer, attribute, None))
         for name, value in vars(optimizer).items():  # flat gradient buckets, padding, anything else
             count.walk("gradients" if "grad" in name else "engine_buffers", value)
     parts = dict(count.parts)
