@@ -48,7 +48,7 @@ def selected_table(results: dict, horizon: dict) -> str:
 
 def report(results: dict, horizon: dict, runs: list[dict], fraction: float) -> str:
     text = [f"Selection: the mean training loss over the last {fraction:.0%} of the steps, at the first seed; "
-            "held-out numbers are `sparse-lm eval` on the held-out split, mean ± sample sd over seeds.\n",
+            "held-out numbers are `sparse-lm eval` on the held-out split, mean ± sample sd over seeds.\n\n",
             selected_table(results, horizon)]
     sliced = [(name, r) for name, r in results.items() if len(r.get("slices", {})) > 1]
     if sliced:
