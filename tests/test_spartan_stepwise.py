@@ -336,12 +336,13 @@ def test_spartan_on_two_tensor_parallel_ranks_matches_one_process():
     both, the budget re-split by one threshold over every layer's shards. Against one process with
     the same seed and data, at every step: the loss to rel 1e-6 (cross-entropy is taken in fp32, and
     TP takes it over the vocabulary shards), B, A and the budgets exactly, θ of every sparse layer
-    (the shards merged) within 1% of a learning-rate step, and 98% of its entries to 1e-6; both runs
+    (the shards merged) within 1% of a learning-rate step, and 99.9% of its entries to 1e-5; both runs
     on the in-place kernels. θ's bound is Adam's: megatron's vocab-parallel cross-entropy works in
     fp32, so the layouts' gradients differ by ~1e-7 relative, and an entry whose gradient nearly
     cancels turns that into a visible fraction of a step that later steps carry along (seen: 1.8e-7
-    at step 1, 1.05e-5 at step 8, at lr 1e-2; on a 2-core AMD EPYC 1.3% of one layer's entries were
-    over 1e-6 at step 20, so the share allowed is 2%)."""
+    at step 1, 1.05e-5 at step 8, at lr 1e-2). Measured on a 2-core AMD EPYC: the median gap is 0,
+    at most 3.3% of a layer's entries are over 1e-6 (that share varies with the CPU's BLAS and the
+    optimizer's kernel), and at most 0.012% over 1e-5."""
     from tests.distributed import run_distributed
 
     previous = torch.get_default_dtype()
@@ -365,6 +366,6 @@ def test_spartan_on_two_tensor_parallel_ranks_matches_one_process():
                 assert torch.equal(_merged(got, name, "A"), layer["A"]), (at, name, "A")
                 gap = (_merged(got, name, "theta") - layer["theta"]).abs()
                 assert gap.max() <= 1e-2 * LR, (at, name, float(gap.max()))
-                assert (gap > 1e-6).float().mean() <= 0.02, (at, name, float((gap > 1e-6).float().mean()))
+                assert (gap > 1e-5).float().mean() <= 1e-3, (at, name, float((gap > 1e-5).float().mean()))
         if case[1] == "global":
             assert len({layer["budget"] for layer in want[-1]["layers"].values()}) > 1, case
