@@ -12,6 +12,7 @@ import torch
 from sparse_lm.methods.rigl import RigLLinear, update
 from sparse_lm.sparsity.topkast import initialize_static
 from tests.reference.dense_rigl import DenseRigLLinear
+from tests.reference.regression import regression_step
 
 LR, BETAS, EPS, WD = 3e-2, (0.9, 0.95), 1e-8, 0.1
 ALPHA, EVERY, STEPS = 0.3, 5, 40
@@ -49,17 +50,9 @@ def _follow_oracle(block: int, specs=(None, None), dims=((48, 32), (16, 48)), de
         changed = 0.0
         for step in range(1, STEPS + 1):
             due = step % EVERY == 0
-            x = torch.randn(64, dims[0][1], generator=gen)
-            target = torch.randn(64, dims[1][0], generator=gen)
             for layer in sparse:
                 layer.capture, layer.captured = due, []
-            loss_s = ((sparse[1](torch.relu(sparse[0](x))) - target) ** 2).mean()
-            opt.zero_grad()
-            loss_s.backward()
-            opt.step()
-            weights = [d.weight() for d in dense]
-            loss_d = ((torch.relu(x @ weights[0].T) @ weights[1].T - target) ** 2).mean()
-            loss_d.backward()
+            loss_s, loss_d, weights = regression_step(sparse, opt, dense, gen, dims)
             for d, w in zip(dense, weights):
                 d.adamw(w.grad * d.dense(d.A), step, LR, BETAS, EPS, WD)
             if due:
@@ -68,7 +61,7 @@ def _follow_oracle(block: int, specs=(None, None), dims=((48, 32), (16, 48)), de
                     changed += update(layer, opt, k).entered_b / layer.k_forward
                     assert layer.capped_ranks == 0, step
                     d.update(w.grad, k)
-            assert loss_s.item() == pytest.approx(loss_d.item(), rel=1e-10), step
+            assert loss_s == pytest.approx(loss_d, rel=1e-10), step
             for layer, d in zip(sparse, dense):
                 selected = torch.zeros(layer.n_blocks, dtype=torch.bool)
                 selected[layer.index.long()[layer.forward_mask]] = True

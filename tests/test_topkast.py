@@ -14,6 +14,7 @@ from sparse_lm.sparsity.kernels import cpu
 from sparse_lm.sparsity.storage import SparseLinear, block_sums
 from sparse_lm.sparsity.topkast import TopKAST, initialize_static, reselect, sparse_layers
 from tests.reference.dense_topkast import DenseTopKASTLinear
+from tests.reference.regression import regression_step
 
 LR, BETAS, EPS, WD = 3e-2, (0.9, 0.95), 1e-8, 0.1
 
@@ -38,18 +39,7 @@ def _two_layer_run(complement: str, block: int, steps: int = 60, every: int = 5,
     opt = torch.optim.AdamW([m.values for m in sparse], lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, foreach=False)
     gen = torch.Generator().manual_seed(1)
     for step in range(1, steps + 1):
-        x = torch.randn(64, dims[0][1], generator=gen)
-        target = torch.randn(64, dims[1][0], generator=gen)
-        # sparse (sharded: layer 0's input gradient and layer 1's output are summed over the ranks)
-        hidden = torch.relu(sparse[0](x))
-        loss_s = ((sparse[1](hidden) - target) ** 2).mean()
-        opt.zero_grad()
-        loss_s.backward()
-        opt.step()
-        # dense oracle
-        weights = [d.weight() for d in dense]
-        loss_d = ((torch.relu(x @ weights[0].T) @ weights[1].T - target) ** 2).mean()
-        loss_d.backward()
+        loss_s, loss_d, weights = regression_step(sparse, opt, dense, gen, dims)
         for d, w in zip(dense, weights):
             d.adamw(d.gradient(w.grad), step, LR, BETAS, EPS, WD)
         reselected = []
@@ -58,7 +48,7 @@ def _two_layer_run(complement: str, block: int, steps: int = 60, every: int = 5,
                 reselected.append(reselect(layer, opt).entered_b / layer.k_backward)
                 assert layer.capped_ranks == 0, step  # a shard at capacity would depart from the exact top-k
                 d.select()
-        yield step, loss_s.item(), loss_d.item(), sparse, dense, reselected
+        yield step, loss_s, loss_d, sparse, dense, reselected
 
 
 def _local(layer: SparseLinear, whole: torch.Tensor, grid: bool) -> torch.Tensor:

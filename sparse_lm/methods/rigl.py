@@ -20,7 +20,6 @@ alike.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 
 import torch
@@ -29,7 +28,7 @@ from torch import nn
 
 from sparse_lm.config import RunConfig, SparsityConfig, require
 from sparse_lm.methods.base import SparsityMethod
-from sparse_lm.parallel.layers import collective_device, enter_region, leave_region
+from sparse_lm.parallel.layers import enter_region, leave_region
 from sparse_lm.sparsity.allocation import sparse_linear_shapes
 from sparse_lm.sparsity.kernels import SparseMatmul, to_blocks
 from sparse_lm.sparsity.storage import SparseLinear, block_sums, score_dtype
@@ -119,22 +118,12 @@ class RigL(TopKAST):
             layer.capture, layer.captured = self.due(step + 1), []
 
     def update_all(self, step: int, optimizer) -> dict[str, float]:
-        """Update every layer; the fraction of the model's A that changed, summed over shards and
-        stages (each layer's budget counted once), as a reselection record."""
-        started = time.perf_counter()
-        entered = 0
-        for layer in self.layers:
-            entered += update(layer, optimizer, math.floor(self.fraction(step) * layer.k_forward),
-                              self.data_group).entered_b
-        first = [layer for layer in self.layers if layer.spec is None or layer.spec.rank == 0]
-        counts = torch.tensor([entered, sum(layer.capped_ranks > 0 for layer in first),
-                               sum(layer.k_forward for layer in first)],
-                              dtype=torch.float64, device=collective_device(self.group))
-        if self.group is not None:
-            dist.all_reduce(counts, group=self.group)
-        entered, capped, k = counts.tolist()
-        return {"changed_b": entered / k, "changed_a": entered / k, "capacity_bound_layers": int(capped),
-                "update_fraction": self.fraction(step), "seconds": time.perf_counter() - started}
+        """Update every layer, as Top-KAST's reselection record (`reselect_all`; B is A, so the
+        fraction of A that changed is B's) with the update fraction."""
+        fraction = self.fraction(step)
+        record = self.reselect_all(optimizer, pick_forward=False, update=lambda layer: update(
+            layer, optimizer, math.floor(fraction * layer.k_forward), self.data_group))
+        return {**record, "changed_a": record["changed_b"], "update_fraction": fraction}
 
 
 def _data_parallel_group():

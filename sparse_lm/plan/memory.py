@@ -43,7 +43,7 @@ from sparse_lm.methods.registry import DENSE, method_of
 from sparse_lm.model.llama import resolve_vocab
 from sparse_lm.parallel.layout import BLOCK_LINEAR_NAMES, block_linear_shapes, shard_shape, stage_of
 from sparse_lm.sparsity.kernels import GATHER_CHUNK_ELEMENTS, GATHER_TOKENS, MAX_TILE_ELEMENTS
-from sparse_lm.sparsity.storage import CACHED_SCORES_MIN_BLOCK, SCORE_CHUNK_ELEMENTS, shard_capacity
+from sparse_lm.sparsity.storage import CACHED_SCORES_MIN_BLOCK, SCORE_CHUNK_ELEMENTS, set_sizes, shard_capacity
 from sparse_lm.train.engine import DEEPSPEED_BUCKET_ELEMENTS, skips_lone_all_reduce
 from sparse_lm.train.param_groups import GROUPS
 
@@ -149,8 +149,7 @@ def sparse_shard(cfg: RunConfig, leaf: str) -> SparseShard:
     global_blocks = n_blocks * tp
     method = method_of(s.method)
     exploration = method.exploration(s)
-    k_forward = max(1, math.ceil(s.density * global_blocks))
-    k_backward = min(global_blocks, max(k_forward, math.ceil((s.density + exploration) * global_blocks)))
+    k_backward = set_sizes(s.density, exploration, global_blocks)[1]
     capacity = shard_capacity(k_backward, tp, n_blocks, cfg.parallel.shard_headroom)
     index = 4 if n_blocks < 2**31 - 1 else 8
     caches = s.complement == "regenerate" and b >= CACHED_SCORES_MIN_BLOCK

@@ -38,6 +38,7 @@ import torch.distributed as dist
 from sparse_lm.config import RunConfig
 from sparse_lm.parallel.layers import collective_device
 from sparse_lm.parallel.layout import BLOCK_LINEAR_NAMES, BLOCK_LINEARS, block_linear_shapes, stage_of
+from sparse_lm.sparsity.storage import set_sizes
 from sparse_lm.sparsity.threshold import select_topk_positions
 
 STATIC = ("uniform", "erk", "pipeline_balanced")
@@ -82,8 +83,8 @@ def layer_caps(cfg: RunConfig) -> dict[str, int]:
 
 
 def uniform_budgets(cfg: RunConfig) -> dict[str, int]:
-    """⌈ρ·N_l⌉ per layer (at least one block), as `SparseLinear` sizes A."""
-    return {shape.name: max(1, math.ceil(cfg.sparsity.density * _blocks(shape, cfg.sparsity.block)))
+    """⌈ρ·N_l⌉ per layer (at least one block), as `SparseLinear` sizes A (`storage.set_sizes`)."""
+    return {shape.name: set_sizes(cfg.sparsity.density, 0.0, _blocks(shape, cfg.sparsity.block))[0]
             for shape in sparse_linear_shapes(cfg)}
 
 

@@ -54,6 +54,13 @@ SCORE_CHUNK_ELEMENTS = 1 << 20
 CACHED_SCORES_MIN_BLOCK = 8
 
 
+def set_sizes(density: float, exploration: float, blocks: int) -> tuple[int, int]:
+    """(k_A, k_B): blocks of a layer of `blocks` in the forward set A (⌈D·N⌉, at least one) and the
+    backward set B (⌈(D + M)·N⌉, at least A, at most all) — the layer's and the planner's one rule."""
+    k_forward = max(1, math.ceil(density * blocks))
+    return k_forward, min(blocks, max(k_forward, math.ceil((density + exploration) * blocks)))
+
+
 def shard_capacity(k_backward: int, parts: int, shard_blocks: int, headroom: float) -> int:
     """Slots of one of `parts` shards of a layer whose B holds `k_backward` blocks."""
     if parts == 1:
@@ -90,9 +97,7 @@ class SparseLinear(nn.Module):
         self.row0, self.col0 = spec.offset(self.shape) if spec else (0, 0)
         self.global_in, self.global_blocks = global_cols, (global_rows // block) * (global_cols // block)
         self.density, self.penalty = density, penalty
-        self.k_forward = max(1, math.ceil(density * self.global_blocks))
-        self.k_backward = min(self.global_blocks,
-                              max(self.k_forward, math.ceil((density + exploration) * self.global_blocks)))
+        self.k_forward, self.k_backward = set_sizes(density, exploration, self.global_blocks)
         self.capacity = shard_capacity(self.k_backward, spec.size if spec else 1, self.n_blocks, headroom)
         index_dtype = torch.int32 if self.n_blocks < 2**31 - 1 else torch.int64
         self.values = nn.Parameter(torch.zeros(self.capacity, block, block))
@@ -103,7 +108,7 @@ class SparseLinear(nn.Module):
         if complement == "offload":
             self.register_buffer("complement", torch.zeros(out_features, in_features))
         self.seed, self.stream, self.init_std = 0, 0, 0.0
-        self.supar, self.init_gain = supar, 1.0  # see `match_dense_variance`
+        self.supar, self.init_gain = supar, 1.0  # see `dense_variance_gain`
         self._initial_scores, self._initial_scores_key = None, None  # see `initial_block_scores`
         self.capped_ranks = 0  # at the last selection: shards whose exact share exceeded capacity
 

@@ -141,13 +141,16 @@ class TopKAST:
         """After optimizer step `step`: reselect when due; returns the reselection's record."""
         return self.reselect_all(optimizer) if self.due(step) else None
 
-    def reselect_all(self, optimizer: torch.optim.Optimizer | None, pick_forward: bool = True) -> dict[str, float]:
+    def reselect_all(self, optimizer: torch.optim.Optimizer | None, pick_forward: bool = True,
+                     update=None) -> dict[str, float]:
         """Reselect every layer; the fractions of the whole model's A and B that changed and the
         number of layers that hit a shard's slot capacity, summed over tensor-parallel shards and
         pipeline stages (each layer's budget counted once, by its tensor-parallel rank 0). Without
-        `pick_forward` A is the caller's to pick, and to report."""
+        `pick_forward` A is the caller's to pick, and to report. `update(layer)`: another method's
+        per-layer reselection returning its `LayerChange` (default: `reselect`)."""
         started = time.perf_counter()
-        changes = [reselect(layer, optimizer, pick_forward) for layer in self.layers]
+        update = update or (lambda layer: reselect(layer, optimizer, pick_forward))
+        changes = [update(layer) for layer in self.layers]
         first = [layer for layer in self.layers if layer.spec is None or layer.spec.rank == 0]
         counts = torch.tensor([sum(c.entered_b for c in changes), sum(c.entered_a for c in changes),
                                sum(layer.capped_ranks > 0 for layer in first),

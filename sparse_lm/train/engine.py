@@ -36,11 +36,11 @@ def adamw(groups: list[dict], cfg: RunConfig) -> torch.optim.Optimizer:
     """Under `parallel.offload_optimizer` DeepSpeed's CPU Adam (the only optimizer its ZeRO-Offload
     takes; a C++ op built on first use, like DeepSpeed's other ops: it needs a C++ compiler and
     ninja), in AdamW mode. Otherwise torch's fused AdamW (CPU and CUDA): one kernel updates weights
-    and moments in place. The
-    single-tensor AdamW (`foreach=False`) computes `exp_avg_sq.sqrt() / bias_correction2_sqrt` and
-    the step as new tensors; under ZeRO its one tensor is the whole flat fp32 partition, so the
-    step held two fp32 temporaries of it (21 GiB of a 13B model's 75 on one GPU). The update is
-    the same algorithm; the losses agree within float rounding (tests/test_train.py)."""
+    and moments in place. The single-tensor AdamW (`foreach=False`) computes `exp_avg_sq.sqrt() /
+    bias_correction2_sqrt` and the step as new tensors; under ZeRO its one tensor is the whole flat
+    fp32 partition, so the step held two fp32 temporaries of it (21 GiB of a 13B model's 75 on one
+    GPU). The update is the same algorithm; the losses agree within float rounding
+    (tests/test_optimizer.py)."""
     t = cfg.train
     if cfg.parallel.offload_optimizer:
         from deepspeed.ops.adam import DeepSpeedCPUAdam

@@ -26,7 +26,7 @@ from sparse_lm.parallel.layout import BLOCK_LINEAR_NAMES, canonical_name
 from sparse_lm.sparsity.storage import SparseLinear
 
 # embedding: the token embedding (also the LM head when tied); head: the LM head; hidden: the
-# dense block linears; sparse: the sparse block linears' stored values; norm: the RMSNorm gains.
+# dense block linears; hidden_sparse: the sparse block linears' stored values; norm: the RMSNorm gains.
 GROUPS = ("embedding", "head", "hidden", "hidden_sparse", "norm")
 
 
