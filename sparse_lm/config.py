@@ -32,7 +32,7 @@ from sparse_lm.parallel.layout import BLOCK_LINEAR_NAMES, block_linear_shapes, s
 SparsityMethod = Literal[tuple(METHODS)]
 Granularity = Literal["element", "block"]
 Complement = Literal["regenerate", "offload"]
-# How Spartan splits its budget over layers (docs/design/spartan.md, sparsity/allocation.py).
+# How the forward budget is split over layers (sparsity/allocation.py; each method's `allocations`).
 Allocation = Literal["uniform", "global", "erk", "pipeline_balanced"]
 Candidates = Literal["backward_set", "dense"]
 Precision = Literal["auto", "fp32", "bf16"]
@@ -112,7 +112,8 @@ class SparsityConfig:
     targets: list[str] = field(default_factory=lambda: list(BLOCK_LINEAR_NAMES))
     """Which block linears are sparse (the others stay dense)."""
     allocation: Allocation = "uniform"
-    """How the total budget is split over layers (anything but uniform is Spartan's)."""
+    """How the forward budget is split over layers: uniform; erk (static, RigL, Spartan); pipeline_balanced
+    and global (Spartan)."""
     beta: float = 10.0
     """Spartan: β_target of the soft top-k, scaled by √(block elements)."""
     warmup_frac: float = 0.2

@@ -39,7 +39,8 @@ VARIANTS = {
                        "finetune_frac": 0.05},
     # RigL: each shard's growth scores from its own inputs and output gradients, selected over the
     # shards; over data-parallel replicas, the gradient chunks summed first.
-    "rigl": {"method": "rigl", "density": 0.25, "reselect_every": 4, "granularity": "block", "block_size": 8},
+    "rigl": {"method": "rigl", "density": 0.25, "reselect_every": 4, "granularity": "block", "block_size": 8,
+             "allocation": "erk"},  # layers of their own sizes, the same on every layout
 }
 
 
@@ -173,8 +174,9 @@ def test_tensor_and_pipeline_parallel_match_one_process(tp_runs):
 
 
 def test_rigl_on_tensor_and_pipeline_parallel_and_data_parallel_matches_one_process(tp_runs):
-    """RigL on TP 2 × PP 2 and on two data-parallel replicas (ZeRO-1, replicas verified alike):
-    the same losses, the same blocks dropped and grown at every update, the same weights."""
+    """RigL (ERK: each layer its own size) on TP 2 × PP 2 and on two data-parallel replicas (ZeRO-1,
+    replicas verified alike): the same losses, the same blocks dropped and grown at every update,
+    the same weights."""
     single = tp_runs("rigl", 1)
     for run in (tp_runs("rigl", 2, pipeline=2), tp_runs("rigl", 1, data=2)):
         _assert_same_run(run, single, rel=1e-5)

@@ -27,6 +27,8 @@ SINGLE_CASES = [  # (overrides) on configs/tiny.yaml, one rank
     ["sparsity.granularity=block", "parallel.zero_stage=0", "train.precision=fp32"],
     ["sparsity.granularity=block", "parallel.zero_stage=1", "train.precision=fp32"],
     ["sparsity.granularity=block", "parallel.zero_stage=0", "train.precision=bf16"],  # runs ZeRO-1
+    ["sparsity.method=rigl", "sparsity.allocation=erk", "sparsity.granularity=block", "parallel.zero_stage=1",
+     "train.precision=fp32"],  # a size per layer
 ]
 PIPELINE_CASES = [  # on configs/tiny-tp2-pp2.yaml, four ranks
     ["sparsity.granularity=element", "parallel.zero_stage=0", "train.precision=fp32"],

@@ -119,3 +119,35 @@ def test_an_update_holds_far_less_than_the_dense_gradient():
     peak = allocated_peak_bytes(lambda: update(layer, opt, layer.k_forward // 10))
     assert peak < 0.25 * dense_grad, peak / dense_grad
     assert layer.captured  # the caller (the schedule) drops them after the update
+
+
+@pytest.mark.parametrize("method", ["rigl", "static"])
+def test_erk_sizes_every_layer_at_its_share_of_the_uniform_total(method):
+    """`allocation: erk` under a method whose B is A: each layer stores exactly its ERK share
+    (density ∝ (rows + cols)/(rows·cols), `allocation.static_budgets`), capped by the layer, not
+    by a candidate set, and the model's total is the uniform one; the planner counts the same slots."""
+    from sparse_lm.config import ModelConfig, RunConfig, SparsityConfig
+    from sparse_lm.model.build import build_model
+    from sparse_lm.plan.memory import stage_contents
+    from sparse_lm.sparsity import allocation
+    from sparse_lm.sparsity.storage import SparseLinear
+
+    def model_cfg(allocation_name):
+        return RunConfig(model=ModelConfig(vocab_size=256, d_model=64, n_layers=2, n_heads=4, max_seq_len=256),
+                         sparsity=SparsityConfig(method=method, density=0.35, exploration=0.0, granularity="block",
+                                                 block_size=8, allocation=allocation_name)).validate()
+
+    cfg = model_cfg("erk")
+    budgets, shapes = allocation.static_budgets(cfg), allocation.sparse_linear_shapes(cfg)
+    layers = {name: m for name, m in build_model(cfg).named_modules() if isinstance(m, SparseLinear)}
+    assert {name: layer.k_forward for name, layer in layers.items()} == budgets
+    assert all(layer.k_backward == layer.k_forward == int(layer.live.sum()) == int(layer.forward_mask.sum())
+               for layer in layers.values())
+    assert sum(budgets.values()) == sum(allocation.uniform_budgets(model_cfg("uniform")).values())
+    uncapped = {s.name: (s.rows + s.cols) / (s.rows * s.cols) * (s.rows // 8) * (s.cols // 8) for s in shapes}
+    scale = sum(budgets.values()) / sum(uncapped.values())
+    assert all(abs(budgets[n] - scale * uncapped[n]) <= 1 for n in budgets)
+    q = layers["layers.0.self_attn.q_proj"]
+    assert q.k_forward / q.global_blocks > 0.35 + 0.1  # beyond any B a candidate set would cap it at
+    stored = sum(layer.values.numel() for layer in layers.values())
+    assert stage_contents(cfg, 0)["groups"]["hidden_sparse"] == stored

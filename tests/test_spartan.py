@@ -332,9 +332,14 @@ def test_bad_spartan_fields_are_named(field, value, message):
         _config(warmup_frac=0.7, **{field: value})
 
 
-def test_other_methods_keep_uniform_allocation():
-    cfg = RunConfig(sparsity=SparsityConfig(method="topkast", allocation="global"))
-    with pytest.raises(UserError, match="sparsity.allocation: expected uniform with sparsity.method=topkast"):
+@pytest.mark.parametrize("method, allocation_name, expected", [
+    ("topkast", "erk", "uniform"),
+    ("rigl", "global", "one of uniform, erk"),
+    ("static", "pipeline_balanced", "one of uniform, erk"),
+])
+def test_other_methods_refuse_what_they_cannot_follow(method, allocation_name, expected):
+    cfg = RunConfig(sparsity=SparsityConfig(method=method, allocation=allocation_name))
+    with pytest.raises(UserError, match=f"sparsity.allocation: expected {expected} with sparsity.method={method}"):
         cfg.validate()
 
 

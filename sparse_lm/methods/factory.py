@@ -15,11 +15,12 @@ from sparse_lm.sparsity.topkast import TopKAST
 
 
 def linear_factory(cfg: SparsityConfig, headroom: float = 0.25, micro_batches: int = 1,
-                   plan: TensorPlan | None = None):
+                   plan: TensorPlan | None = None, budgets: dict[str, int] | None = None):
     """The model's `LinearFactory`: the method's sparse linear for the targeted block linears,
     dense for the rest; under tensor parallelism (`plan`, None: whole layers) each is this rank's
     shard, between megatron-core's mappings. `headroom`: spare slots per shard (`storage`).
-    `micro_batches`: backward passes per optimizer step (train.grad_accum)."""
+    `micro_batches`: backward passes per optimizer step (train.grad_accum). `budgets`: blocks of
+    A per layer (`SparsityMethod.forward_budgets`; None: uniform)."""
     method = method_of(cfg.method)
     plan = plan or TensorPlan()
 
@@ -33,7 +34,8 @@ def linear_factory(cfg: SparsityConfig, headroom: float = 0.25, micro_batches: i
         if not method.sparse or name.rsplit(".", 1)[-1] not in cfg.targets:
             return (ShardLinear(in_features, out_features, spec) if spec
                     else nn.Linear(in_features, out_features, bias=False))
-        return method.make_linear(cfg, name, in_features, out_features, spec, headroom, micro_batches)
+        return method.make_linear(cfg, name, in_features, out_features, spec, headroom, micro_batches,
+                                  budgets[name] if budgets else None)
 
     return make
 

@@ -20,20 +20,18 @@ alike.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from sparse_lm.config import RunConfig, SparsityConfig, require
-from sparse_lm.methods.base import SparsityMethod
+from sparse_lm.config import RunConfig, require
+from sparse_lm.methods.static import Static
 from sparse_lm.parallel.layers import enter_region, leave_region
-from sparse_lm.sparsity.allocation import sparse_linear_shapes
 from sparse_lm.sparsity.kernels import SparseMatmul, to_blocks
 from sparse_lm.sparsity.storage import SparseLinear, block_sums, score_dtype
 from sparse_lm.sparsity.threshold import ChunkedScores, select_topk_positions
-from sparse_lm.sparsity.topkast import TopKAST, initialize_static, reselect
+from sparse_lm.sparsity.topkast import TopKAST, reselect
 
 
 class RigLLinear(SparseLinear):
@@ -135,7 +133,9 @@ def _data_parallel_group():
     return parallel_state.get_data_parallel_group() if parallel_state.get_data_parallel_world_size() > 1 else None
 
 
-class RigLMethod(SparsityMethod):
+class RigLMethod(Static):
+    """`static`'s random start and sizes (B is A), updated by RigL's schedule."""
+
     name = "rigl"
     reselects = True
     linear_class = RigLLinear
@@ -147,21 +147,14 @@ class RigLMethod(SparsityMethod):
                 "regenerate with sparsity.method=rigl (its dropped weights are zero: there is nothing to offload)",
                 s.complement)
 
-    def exploration(self, s: SparsityConfig) -> float:
-        return 0.0  # B is A
-
-    def initializer(self) -> Callable | None:
-        return initialize_static  # a seeded random set, as the paper's random sparse start
-
     def schedule(self, model, cfg: RunConfig, group=None) -> RigL:
         return RigL(model, cfg, group)
 
     def training_sets(self, cfg, a, b):
-        """A forward and backward, and the dense weight gradient once every `reselect_every` steps."""
+        """A forward and backward, and the dense weight gradient (`b`: the whole layer, its
+        `budget_cap`) once every `reselect_every` steps."""
         every = cfg.sparsity.reselect_every
-        whole = {s.name: (s.rows // cfg.sparsity.block) * (s.cols // cfg.sparsity.block)
-                 for s in sparse_linear_shapes(cfg)}
-        return a, {name: k + (whole[name] - k) / every for name, k in a.items()}
+        return a, {name: k + (b[name] - k) / every for name, k in a.items()}
 
 
 METHOD = RigLMethod()

@@ -4,7 +4,7 @@ budget allocations (`sparsity.allocation`)."""
 
 from __future__ import annotations
 
-from sparse_lm.config import RunConfig, SparsityConfig
+from sparse_lm.config import ALLOCATIONS, RunConfig, SparsityConfig
 from sparse_lm.methods.base import SparsityMethod
 from sparse_lm.sparsity.spartan import Spartan, SpartanLinear
 
@@ -14,9 +14,12 @@ class SpartanMethod(SparsityMethod):
     reselects = True
     linear_class = SpartanLinear
     extra_layer_bytes = 8  # the layer's budget (an int64 buffer, saved with it)
+    allocations = ALLOCATIONS
 
-    def validate(self, cfg: RunConfig) -> None:
-        """Every allocation is Spartan's; nothing else to check beyond the fields' ranges."""
+    def forward_budgets(self, cfg: RunConfig) -> None:
+        """None: every layer stores the uniform B, and its share of A is a `budget` buffer that
+        the schedule sets (and `global` moves), so a checkpoint loads under any allocation."""
+        return None
 
     def exploration(self, s: SparsityConfig) -> float:
         """B: Top-KAST's candidates, or every block (`candidates: dense`, small scale only)."""

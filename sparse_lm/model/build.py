@@ -32,12 +32,14 @@ def build_model(cfg: RunConfig, initialize: bool = True, topology: Topology | No
     """
     plan = tensor_plan(topology)
     vocab = VocabShard(plan.vocab) if plan.vocab else Vocabulary()
-    factory = linear_factory(cfg.sparsity, cfg.parallel.shard_headroom, cfg.train.grad_accum, plan)
+    method = method_of(cfg.sparsity.method)
+    factory = linear_factory(cfg.sparsity, cfg.parallel.shard_headroom, cfg.train.grad_accum, plan,
+                             method.forward_budgets(cfg))
     recompute = cfg.train.activation_checkpointing
     if topology is not None and topology.pipeline > 1:
         model = build_pipeline(cfg.model, factory, vocab, topology, recompute)
     else:
         model = Llama(cfg.model, factory, vocab, recompute)
     if initialize:
-        init_weights(model, cfg.train.seed, method_of(cfg.sparsity.method).initializer())
+        init_weights(model, cfg.train.seed, method.initializer())
     return model

@@ -25,6 +25,11 @@ COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "embed_
 ROW_PARALLEL = ("o_proj", "down_proj")
 
 
+def linear_name(layer: int, leaf: str) -> str:
+    """The canonical name of block `layer`'s linear `leaf` (e.g. layers.0.self_attn.q_proj)."""
+    return f"layers.{layer}.{BLOCK_LINEARS[leaf]}.{leaf}"
+
+
 def block_linear_shapes(m) -> dict[str, tuple[int, int]]:
     """[rows (out), cols (in)] of each linear of a Transformer block of model config `m`, by name."""
     kv = m.n_kv_heads * m.head_dim

@@ -41,7 +41,7 @@ from sparse_lm.config import RunConfig
 from sparse_lm.errors import UserError
 from sparse_lm.methods.registry import DENSE, method_of
 from sparse_lm.model.llama import resolve_vocab
-from sparse_lm.parallel.layout import BLOCK_LINEAR_NAMES, block_linear_shapes, shard_shape, stage_of
+from sparse_lm.parallel.layout import BLOCK_LINEAR_NAMES, block_linear_shapes, linear_name, shard_shape, stage_of
 from sparse_lm.sparsity.kernels import GATHER_CHUNK_ELEMENTS, GATHER_TOKENS, MAX_TILE_ELEMENTS
 from sparse_lm.sparsity.storage import CACHED_SCORES_MIN_BLOCK, SCORE_CHUNK_ELEMENTS, set_sizes, shard_capacity
 from sparse_lm.train.engine import DEEPSPEED_BUCKET_ELEMENTS, skips_lone_all_reduce
@@ -138,8 +138,9 @@ class SparseShard:
         return self.capacity * self.block**2
 
 
-def sparse_shard(cfg: RunConfig, leaf: str) -> SparseShard:
-    """A `SparseLinear`'s storage on one rank, from the layer's global shape (its constructor's sums)."""
+def sparse_shard(cfg: RunConfig, leaf: str, forward_blocks: int | None = None) -> SparseShard:
+    """A `SparseLinear`'s storage on one rank, from the layer's global shape and its share of A
+    (`forward_blocks`, None: uniform) — its constructor's sums."""
     s, tp = cfg.sparsity, cfg.parallel.tensor
     rows, cols = block_linear_shapes(cfg.model)[leaf]
     if tp > 1:
@@ -149,7 +150,7 @@ def sparse_shard(cfg: RunConfig, leaf: str) -> SparseShard:
     global_blocks = n_blocks * tp
     method = method_of(s.method)
     exploration = method.exploration(s)
-    k_backward = set_sizes(s.density, exploration, global_blocks)[1]
+    k_backward = set_sizes(s.density, exploration, global_blocks, forward_blocks)[1]
     capacity = shard_capacity(k_backward, tp, n_blocks, cfg.parallel.shard_headroom)
     index = 4 if n_blocks < 2**31 - 1 else 8
     caches = s.complement == "regenerate" and b >= CACHED_SCORES_MIN_BLOCK
@@ -159,6 +160,13 @@ def sparse_shard(cfg: RunConfig, leaf: str) -> SparseShard:
 
 def _is_sparse(cfg: RunConfig, leaf: str) -> bool:
     return method_of(cfg.sparsity.method).sparse and leaf in cfg.sparsity.targets
+
+
+def layer_shards(cfg: RunConfig, layers) -> list[SparseShard]:
+    """One rank's sparse linears of blocks `layers`, each sized at its allocation's share of A."""
+    budgets = method_of(cfg.sparsity.method).forward_budgets(cfg)
+    return [sparse_shard(cfg, leaf, budgets[linear_name(i, leaf)] if budgets else None)
+            for i in layers for leaf in BLOCK_LINEAR_NAMES if _is_sparse(cfg, leaf)]
 
 
 def stage_layers(cfg: RunConfig, stage: int) -> list[int]:
@@ -174,14 +182,13 @@ def stage_contents(cfg: RunConfig, stage: int) -> dict[str, int]:
     buffers = caches = host = 0
     dims = block_linear_shapes(m)
     layers = stage_layers(cfg, stage)
+    for shard in layer_shards(cfg, layers):
+        groups["hidden_sparse"] += shard.weights
+        buffers += shard.index_bytes + shard.budget_bytes
+        caches += shard.score_cache_bytes
+        host += shard.offload_bytes
     for leaf in BLOCK_LINEAR_NAMES:
-        if _is_sparse(cfg, leaf):
-            shard = sparse_shard(cfg, leaf)
-            groups["hidden_sparse"] += len(layers) * shard.weights
-            buffers += len(layers) * (shard.index_bytes + shard.budget_bytes)
-            caches += len(layers) * shard.score_cache_bytes
-            host += len(layers) * shard.offload_bytes
-        else:
+        if not _is_sparse(cfg, leaf):
             rows, cols = dims[leaf]
             groups["hidden"] += len(layers) * rows * cols // tp
     groups["norm"] += 2 * m.d_model * len(layers)  # the two RMSNorm gains per block
@@ -298,7 +305,7 @@ def reduce_transient(cfg: RunConfig, layout: Layout, stage: int) -> int:
 def largest_weight(cfg: RunConfig, layout: Layout) -> int:
     """Elements of a rank's largest parameter: the vocabulary shard or a sparse linear's slots."""
     return max([cfg.model.vocab_size // layout.tensor * cfg.model.d_model]
-               + [sparse_shard(cfg, leaf).weights for leaf in BLOCK_LINEAR_NAMES if _is_sparse(cfg, leaf)])
+               + [shard.weights for shard in layer_shards(cfg, range(cfg.model.n_layers))])
 
 
 def step_workspace(cfg: RunConfig, layout: Layout, stage: int) -> int:

@@ -36,8 +36,9 @@ import torch
 import torch.distributed as dist
 
 from sparse_lm.config import RunConfig
+from sparse_lm.methods.registry import method_of
 from sparse_lm.parallel.layers import collective_device
-from sparse_lm.parallel.layout import BLOCK_LINEAR_NAMES, BLOCK_LINEARS, block_linear_shapes, stage_of
+from sparse_lm.parallel.layout import BLOCK_LINEAR_NAMES, block_linear_shapes, linear_name, stage_of
 from sparse_lm.sparsity.storage import set_sizes
 from sparse_lm.sparsity.threshold import select_topk_positions
 
@@ -63,7 +64,7 @@ def sparse_linear_shapes(cfg: RunConfig) -> list[LayerShape]:
     for i in range(m.n_layers):
         for leaf in BLOCK_LINEAR_NAMES:
             if leaf in cfg.sparsity.targets:
-                name = f"layers.{i}.{BLOCK_LINEARS[leaf]}.{leaf}"
+                name = linear_name(i, leaf)
                 shapes.append(LayerShape(name, *dims[leaf], stage_of(name, m.n_layers, cfg.parallel.pipeline)))
     return shapes
 
@@ -73,13 +74,11 @@ def _blocks(shape: LayerShape, block: int) -> int:
 
 
 def layer_caps(cfg: RunConfig) -> dict[str, int]:
-    """Most blocks of A a layer may get: its candidate set B."""
-    s = cfg.sparsity
-    caps = {}
-    for shape in sparse_linear_shapes(cfg):
-        n = _blocks(shape, s.block)
-        caps[shape.name] = n if s.candidates == "dense" else min(n, math.ceil((s.density + s.exploration) * n))
-    return caps
+    """Most blocks of A a layer may get: its candidate set B under Spartan, the whole layer where
+    B is sized from A (the method's `budget_cap`)."""
+    method = method_of(cfg.sparsity.method)
+    return {shape.name: method.budget_cap(cfg.sparsity, _blocks(shape, cfg.sparsity.block))
+            for shape in sparse_linear_shapes(cfg)}
 
 
 def uniform_budgets(cfg: RunConfig) -> dict[str, int]:

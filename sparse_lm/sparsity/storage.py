@@ -54,11 +54,16 @@ SCORE_CHUNK_ELEMENTS = 1 << 20
 CACHED_SCORES_MIN_BLOCK = 8
 
 
-def set_sizes(density: float, exploration: float, blocks: int) -> tuple[int, int]:
+def set_sizes(density: float, exploration: float, blocks: int, forward: int | None = None) -> tuple[int, int]:
     """(k_A, k_B): blocks of a layer of `blocks` in the forward set A (⌈D·N⌉, at least one) and the
-    backward set B (⌈(D + M)·N⌉, at least A, at most all) — the layer's and the planner's one rule."""
-    k_forward = max(1, math.ceil(density * blocks))
-    return k_forward, min(blocks, max(k_forward, math.ceil((density + exploration) * blocks)))
+    backward set B (⌈(D + M)·N⌉, at least A, at most all) — the layer's and the planner's one rule.
+    A per-layer allocation (`forward`: the layer's share of A, `allocation.static_budgets`) gives
+    the count itself, as an integer, so no density round-trips through a float; B then adds what
+    the uniform rule adds beyond A."""
+    uniform = max(1, math.ceil(density * blocks))
+    extra = math.ceil((density + exploration) * blocks) - uniform
+    k_forward = uniform if forward is None else forward
+    return k_forward, min(blocks, max(k_forward, k_forward + extra))
 
 
 def shard_capacity(k_backward: int, parts: int, shard_blocks: int, headroom: float) -> int:
@@ -84,6 +89,7 @@ class SparseLinear(nn.Module):
         spec: ShardSpec | None = None,
         headroom: float = 0.25,
         supar: bool = False,
+        forward_blocks: int | None = None,
     ):
         super().__init__()
         if in_features % block or out_features % block:
@@ -96,8 +102,8 @@ class SparseLinear(nn.Module):
         global_rows, global_cols = spec.global_shape(self.shape) if spec else self.shape
         self.row0, self.col0 = spec.offset(self.shape) if spec else (0, 0)
         self.global_in, self.global_blocks = global_cols, (global_rows // block) * (global_cols // block)
-        self.density, self.penalty = density, penalty
-        self.k_forward, self.k_backward = set_sizes(density, exploration, self.global_blocks)
+        self.k_forward, self.k_backward = set_sizes(density, exploration, self.global_blocks, forward_blocks)
+        self.density, self.penalty = self.k_forward / self.global_blocks if forward_blocks else density, penalty
         self.capacity = shard_capacity(self.k_backward, spec.size if spec else 1, self.n_blocks, headroom)
         index_dtype = torch.int32 if self.n_blocks < 2**31 - 1 else torch.int64
         self.values = nn.Parameter(torch.zeros(self.capacity, block, block))
