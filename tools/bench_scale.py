@@ -11,6 +11,7 @@ Cases (fp32 on the CPU, one micro-batch of `--seq-len` tokens, grad_accum 1, the
   checkpointing, a reselection of every sparse linear, checkpoint save and load (and its size on
   disk), `sparse-lm convert export-hf` of that checkpoint;
 - `1b-tp2`: the same on two ranks over gloo (tensor 2; per-rank numbers, no export);
+- `1b-offload`: the 1.1B preset on one process with `parallel.offload_optimizer` (no checkpoint);
 - `13b-block`, `70b-block`: one Transformer block at Llama-2-13B / 70B width (n_layers 1,
   tensor 1), with a small vocabulary (`--block-vocab`) so that the embedding does not dominate.
 
@@ -43,14 +44,17 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
 GIB, MIB = 2**30, 2**20
 # The plan's parts `model_state_bytes` measures (the rotary tables are derived caches, not state).
-MEASURED_PARTS = ("parameters", "gradients", "master_weights", "optimizer_moments", "indices_masks", "score_caches",
-                  "offload_host")
+MEASURED_PARTS = ("parameters", "gradients", "master_weights", "optimizer_moments", "offload_buffers",
+                  "indices_masks", "score_caches", "offload_host")
 COMMON = ["train.precision=fp32", "train.micro_batch=1", "train.grad_accum=1", "train.activation_checkpointing=false"]
 CASES = {
     "1b": {"config": "configs/llama-1b-tp4.yaml", "set": ["parallel.tensor=1"], "world": 1, "checkpoint": True,
            "export": True, "note": "the 1.1B preset on one process"},
     "1b-tp2": {"config": "configs/llama-1b-tp4.yaml", "set": ["parallel.tensor=2"], "world": 2, "checkpoint": True,
                "export": False, "note": "the 1.1B preset on two ranks (tensor 2, gloo); per rank"},
+    "1b-offload": {"config": "configs/llama-1b-tp4.yaml", "world": 1, "checkpoint": False, "export": False,
+                   "set": ["parallel.tensor=1", "parallel.zero_stage=1", "parallel.offload_optimizer=true"],
+                   "note": "the 1.1B preset on one process with ZeRO-Offload (DeepSpeed's CPU Adam)"},
     "13b-block": {"config": "configs/llama-13b.yaml", "set": ["model.n_layers=1", "parallel.tensor=1"], "world": 1,
                   "checkpoint": False, "export": False, "small_vocab": True,
                   "note": "one Llama-2-13B block (n_layers 1)"},
@@ -101,12 +105,12 @@ def _rank(spec: dict) -> dict:
     from sparse_lm.checkpoint.store import load_checkpoint, save_checkpoint
     from sparse_lm.config import load_config
     from sparse_lm.methods.factory import make_schedule
+    from sparse_lm.methods.registry import method_of
     from sparse_lm.model import resolve_vocab
     from sparse_lm.model.build import build_model
     from sparse_lm.model.init import init_weights
     from sparse_lm.optim_state import link_partitions
     from sparse_lm.parallel.state import init_distributed, shutdown
-    from sparse_lm.sparsity.topkast import initialize_static
     from sparse_lm.train.engine import make_engine, model_parallel_group
     from sparse_lm.train.memory import allocated_peak_bytes, model_state_bytes
 
@@ -119,8 +123,7 @@ def _rank(spec: dict) -> dict:
     phases.run("kernels", cpu.ops)
     phases.baseline_rss = _status_bytes("VmRSS")
     model = phases.run("build", lambda: build_model(cfg, initialize=False, topology=topo))
-    sparse_init = initialize_static if cfg.sparsity.method == "static" else None
-    phases.run("init", lambda: init_weights(model, cfg.train.seed, sparse_init))
+    phases.run("init", lambda: init_weights(model, cfg.train.seed, method_of(cfg.sparsity.method).initializer()))
     engine, optimizer, _ = phases.run("engine", lambda: make_engine(model, cfg, topo))
     gen = torch.Generator().manual_seed(topo.dp_rank)
     ids = torch.randint(0, cfg.model.vocab_size, (cfg.train.micro_batch, cfg.train.seq_len + 1), generator=gen)
@@ -261,7 +264,8 @@ def summarise(name: str, case: dict, overrides: list[str], planned: dict, ranks:
               export: dict | None) -> dict:
     per_rank = planned["per_rank"]
     plan_state = planned_state(per_rank["parts"])
-    plan_total = {kind: per_rank["model_state_bytes"] + per_rank["activations_bytes"][kind]
+    # On a CPU the plan's device and host memory are one process's: its total holds both.
+    plan_total = {kind: per_rank["model_state_bytes"] + per_rank["host_bytes"] + per_rank["activations_bytes"][kind]
                   + per_rank["parts"]["workspace"]
                   for kind in ("full", "checkpointed")}
     rows = []
@@ -273,7 +277,8 @@ def summarise(name: str, case: dict, overrides: list[str], planned: dict, ranks:
         step_peak = max(ph[k]["peak_rss_bytes"] for k in ph if k.startswith("step_"))
         plan_peak = r["baseline_rss_bytes"] + plan_total["full"]
         # DeepSpeed frees the gradients after each step: a step allocates them anew.
-        plan_step = plan_total["full"] - per_rank["model_state_bytes"] + per_rank["parts"]["gradients"]
+        plan_step = (plan_total["full"] - per_rank["model_state_bytes"] - per_rank["host_bytes"]
+                     + per_rank["parts"]["gradients"])
         row = {
             "rank": r["rank"],
             "kernels_load_s": ph["kernels"]["seconds"],

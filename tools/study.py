@@ -57,6 +57,7 @@ sys.path.insert(0, str(REPO))
 from sparse_lm.atomic import to_json, write_text  # noqa: E402
 from sparse_lm.config import config_from_dict  # noqa: E402
 from sparse_lm.errors import UserError  # noqa: E402
+from sparse_lm.methods.registry import method_of  # noqa: E402
 from sparse_lm.parallel.layout import block_linear_shapes  # noqa: E402
 from sparse_lm.plan.flops import training_flops_per_token  # noqa: E402
 from sparse_lm.sparsity.allocation import sparse_linear_shapes, uniform_budgets  # noqa: E402
@@ -76,7 +77,7 @@ def parameter_counts(tree: dict, vocab_size: int) -> tuple[int, int]:
     m = cfg.model
     block = sum(rows * cols for rows, cols in block_linear_shapes(m).values()) + 2 * m.d_model
     total = m.vocab_size * m.d_model * (1 if m.tie_embeddings else 2) + m.n_layers * block + m.d_model
-    if cfg.sparsity.method == "dense":
+    if not method_of(cfg.sparsity.method).sparse:
         return total, total
     b2 = cfg.sparsity.block**2
     sparse = sum(s.rows * s.cols for s in sparse_linear_shapes(cfg))

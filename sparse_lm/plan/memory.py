@@ -50,10 +50,10 @@ from sparse_lm.train.param_groups import GROUPS
 STATE_PARTS = ("parameters", "gradients", "master_weights", "optimizer_moments", "offload_buffers", "indices_masks",
                "score_caches", "rotary_tables")
 OFFLOADED_PARTS = ("master_weights", "optimizer_moments", "offload_buffers")  # in host memory under ZeRO-Offload
-# DeepSpeed's CPU Adam (AVX, all of the host's cores) per stored weight: 1.85 ns measured on this
-# project's 2-core CPU machine by tools/bench_offload.py (5M weights, while the machine was shared;
-# to be rerun quiet); a server's many-core host steps faster.
-CPU_ADAM_SECONDS_PER_WEIGHT = 1.85e-9
+# DeepSpeed's CPU Adam per stored weight: 0.63 ns on this project's 2-core CPU machine, quiet, both
+# cores (tools/bench_offload.py, 50M fp32 weights; docs/bench/offload.md; 0.75 ns on one core). It is
+# memory-bound (28 bytes read and written per weight), so a server host's bandwidth sets its rate.
+CPU_ADAM_SECONDS_PER_WEIGHT = 0.63e-9
 
 
 @dataclass(frozen=True)
