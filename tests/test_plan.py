@@ -323,24 +323,28 @@ def _step_peaks(rank: int, world: int, overrides: list[str]) -> list[int]:
     return [allocated_peak_bytes(step) for _ in range(2)]
 
 
-@pytest.mark.parametrize("zero_stage, world, vocab", [(0, 2, 4096), (1, 1, 4096), (1, 1, 32000)])
-def test_step_peak_matches_a_real_step(zero_stage, world, vocab):
+@pytest.mark.parametrize("zero_stage, world, vocab, offload", [(0, 2, 4096, False), (1, 1, 4096, False),
+                                                              (1, 1, 32000, False), (1, 1, 32000, True)])
+def test_step_peak_matches_a_real_step(zero_stage, world, vocab, offload):
     """What a step holds above the weights and Adam's moments (DeepSpeed frees the gradients after
     each step): the gradients, the reduction's copy of them at the end of the backward pass (none
     without ZeRO on one replica, where the engine skips the all-reduce), and the optimizer step's
     transient — under ZeRO-1 its flat fp32 gradient partition; the fused AdamW over it (and over
     each parameter without ZeRO) adds nothing, where the single-tensor AdamW it replaced held two
-    fp32 temporaries of the partition. The plan's total less its gradient-free state must match
-    every rank's profiled peak."""
+    fp32 temporaries of the partition. With ZeRO-Offload the step's peak is the backward pass's
+    end, the reduce bucket beside every gradient (`step_workspace`). The plan's total less its
+    gradient-free state must match every rank's profiled peak."""
     from sparse_lm.plan.memory import rank_memory, reduce_transient, step_workspace
 
-    overrides = [*STEP_CASE, f"data.vocab_size={vocab}", f"parallel.zero_stage={zero_stage}"]
+    overrides = [*STEP_CASE, f"data.vocab_size={vocab}", f"parallel.zero_stage={zero_stage}",
+                 f"parallel.offload_optimizer={str(offload).lower()}"]
     measured = run_distributed(_step_peaks, world, overrides, timeout=300)
     cfg = resolved(load_config(REPO / "configs/tiny.yaml", overrides))
     layout = layout_of(cfg, world)
     planned = rank_memory(cfg, layout, 0)
     above_state = planned["total_bytes"] - planned["model_state_bytes"] + planned["parts"]["gradients"]
-    assert (step_workspace(cfg, layout, 0) == planned["parts"]["master_weights"]) == (zero_stage == 1)
+    if not offload:
+        assert (step_workspace(cfg, layout, 0) == planned["parts"]["master_weights"]) == (zero_stage == 1)
     assert (reduce_transient(cfg, layout, 0) > 0) == (zero_stage == 1 or world > 1)
     for rank in measured:
         assert max(rank) == pytest.approx(above_state, rel=0.05), (measured, planned["parts"])

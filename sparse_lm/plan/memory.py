@@ -313,11 +313,22 @@ def step_workspace(cfg: RunConfig, layout: Layout, stage: int) -> int:
     the optimizer step's transient, ZeRO's fp32 gradient partition of the group it is stepping
     (`largest_group_partition`; the fused AdamW over it, and without ZeRO over each parameter,
     allocates nothing; the ZeRO-0 gate's norm runs in small chunks; ZeRO-Offload keeps the
-    partition on the host); and a reselection's scoring chunks."""
+    partition on the host); and a reselection's scoring chunks.
+
+    Under ZeRO-1 the reduce bucket is allocated at the backward pass's first gradient, so at its
+    end (the embedding's backward) the bucket and every gradient of the stage are live at once,
+    beyond the gradients the model state counts. Without offload the optimizer's partition covers
+    as much; with offload, whose model state keeps only a staging buffer of gradients, this is
+    the step's peak (measured: the 1.1B preset, docs/bench/scale_offload.md)."""
     partitioned = layout.partitioned and not layout.offload
     optimizer = 4 * largest_group_partition(cfg, layout, stage) if partitioned else 0
     reselect = 3 * 4 * SCORE_CHUNK_ELEMENTS if method_of(cfg.sparsity.method).sparse else 0
-    return max(reduce_transient(cfg, layout, stage), optimizer, reselect)
+    reduce = reduce_transient(cfg, layout, stage)
+    backward_end = 0
+    if layout.zero_stage == 1:
+        every_gradient = layout.dtype_bytes * stage_contents(cfg, stage)["weights"]
+        backward_end = reduce + every_gradient - model_state(cfg, layout, stage)["gradients"]
+    return max(reduce, optimizer, reselect, backward_end)
 
 
 def rank_memory(cfg: RunConfig, layout: Layout, stage: int) -> dict:
