@@ -52,7 +52,7 @@ def run_config(args: argparse.Namespace, sparsity: dict, out_dir: str) -> dict:
         "data": {"path": str(Path(args.data).resolve())},
         "train": {"steps": args.steps, "seq_len": args.seq_len, "micro_batch": args.micro_batch,
                   "warmup_steps": 1, "log_every": args.steps, "eval_every": 10**9, "eval_batches": 1,
-                  "precision": "fp32", "out_dir": out_dir},
+                  "precision": args.precision, "out_dir": out_dir},
         "checkpoint": {"every": 10**9},
     }
 
@@ -105,11 +105,12 @@ def measure(args: argparse.Namespace) -> dict:
 def markdown(report: dict) -> str:
     env, a = report["environment"], report["args"]
     lines = ["# End-to-end training speed: `sparse-lm pretrain`, sparse against dense", "", f"`{report['command']}`",
-             "", f"{env['cpu']}, {env['cpu_count']} CPUs, {a['threads']} thread(s), load average at the end "
-             f"{report['load_average_at_end']}, torch {env['torch']}. d_model {a['d_model']}, {a['layers']} layers, "
-             f"{a['micro_batch']} × {a['seq_len']} tokens per step, fp32, {a['steps']} steps of which the first "
-             f"{a['warmup']} are not timed; Top-KAST D = M = 0.1 reselecting every {a['reselect_every']} steps "
-             f"(included); best of {a['repeats']} alternating rounds.", "",
+             "", f"{env.get('gpu', 'no GPU')}; {env['cpu']}, {env['cpu_count']} CPUs, {a['threads']} thread(s), "
+             f"load average at the end {report['load_average_at_end']}, torch {env['torch']}. d_model {a['d_model']}, "
+             f"{a['layers']} layers, {a['micro_batch']} × {a['seq_len']} tokens per step, {a['precision']}, "
+             f"{a['steps']} steps of which the first {a['warmup']} are not timed; Top-KAST D = M = 0.1 "
+             f"reselecting every {a['reselect_every']} steps (included); best of {a['repeats']} alternating rounds.",
+             "",
              "| variant | tokens/s | × dense | peak RSS GiB |", "|---|---:|---:|---:|"]
     for name, r in report["results"].items():
         rss = f"{r['peak_rss_bytes'] / 2**30:.2f}" if r.get("peak_rss_bytes") else "-"
@@ -131,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reselect-every", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="train.precision (on a GPU: bf16, what the presets train in)")
     parser.add_argument("--json")
     parser.add_argument("--markdown")
     args = parser.parse_args(argv)
@@ -143,8 +146,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--variants: expected dense among them (every ratio is against it)")
     started = time.perf_counter()
     results = measure(args)
+    import torch
+
+    env = environment(args.threads)
+    if torch.cuda.is_available():  # pretrain trains on the GPU when there is one
+        env["gpu"] = torch.cuda.get_device_name(0)
     report = {"command": " ".join(["python", "tools/bench_pretrain.py", *(argv or sys.argv[1:])]),
-              "environment": environment(args.threads), "args": vars(args), "results": results,
+              "environment": env, "args": vars(args), "results": results,
               "load_average_at_end": os.getloadavg(), "seconds": time.perf_counter() - started}
     write_report(report, args.json, args.markdown, markdown(report))
     print(markdown(report))

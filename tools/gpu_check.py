@@ -36,6 +36,8 @@ PRESET = ["--config", "configs/llama-1b-tp4.yaml", "--set", "parallel.tensor=1",
           "checkpoint.every=20"]
 PYTEST = [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
 KERNEL_TESTS = ["tests/test_kernel_oracle.py", "tests/test_kernels.py", "-k", "triton or oracle or probe"]
+# End-to-end tokens/s through `sparse-lm pretrain`, sparse against dense (README's speed row).
+RATIO = [PY, "tools/bench_pretrain.py", "--data", "{work}/data"]
 BENCH = [PY, "tools/bench_step.py", "--modes", "element", "block16", "block32", "block64", "--densities", "0.1"]
 
 
@@ -83,6 +85,13 @@ def run_numbers(out: Path, work: Path) -> dict:
     return numbers
 
 
+def pretrain_ratio_numbers(out: Path, work: Path) -> dict:
+    """Per variant: tokens/s of `sparse-lm pretrain` and its ratio to dense's, in one invocation."""
+    results = json.loads((out / "pretrain_gpu.json").read_text())["results"]
+    return {name: {"tokens_per_s": round(r["tokens_per_s"]), "over_dense": round(r["over_dense"], 3)}
+            for name, r in results.items()}
+
+
 def resume_numbers(out: Path, work: Path) -> dict:
     run = json.loads((work / "resume_1b.json").read_text())
     return {"steps": run["steps"], "checkpoint": run["checkpoint"]}
@@ -116,6 +125,10 @@ def steps() -> list[Step]:
              numbers=resume_numbers),
         Step("checkpoint_nccl", 90, [*PYTEST, "tests/test_checkpoint.py", "-k", "nccl"], cuda=True,
              rehearse=[*PYTEST, "--collect-only", "tests/test_checkpoint.py", "-k", "nccl"]),
+        Step("pretrain_ratio", 150, [*RATIO, "--precision", "bf16", "--json", "{out}/pretrain_gpu.json"], cuda=True,
+             rehearse=[*RATIO, "--d-model", "64", "--layers", "1", "--seq-len", "32", "--steps", "4", "--warmup", "1",
+                       "--variants", "dense", "topkast-block16", "--threads", "1"],
+             numbers=pretrain_ratio_numbers),
     ]
 
 
