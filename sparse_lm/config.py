@@ -112,8 +112,7 @@ class SparsityConfig:
     targets: list[str] = field(default_factory=lambda: list(BLOCK_LINEAR_NAMES))
     """Which block linears are sparse (the others stay dense)."""
     allocation: Allocation = "uniform"
-    """How the forward budget is split over layers: uniform; erk (static, RigL, Spartan); pipeline_balanced
-    and global (Spartan)."""
+    """How A's budget splits over layers: uniform, erk (static, RigL, Spartan), pipeline_balanced, global (Spartan)."""
     beta: float = 10.0
     """Spartan: β_target of the soft top-k, scaled by √(block elements)."""
     warmup_frac: float = 0.2

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from tests.cli_runs import REPO, free_port, records, run_cli, write_config
 
@@ -65,14 +66,16 @@ def _launcher(ranks: int) -> list[str]:
 
 @pytest.fixture(scope="module")
 def tp_runs(tmp_path_factory, data_dir):
-    """Runs by (variant, tensor, data, pipeline size), trained on first use."""
+    """Runs by (variant, tensor, data, pipeline size, activation checkpointing), trained on first use."""
     done: dict[tuple, Path] = {}
 
-    def get(variant: str, tensor: int, data: int = 1, pipeline: int = 1) -> Path:
-        key = (variant, tensor, data, pipeline)
+    def get(variant: str, tensor: int, data: int = 1, pipeline: int = 1, recompute: bool = False) -> Path:
+        key = (variant, tensor, data, pipeline, recompute)
         if key not in done:
-            tmp = tmp_path_factory.mktemp(f"{variant}-tp{tensor}-dp{data}-pp{pipeline}")
-            config = write_config(tmp, data_dir, "run", **_sections(variant, tensor, data, pipeline=pipeline))
+            tmp = tmp_path_factory.mktemp(f"{variant}-tp{tensor}-dp{data}-pp{pipeline}{'-recompute' * recompute}")
+            sections = _sections(variant, tensor, data, pipeline=pipeline)
+            sections["train"]["activation_checkpointing"] = recompute
+            config = write_config(tmp, data_dir, "run", **sections)
             if tensor * data * pipeline == 1:
                 run_cli("pretrain", "--config", str(config))
             else:
@@ -201,6 +204,26 @@ def test_spartan_on_tensor_and_pipeline_parallel_matches_one_process(tp_runs):
                for run in (single, both)]
     assert budgets[0] == budgets[1] and len(set(budgets[0].values())) > 1
     assert sum(budgets[0].values()) == sum(-(-layer_blocks // 4) for layer_blocks in _block_counts())
+
+
+def test_tensor_and_pipeline_parallel_runs_are_identical_with_recomputed_blocks(tp_runs):
+    """Spartan on TP 2 × PP 2 with activation checkpointing: the recomputed forward repeats the
+    soft top-k's and the row-parallel all-reduces inside backward, on both shards of every stage
+    in step — the same loss at every step, bit for bit, and the same final weights, masks and
+    budgets as the run that keeps its activations."""
+    kept, redone = tp_runs("spartan-global", 2, pipeline=2), tp_runs("spartan-global", 2, pipeline=2, recompute=True)
+    kept_steps, redone_steps = records(kept, "step"), records(redone, "step")
+    assert [r["step"] for r in redone_steps] == list(range(1, STEPS_TP + 1))
+    assert [r["loss"] for r in redone_steps] == [r["loss"] for r in kept_steps]
+    assert [r["step"] for r in records(redone, "reselect")] == RESELECTS
+    for t in (0, 1):
+        for p in (0, 1):
+            name = f"model-tp{t:02d}-pp{p:02d}.safetensors"
+            want = load_file(kept / "checkpoints" / f"step_{STEPS_TP:08d}" / name)
+            got = load_file(redone / "checkpoints" / f"step_{STEPS_TP:08d}" / name)
+            assert got.keys() == want.keys()
+            for key in want:
+                assert torch.equal(got[key], want[key]), (name, key)
 
 
 def _block_counts() -> list[int]:
