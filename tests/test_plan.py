@@ -200,7 +200,8 @@ def test_model_state_bytes_counts_every_tensor_under_zero1_bf16():
     assert measured["total"] == pytest.approx(measured["gc"], rel=1e-3, abs=1024)
 
 
-@pytest.mark.parametrize("overrides", [["sparsity.method=dense"], ["sparsity.granularity=element"],
+@pytest.mark.parametrize("overrides", [["sparsity.method=dense", "sparsity.supar=false"],
+                                       ["sparsity.granularity=element"],
                                        ["sparsity.granularity=block", "model.n_kv_heads=2"]])
 def test_activation_estimate_matches_the_profiled_step(overrides):
     from sparse_lm.model.build import build_model

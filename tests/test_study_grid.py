@@ -52,3 +52,31 @@ def test_selection_loss_is_the_mean_of_the_last_steps_and_divergence_is_never_ch
     assert study_grid.selection_loss({s: v for s, v in steps.items() if s != 100}, 100, 0.1) == math.inf
     assert study_grid.best([{}, {}, {}], [math.inf, 2.0, math.nan]) == 1
     assert study_grid.best([{}], [math.inf]) is None
+
+
+def test_an_extension_past_a_fields_range_is_not_run_and_the_edge_is_marked_a_limit(tmp_path):
+    """Study.tune on a mask-freezing fraction whose best is its largest value, 0.75: the next point
+    (0.75² / 0.5 = 1.125) is not a valid `sparsity.freeze_masks_after`, so it is not trained and the
+    selection's edge is reported as the range's limit; the learning-rate axis still extends."""
+    import argparse
+
+    import study
+
+    spec = {"base": {"model": {"d_model": 64, "n_layers": 2, "n_heads": 4}, "sparsity": {"method": "topkast"},
+                     "data": {"path": str(tmp_path)}, "train": {"steps": 10}},
+            "variants": {"freeze": {"grid": {"sparsity.freeze_masks_after": [0.5, 0.75], "train.lr": [1e-3, 3e-3]}}}}
+    tuner = study.Study(argparse.Namespace(config=tmp_path / "s.yaml", out=tmp_path), spec, spec["base"], 128)
+    trained = []
+
+    def run(name, overrides, point, seed, phase, train, tag=True, extra=None):  # loss falls with both fields
+        trained.append(point)
+        loss = -point["sparsity.freeze_masks_after"] + abs(math.log(point["train.lr"] / 3e-3))
+        return {"selection_loss": loss, "perplexity": math.exp(loss), "lr_groups": {}, "tree": {}}
+
+    tuner.run = run
+    tuner.tune("freeze", train=True)
+    assert all(p["sparsity.freeze_masks_after"] <= 1 for p in trained)
+    assert {"sparsity.freeze_masks_after": 0.75, "train.lr": pytest.approx(9e-3)} in trained  # lr's edge extended
+    chosen = tuner.selected["freeze"]
+    assert chosen["setting"] == {"sparsity.freeze_masks_after": 0.75, "train.lr": 3e-3}
+    assert chosen["on_edge"] == ["sparsity.freeze_masks_after (range limit)"]

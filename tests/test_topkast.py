@@ -185,6 +185,20 @@ def test_reselection_moves_blocks_and_zeros_their_moments():
     assert not moved[0] and layer.forward_mask[0]
     assert torch.all(state["exp_avg"][moved] == 0) and torch.all(state["exp_avg_sq"][moved] == 0)
     assert torch.all(state["exp_avg_sq"][~moved] > 0)
+    # every block of A but slot 0 left B, so A's newcomers all come from outside it
+    assert change.entered_a == change.entered_a_from_outside == layer.k_forward - 1
+
+
+def test_churn_of_a_is_split_by_where_its_newcomers_were():
+    """A's newcomers promoted from B \\ A are not counted as coming from outside B."""
+    layer = SparseLinear("l", 16, 16, 0.25, 0.25, 1, 0.0, "regenerate")
+    layer.initialize(0, 1, 1.0)
+    with torch.no_grad():  # B \ A far above the complement, A below it: B \ A becomes A, A's blocks leave
+        layer.values[layer.forward_mask] = 0.0
+        layer.values[~layer.forward_mask & layer.live] = 100.0
+    change = reselect(layer, None)
+    assert change.entered_b == layer.k_backward - layer.k_forward and change.entered_a == layer.k_forward
+    assert change.entered_a_from_outside == 0
 
 
 def test_tiles_do_not_change_the_numbers(monkeypatch):

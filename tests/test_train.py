@@ -240,6 +240,7 @@ def test_topkast_run_reselects_and_stays_sparse(reference_runs):
     reselections = records(run, "reselect")
     assert [r["step"] for r in reselections] == [4, 8]
     assert all(0 < r["changed_b"] <= 1 and 0 <= r["changed_a"] <= 1 for r in reselections)
+    assert all(0 <= r["a_from_outside"] <= r["changed_a"] for r in reselections)
     steps = records(run, "step")
     assert np.mean([r["loss"] for r in steps[-3:]]) < steps[0]["loss"] - 0.3
     from safetensors import safe_open

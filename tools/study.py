@@ -12,7 +12,8 @@ overrides of the base (`sparsity`, `model`, `train`, ...) plus, optionally:
   (default 0.1) of the steps; a numeric axis is tuned, and each value of a non-numeric axis
   (e.g. `sparsity.supar: [false, true]`) is a slice tuned on its own. A best point on the edge
   of a numeric axis gets one more point beyond it, until it is interior (at most `max_extensions`
-  rounds, default 3); one still on an edge is flagged in the report;
+  rounds, default 3); one still on an edge is flagged in the report, as "(range limit)" where the
+  next point would leave the field's valid range (e.g. a fraction past 1), which is not run;
 * `inherit`: {variant: [section.field, ...]} — take these fields from that (earlier) variant's
   selected setting, e.g. dense's tuned hidden-rate multiplier for the sparse methods;
 * `small_dense`: NAME — a dense model whose width is chosen so that its parameter count is
@@ -171,6 +172,7 @@ class Study:
             raise SystemExit(f"{self.args.config}: variant {name}: {exc}") from None
         overrides = self.overrides(name)
         done: list[tuple[dict, dict]] = []
+        limits: set[str] = set()  # axes whose next point would leave the field's valid range
         for _ in range(self.max_extensions + 1):
             for point in points:
                 record = self.run(name, overrides, point, self.seeds[0], "grid", train, tag=bool(grid))
@@ -178,25 +180,46 @@ class Study:
                     done.append((point, record))
             tried = [p for p, _ in done]
             losses = [r["selection_loss"] for _, r in done]
-            points = study_grid.extensions(tried, losses) if grid else []
+            points = []
+            for point in study_grid.extensions(tried, losses) if grid else []:
+                invalid = self._invalid(overrides, point)
+                if invalid is None:
+                    points.append(point)
+                else:
+                    limits.update(f for f in point if point[f] not in {p.get(f) for p in tried})
+                    print(f"[study] {name} {study_grid.label(point)}: not run, beyond the valid range ({invalid}); "
+                          "its neighbour on the edge is the range's limit", flush=True)
             if not points:
                 break
         if not done:
             return
         tried, losses = [p for p, _ in done], [r["selection_loss"] for _, r in done]
         slices = {}
+        on_edge = lambda point: [f"{f} (range limit)" if f in limits else f  # noqa: E731
+                                 for f in study_grid.edges(point, tried)]
         for key, index in study_grid.selections(tried, losses).items():
             point, record = done[index]
             slices[study_grid.label(dict(key))] = {
                 "setting": point, "selection_loss": record["selection_loss"], "perplexity": record["perplexity"],
-                "lr_groups": record["lr_groups"], "on_edge": study_grid.edges(point, tried)}
+                "lr_groups": record["lr_groups"], "on_edge": on_edge(point)}
         pick = study_grid.best(tried, losses)
         if pick is None:
             raise SystemExit(f"variant {name}: every run of its grid diverged; lower its learning rates")
         point, record = done[pick]
         self.selected[name] = {"setting": point, "tree": record["tree"], "selection_loss": record["selection_loss"],
-                               "lr_groups": record["lr_groups"], "on_edge": study_grid.edges(point, tried),
+                               "lr_groups": record["lr_groups"], "on_edge": on_edge(point),
                                "slices": slices, "grid_points": len(done)}
+
+    def _invalid(self, overrides: dict, point: dict) -> str | None:
+        """Why the variant's config at `point` is refused (a grid extension past a field's range,
+        e.g. a fraction above 1), or None if it is valid."""
+        tree = _merge(_merge(self.base, overrides), study_grid.nested(point))
+        tree = _merge(tree, {"model": {"vocab_size": self.vocab}})
+        try:
+            config_from_dict(tree)
+        except UserError as exc:
+            return str(exc)
+        return None
 
     # ------------------------------------------------------------------ one run
     def run(self, name: str, overrides: dict, point: dict, seed: int, phase: str, train: bool,

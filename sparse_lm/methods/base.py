@@ -24,9 +24,9 @@ class SparsityMethod:
     reselected, with a uniform budget. Subclasses override what differs."""
 
     name = ""
-    # The `sparsity.allocation`s it takes. A per-layer one (`erk`, `pipeline_balanced`) sizes each
-    # layer's A once, from the config (`forward_budgets`); `global` moves budgets during training
-    # and only Spartan, whose A lives inside a fixed B, can follow it.
+    # The `sparsity.allocation`s it takes. A per-layer one (`erk`, or Spartan's `pipeline_balanced`)
+    # sizes each layer's A once, from the config (`forward_budgets`); `global` moves budgets during
+    # training and only Spartan, whose A lives inside a fixed B, can follow it.
     allocations: tuple[str, ...] = ("uniform",)
     sparse = True  # builds sparse linears for `sparsity.targets` (dense: none)
     reselects = False  # its schedule re-picks A and B between steps

@@ -117,11 +117,12 @@ class RigL(TopKAST):
 
     def update_all(self, step: int, optimizer) -> dict[str, float]:
         """Update every layer, as Top-KAST's reselection record (`reselect_all`; B is A, so the
-        fraction of A that changed is B's) with the update fraction."""
+        fraction of A that changed is B's, and every grown block comes from outside) with the update fraction."""
         fraction = self.fraction(step)
         record = self.reselect_all(optimizer, pick_forward=False, update=lambda layer: update(
             layer, optimizer, math.floor(fraction * layer.k_forward), self.data_group))
-        return {**record, "changed_a": record["changed_b"], "update_fraction": fraction}
+        return {**record, "changed_a": record["changed_b"], "a_from_outside": record["changed_b"],
+                "update_fraction": fraction}
 
 
 def _data_parallel_group():

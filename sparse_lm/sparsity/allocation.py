@@ -42,7 +42,6 @@ from sparse_lm.parallel.layout import BLOCK_LINEAR_NAMES, block_linear_shapes, l
 from sparse_lm.sparsity.storage import set_sizes
 from sparse_lm.sparsity.threshold import select_topk_positions
 
-STATIC = ("uniform", "erk", "pipeline_balanced")
 DYNAMIC = ("global",)
 
 

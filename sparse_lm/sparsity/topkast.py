@@ -42,10 +42,14 @@ def initialize_static(layer: SparseLinear, seed: int, stream: int, std: float) -
 
 @dataclass
 class LayerChange:
-    """Blocks of B and of A that are new after a reselection (this shard's counts)."""
+    """Blocks of B and of A that are new after a reselection (this shard's counts), and how many of
+    A's new blocks were not in B before: they come straight from the complement, untrained by this
+    run's optimizer since they left (or ever), which is what separates churn inside B from churn
+    that reaches the forward pass from outside it."""
 
     entered_b: int
     entered_a: int
+    entered_a_from_outside: int = 0
 
 
 @torch.no_grad()
@@ -81,7 +85,8 @@ def reselect(layer: SparseLinear, optimizer: torch.optim.Optimizer | None, pick_
     layer.forward_mask.copy_(layer.select_forward())
     new_forward = layer.index.long()[layer.forward_mask]
     entered_a = int((~_members(new_forward, old_forward, layer.n_blocks)).sum())
-    return LayerChange(entered_b=len(entering), entered_a=entered_a)
+    from_outside = int(_members(new_forward, entering, layer.n_blocks).sum())
+    return LayerChange(entered_b=len(entering), entered_a=entered_a, entered_a_from_outside=from_outside)
 
 
 def _members(values: torch.Tensor, of: torch.Tensor, n_blocks: int) -> torch.Tensor:
@@ -145,7 +150,8 @@ class TopKAST:
                      update=None) -> dict[str, float]:
         """Reselect every layer; the fractions of the whole model's A and B that changed and the
         number of layers that hit a shard's slot capacity, summed over tensor-parallel shards and
-        pipeline stages (each layer's budget counted once, by its tensor-parallel rank 0). Without
+        pipeline stages (each layer's budget counted once, by its tensor-parallel rank 0), and the
+        fraction of A that entered it from outside B (`a_from_outside`, ≤ `changed_a`). Without
         `pick_forward` A is the caller's to pick, and to report. `update(layer)`: another method's
         per-layer reselection returning its `LayerChange` (default: `reselect`)."""
         started = time.perf_counter()
@@ -153,16 +159,18 @@ class TopKAST:
         changes = [update(layer) for layer in self.layers]
         first = [layer for layer in self.layers if layer.spec is None or layer.spec.rank == 0]
         counts = torch.tensor([sum(c.entered_b for c in changes), sum(c.entered_a for c in changes),
+                               sum(c.entered_a_from_outside for c in changes),
                                sum(layer.capped_ranks > 0 for layer in first),
                                sum(layer.k_backward for layer in first), sum(layer.k_forward for layer in first)],
                               dtype=torch.float64, device=collective_device(self.group))
         if self.group is not None:
             dist.all_reduce(counts, group=self.group)
-        entered_b, entered_a, capped, k_b, k_a = counts.tolist()
+        entered_b, entered_a, from_outside, capped, k_b, k_a = counts.tolist()
         record = {"changed_b": entered_b / k_b, "capacity_bound_layers": int(capped),
                   "seconds": time.perf_counter() - started}
         if pick_forward:
             record["changed_a"] = entered_a / k_a
+            record["a_from_outside"] = from_outside / k_a
         return record
 
 
