@@ -32,6 +32,7 @@ from sparse_lm.parallel.layout import BLOCK_LINEAR_NAMES, block_linear_shapes, s
 SparsityMethod = Literal[tuple(METHODS)]
 Granularity = Literal["element", "block"]
 Complement = Literal["regenerate", "offload"]
+Promote = Literal["any", "trained"]
 # How the forward budget is split over layers (sparsity/allocation.py; each method's `allocations`).
 Allocation = Literal["uniform", "global", "erk", "pipeline_balanced"]
 Candidates = Literal["backward_set", "dense"]
@@ -109,6 +110,8 @@ class SparsityConfig:
     """Fraction of train.steps after which A and B stop changing (1.0: never)."""
     complement: Complement = "regenerate"
     """Weights outside B: regenerate from the seed when selected again, or offload to host memory."""
+    promote: Promote = "any"
+    """Top-KAST: blocks A may take at a reselection: any of B (the paper), or only those trained in B before."""
     targets: list[str] = field(default_factory=lambda: list(BLOCK_LINEAR_NAMES))
     """Which block linears are sparse (the others stay dense)."""
     allocation: Allocation = "uniform"

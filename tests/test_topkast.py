@@ -20,7 +20,8 @@ LR, BETAS, EPS, WD = 3e-2, (0.9, 0.95), 1e-8, 0.1
 
 
 def _two_layer_run(complement: str, block: int, steps: int = 60, every: int = 5, dims=((32, 24), (16, 32)),
-                   density: float = 0.25, exploration: float = 0.25, specs=(None, None), headroom: float = 0.25):
+                   density: float = 0.25, exploration: float = 0.25, specs=(None, None), headroom: float = 0.25,
+                   promote: str = "any"):
     """A 2-layer MLP regression trained sparse and dense-oracle side by side; yields per-step pairs.
 
     dims: (out, in) of each whole layer. specs: each layer's tensor-parallel shard (layer 0 split by
@@ -35,7 +36,8 @@ def _two_layer_run(complement: str, block: int, steps: int = 60, every: int = 5,
                              headroom=headroom)
         layer.initialize(seed=7, stream=100 + i, std=0.3)
         sparse.append(layer)
-        dense.append(DenseTopKASTLinear(o, i_, density, exploration, block, penalty, complement, 7, 100 + i, 0.3))
+        dense.append(DenseTopKASTLinear(o, i_, density, exploration, block, penalty, complement, 7, 100 + i, 0.3,
+                                        promote))
     opt = torch.optim.AdamW([m.values for m in sparse], lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, foreach=False)
     gen = torch.Generator().manual_seed(1)
     for step in range(1, steps + 1):
@@ -45,7 +47,7 @@ def _two_layer_run(complement: str, block: int, steps: int = 60, every: int = 5,
         reselected = []
         if step % every == 0:
             for layer, d in zip(sparse, dense):
-                reselected.append(reselect(layer, opt).entered_b / layer.k_backward)
+                reselected.append(reselect(layer, opt, promote=promote).entered_b / layer.k_backward)
                 assert layer.capped_ranks == 0, step  # a shard at capacity would depart from the exact top-k
                 d.select()
         yield step, loss_s, loss_d, sparse, dense, reselected
@@ -81,17 +83,41 @@ def _assert_follows_oracle(run, rel: float, tol: float) -> float:
     return changed
 
 
-@pytest.mark.parametrize("complement, block", [
-    ("offload", 1), ("offload", 4), ("regenerate", 1), ("regenerate", 4), ("regenerate", 8)])
-def test_sparse_training_follows_the_dense_oracle(complement, block):
+@pytest.mark.parametrize("complement, block, promote", [
+    ("offload", 1, "any"), ("offload", 4, "any"), ("regenerate", 1, "any"), ("regenerate", 4, "any"),
+    ("regenerate", 8, "any"), ("regenerate", 1, "trained"), ("offload", 4, "trained")])
+def test_sparse_training_follows_the_dense_oracle(complement, block, promote):
     """60 steps, 12 reselections: losses to rel 1e-5, selections exactly, θ (B and complement) to
     rtol 1e-5 / atol 1e-5 with θ ~ 0.3 (fp32; sums run in different orders, and Adam magnifies
     the difference for entries whose gradient is near zero). Block 8 with `regenerate` scores
     reselections from θ₀'s kept block scores and regenerates only entering blocks. At these
     densities most products take the dense tiles; the kernels' own paths are followed by the
     cases below."""
-    changed = _assert_follows_oracle(_two_layer_run(complement, block), rel=1e-5, tol=1e-5)
+    changed = _assert_follows_oracle(_two_layer_run(complement, block, promote=promote), rel=1e-5, tol=1e-5)
     assert changed > 0  # the run must have moved blocks between B and the complement
+
+
+def test_promote_trained_keeps_newcomers_out_of_a_while_enough_blocks_stayed():
+    """Blocks entering B with the largest values of all: `any` puts them straight into A,
+    `trained` keeps A among the blocks that stayed, and takes newcomers only to fill A."""
+    def run(promote: str, boosted: int):
+        layer = SparseLinear("l", 16, 16, 0.25, 0.25, 1, 0.0, "offload")
+        layer.initialize(0, 1, 1.0)
+        before = set(layer.index[layer.live].tolist())
+        outside = [p for p in range(layer.n_blocks) if p not in before][:boosted]
+        with torch.no_grad():  # the complement at 0 but for `boosted` blocks far above all of B
+            layer.complement.zero_()
+            layer.complement.view(-1)[outside] = 100.0
+        change = reselect(layer, None, promote=promote)
+        newcomers = sum(p not in before for p in layer.index[layer.forward_mask].tolist())
+        return change, newcomers
+
+    change, new_in_a = run("any", boosted=8)
+    assert change.entered_b == 8 and new_in_a == 8  # the paper's rule: the largest 8 go straight into A
+    change, new_in_a = run("trained", boosted=8)
+    assert change.entered_b == 8 and new_in_a == 0 and change.entered_a_from_outside == 0
+    change, new_in_a = run("trained", boosted=100)  # only 28 of B's 128 stayed: A (64) needs 36 newcomers
+    assert change.entered_b == 100 and new_in_a == 64 - 28 == change.entered_a_from_outside
 
 
 # Shapes and densities at which each product takes the path named (D = 0.1: A is 10% of each grid,
@@ -101,6 +127,7 @@ KERNEL_CASES = {
     "in_place-b32": {"block": 32, "complement": "offload", "path": "in_place"},
     "gathered-b32": {"block": 32, "complement": "regenerate", "path": "gathered"},  # no compiled kernels
     "in_place-elements": {"block": 1, "complement": "regenerate", "path": "in_place"},
+    "in_place-elements-promote": {"block": 1, "complement": "regenerate", "path": "in_place", "promote": "trained"},
 }
 KERNEL_DIMS = ((192, 128), (64, 192))
 
@@ -108,7 +135,7 @@ KERNEL_DIMS = ((192, 128), (64, 192))
 def _kernel_run(case: str, specs=(None, None)):
     c = KERNEL_CASES[case]
     return _two_layer_run(c["complement"], c["block"], steps=40, dims=KERNEL_DIMS, density=0.1, exploration=0.1,
-                          specs=specs, headroom=1.0)
+                          specs=specs, headroom=1.0, promote=c.get("promote", "any"))
 
 
 def _check_paths(paths, case: str) -> None:

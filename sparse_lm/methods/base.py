@@ -30,6 +30,7 @@ class SparsityMethod:
     allocations: tuple[str, ...] = ("uniform",)
     sparse = True  # builds sparse linears for `sparsity.targets` (dense: none)
     reselects = False  # its schedule re-picks A and B between steps
+    promotes = False  # it picks A within B at a reselection, so `sparsity.promote` applies
     linear_class: type[SparseLinear] = SparseLinear
     extra_layer_bytes = 0  # what each sparse layer stores beyond values, index and mask (`plan`)
 
@@ -39,6 +40,8 @@ class SparsityMethod:
         choices = self.allocations[0] if len(self.allocations) == 1 else f"one of {', '.join(self.allocations)}"
         require(s.allocation in self.allocations, "sparsity.allocation",
                 f"{choices} with sparsity.method={self.name}", s.allocation)
+        require(s.promote == "any" or self.promotes, "sparsity.promote",
+                f"any with sparsity.method={self.name} (it does not pick A within B)", s.promote)
 
     def forward_budgets(self, cfg: RunConfig) -> dict[str, int] | None:
         """Blocks of A of each sparse linear (canonical name) when the allocation gives layers

@@ -10,6 +10,7 @@ from sparse_lm.methods.base import SparsityMethod
 class TopKASTMethod(SparsityMethod):
     name = "topkast"
     reselects = True
+    promotes = True
 
     def penalty(self, s: SparsityConfig) -> float:
         return s.penalty

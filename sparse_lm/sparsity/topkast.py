@@ -54,12 +54,16 @@ class LayerChange:
 
 @torch.no_grad()
 def reselect(layer: SparseLinear, optimizer: torch.optim.Optimizer | None, pick_forward: bool = True,
-             scores: torch.Tensor | ChunkedScores | None = None, entering_values=None) -> LayerChange:
+             scores: torch.Tensor | ChunkedScores | None = None, entering_values=None,
+             promote: str = "any") -> LayerChange:
     """Re-pick B and A from current magnitudes; see the module docstring for the steps. With
     `pick_forward=False` A is left to the caller (Spartan re-picks it against the new budget) and
     `entered_a` is 0: picking it here too would cost one more sharded top-k per layer for nothing.
     Another method may rank blocks by its own `scores` (default: Σ|θ| of the current weight) and
     give entering blocks its own values (`entering_values(positions)`, default: the complement's).
+    `promote="trained"` keeps blocks that have just entered B out of A unless the blocks that stayed
+    in B are too few: a newcomer is first trained in B \\ A, instead of reaching the forward pass
+    at its complement value (`sparsity.promote`).
 
     A shard's number of used slots may change (see `storage`): entering blocks fill the slots of
     leaving ones, then unused ones; slots left over become unused (value 0, moments 0)."""
@@ -69,6 +73,7 @@ def reselect(layer: SparseLinear, optimizer: torch.optim.Optimizer | None, pick_
     staying = layer.live & _members(old_positions, new_positions, layer.n_blocks)
     entering = new_positions[~_members(new_positions, old_positions, layer.n_blocks)]  # ascending
     free = torch.nonzero(~staying).view(-1)  # slots of leaving blocks and unused slots, ascending
+    newcomers = None
     if len(free):
         leaving = free[old_positions[free] < layer.n_blocks]
         if layer.complement_policy == "offload" and len(leaving):
@@ -78,11 +83,14 @@ def reselect(layer: SparseLinear, optimizer: torch.optim.Optimizer | None, pick_
         new_values[: len(entering)] = (entering_values or layer.complement_blocks)(entering)
         write_slots(layer.values, free, new_values)
         layer.index[filled] = entering.to(layer.index.dtype)
+        if promote == "trained":
+            newcomers = torch.zeros_like(layer.live)
+            newcomers[filled] = True
         layer.index[emptied] = layer.n_blocks
         zero_moments(optimizer, layer.values, free)
     if not pick_forward:
         return LayerChange(entered_b=len(entering), entered_a=0)
-    layer.forward_mask.copy_(layer.select_forward())
+    layer.forward_mask.copy_(layer.select_forward(last=newcomers))
     new_forward = layer.index.long()[layer.forward_mask]
     entered_a = int((~_members(new_forward, old_forward, layer.n_blocks)).sum())
     from_outside = int(_members(new_forward, entering, layer.n_blocks).sum())
@@ -118,6 +126,7 @@ class TopKAST:
         self.every = cfg.reselect_every
         self.active = reselects and (bool(self.layers) or group is not None)
         self.freeze_at = cfg.freeze_masks_after * total_steps
+        self.promote = cfg.promote
 
     def due(self, step: int) -> bool:
         return self.active and step % self.every == 0 and step < self.freeze_at
@@ -155,7 +164,7 @@ class TopKAST:
         `pick_forward` A is the caller's to pick, and to report. `update(layer)`: another method's
         per-layer reselection returning its `LayerChange` (default: `reselect`)."""
         started = time.perf_counter()
-        update = update or (lambda layer: reselect(layer, optimizer, pick_forward))
+        update = update or (lambda layer: reselect(layer, optimizer, pick_forward, promote=self.promote))
         changes = [update(layer) for layer in self.layers]
         first = [layer for layer in self.layers if layer.spec is None or layer.spec.rank == 0]
         counts = torch.tensor([sum(c.entered_b for c in changes), sum(c.entered_a for c in changes),

@@ -16,13 +16,14 @@ from sparse_lm.sparsity.init import counter_normal
 
 
 class DenseTopKASTLinear:
-    def __init__(self, out_features, in_features, density, exploration, block, penalty, complement, seed, stream, std):
+    def __init__(self, out_features, in_features, density, exploration, block, penalty, complement, seed, stream, std,
+                 promote="any"):
         self.shape, self.block = (out_features, in_features), block
         self.grid = (out_features // block, in_features // block)
         n = self.grid[0] * self.grid[1]
         self.k_forward = max(1, math.ceil(density * n))
         self.k_backward = min(n, max(self.k_forward, math.ceil((density + exploration) * n)))
-        self.density, self.penalty, self.complement = density, penalty, complement
+        self.density, self.penalty, self.complement, self.promote = density, penalty, complement, promote
         self.theta0 = counter_normal(seed, stream, 0, out_features * in_features, std).view(self.shape)
         self.theta = self.theta0.clone()
         self.exp_avg = torch.zeros(self.shape)
@@ -44,7 +45,9 @@ class DenseTopKASTLinear:
         b = self.block
         scores = self.theta.abs().view(self.grid[0], b, self.grid[1], b).sum(dim=(1, 3)).reshape(-1)
         new_B = self.top(scores, self.k_backward)
+        fresh = torch.zeros_like(new_B)
         if self.B is not None:
+            fresh = new_B & ~self.B
             entering = self.blocks_to_dense(new_B & ~self.B)
             leaving = self.blocks_to_dense(self.B & ~new_B)
             self.exp_avg[entering] = 0
@@ -53,6 +56,8 @@ class DenseTopKASTLinear:
                 self.theta[leaving] = self.theta0[leaving]
         self.B = new_B
         in_b = torch.where(new_B, scores, torch.tensor(-1.0))
+        if self.promote == "trained":  # blocks new to B rank after the ones that stayed, in their own order
+            in_b = torch.where(new_B, torch.where(fresh, scores / (1.0 + scores), 1.0 + scores), in_b)
         self.A = self.top(in_b, self.k_forward)
 
     def weight(self) -> torch.Tensor:
