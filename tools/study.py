@@ -213,13 +213,19 @@ class Study:
     def _invalid(self, overrides: dict, point: dict) -> str | None:
         """Why the variant's config at `point` is refused (a grid extension past a field's range,
         e.g. a fraction above 1), or None if it is valid."""
-        tree = _merge(_merge(self.base, overrides), study_grid.nested(point))
-        tree = _merge(tree, {"model": {"vocab_size": self.vocab}})
         try:
-            config_from_dict(tree)
+            self._config(self._tree(overrides, point))
         except UserError as exc:
             return str(exc)
         return None
+
+    def _tree(self, overrides: dict, point: dict, extra: dict | None = None) -> dict:
+        """The run config of a variant (its `overrides`) at a grid `point`, with `extra` on top."""
+        return _merge(_merge(_merge(self.base, overrides), study_grid.nested(point)), extra or {})
+
+    def _config(self, tree: dict):
+        """A run config tree as the validated config, with the study's padded vocabulary."""
+        return config_from_dict(_merge(tree, {"model": {"vocab_size": self.vocab}}))
 
     # ------------------------------------------------------------------ one run
     def run(self, name: str, overrides: dict, point: dict, seed: int, phase: str, train: bool,
@@ -232,11 +238,10 @@ class Study:
         elif len(self.seeds) > 1:
             parts.append(f"seed{seed}")
         run_dir = self.args.out.joinpath("runs", *parts)
-        tree = _merge(_merge(_merge(self.base, overrides), study_grid.nested(point)), extra or {})
-        tree = _merge(tree, {"train": {"out_dir": str(run_dir), "seed": seed},
-                             "checkpoint": {"dir": str(run_dir / "checkpoints")}})
+        tree = _merge(self._tree(overrides, point, extra), {"train": {"out_dir": str(run_dir), "seed": seed},
+                                                           "checkpoint": {"dir": str(run_dir / "checkpoints")}})
         try:
-            cfg = config_from_dict(_merge(tree, {"model": {"vocab_size": self.vocab}}))
+            cfg = self._config(tree)
         except UserError as exc:
             raise SystemExit(f"{self.args.config}: variant {name} ({study_grid.label(point)}): {exc}") from None
         summary_path, eval_path, diverged_path = run_dir / "summary.json", run_dir / "eval.json", run_dir / "diverged"

@@ -48,7 +48,7 @@ class DenseTopKASTLinear:
         fresh = torch.zeros_like(new_B)
         if self.B is not None:
             fresh = new_B & ~self.B
-            entering = self.blocks_to_dense(new_B & ~self.B)
+            entering = self.blocks_to_dense(fresh)
             leaving = self.blocks_to_dense(self.B & ~new_B)
             self.exp_avg[entering] = 0
             self.exp_avg_sq[entering] = 0
