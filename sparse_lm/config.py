@@ -112,6 +112,8 @@ class SparsityConfig:
     """Weights outside B: regenerate from the seed when selected again, or offload to host memory."""
     promote: Promote = "any"
     """Top-KAST: blocks A may take at a reselection: any of B (the paper), or only those trained in B before."""
+    churn_cap: float | None = None
+    """Top-KAST: the most of A one reselection may replace, cosine-decayed to 0 by freeze_masks_after (null: no cap)."""
     targets: list[str] = field(default_factory=lambda: list(BLOCK_LINEAR_NAMES))
     """Which block linears are sparse (the others stay dense)."""
     allocation: Allocation = "uniform"
@@ -322,6 +324,8 @@ def _validate_sparsity(cfg: RunConfig) -> None:
     require(bool(s.targets) and all(x in BLOCK_LINEAR_NAMES for x in s.targets), "sparsity.targets",
             f"a non-empty list drawn from {list(BLOCK_LINEAR_NAMES)}", s.targets)
     require(0 < s.update_fraction <= 1, "sparsity.update_fraction", "a number in (0, 1]", s.update_fraction)
+    require(s.churn_cap is None or 0 < s.churn_cap <= 1, "sparsity.churn_cap", "a number in (0, 1], or null (no cap)",
+            s.churn_cap)
     require(s.beta > 0, "sparsity.beta", "a positive number", s.beta)
     for name in ("warmup_frac", "finetune_frac"):
         require(0 <= getattr(s, name) <= 1, f"sparsity.{name}", "a fraction of train.steps in [0, 1]",

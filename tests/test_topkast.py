@@ -3,6 +3,8 @@ and the storage promise: nothing of dense size in parameters, buffers, gradients
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -21,12 +23,13 @@ LR, BETAS, EPS, WD = 3e-2, (0.9, 0.95), 1e-8, 0.1
 
 def _two_layer_run(complement: str, block: int, steps: int = 60, every: int = 5, dims=((32, 24), (16, 32)),
                    density: float = 0.25, exploration: float = 0.25, specs=(None, None), headroom: float = 0.25,
-                   promote: str = "any"):
+                   promote: str = "any", churn_cap: float | None = None):
     """A 2-layer MLP regression trained sparse and dense-oracle side by side; yields per-step pairs.
 
     dims: (out, in) of each whole layer. specs: each layer's tensor-parallel shard (layer 0 split by
     rows, layer 1 by columns, as Megatron's column- and row-parallel pair) or None; the oracle is
-    always the whole layer."""
+    always the whole layer. `churn_cap`: the cap on A's newcomers at the first reselection,
+    cosine-decayed to 0 at the last step (written out here, not taken from the schedule)."""
     torch.manual_seed(0)
     penalty = 1e-2
     sparse, dense = [], []
@@ -46,10 +49,13 @@ def _two_layer_run(complement: str, block: int, steps: int = 60, every: int = 5,
             d.adamw(d.gradient(w.grad), step, LR, BETAS, EPS, WD)
         reselected = []
         if step % every == 0:
+            fraction = None if churn_cap is None else churn_cap / 2 * (1 + math.cos(math.pi * step / steps))
             for layer, d in zip(sparse, dense):
-                reselected.append(reselect(layer, opt, promote=promote).entered_b / layer.k_backward)
+                cap = None if fraction is None else math.floor(fraction * d.k_forward)
+                change = reselect(layer, opt, promote=promote, max_entering_a=cap)
+                reselected.append(change.entered_b / layer.k_backward)
                 assert layer.capped_ranks == 0, step  # a shard at capacity would depart from the exact top-k
-                d.select()
+                d.select(max_new=cap)
         yield step, loss_s, loss_d, sparse, dense, reselected
 
 
@@ -83,17 +89,19 @@ def _assert_follows_oracle(run, rel: float, tol: float) -> float:
     return changed
 
 
-@pytest.mark.parametrize("complement, block, promote", [
-    ("offload", 1, "any"), ("offload", 4, "any"), ("regenerate", 1, "any"), ("regenerate", 4, "any"),
-    ("regenerate", 8, "any"), ("regenerate", 1, "trained"), ("offload", 4, "trained")])
-def test_sparse_training_follows_the_dense_oracle(complement, block, promote):
+@pytest.mark.parametrize("complement, block, promote, churn_cap", [
+    ("offload", 1, "any", None), ("offload", 4, "any", None), ("regenerate", 1, "any", None),
+    ("regenerate", 4, "any", None), ("regenerate", 8, "any", None), ("regenerate", 1, "trained", None),
+    ("offload", 4, "trained", None), ("regenerate", 1, "any", 0.3), ("offload", 4, "trained", 0.5)])
+def test_sparse_training_follows_the_dense_oracle(complement, block, promote, churn_cap):
     """60 steps, 12 reselections: losses to rel 1e-5, selections exactly, θ (B and complement) to
     rtol 1e-5 / atol 1e-5 with θ ~ 0.3 (fp32; sums run in different orders, and Adam magnifies
     the difference for entries whose gradient is near zero). Block 8 with `regenerate` scores
     reselections from θ₀'s kept block scores and regenerates only entering blocks. At these
     densities most products take the dense tiles; the kernels' own paths are followed by the
     cases below."""
-    changed = _assert_follows_oracle(_two_layer_run(complement, block, promote=promote), rel=1e-5, tol=1e-5)
+    changed = _assert_follows_oracle(_two_layer_run(complement, block, promote=promote, churn_cap=churn_cap),
+                                     rel=1e-5, tol=1e-5)
     assert changed > 0  # the run must have moved blocks between B and the complement
 
 
@@ -128,6 +136,7 @@ KERNEL_CASES = {
     "gathered-b32": {"block": 32, "complement": "regenerate", "path": "gathered"},  # no compiled kernels
     "in_place-elements": {"block": 1, "complement": "regenerate", "path": "in_place"},
     "in_place-elements-promote": {"block": 1, "complement": "regenerate", "path": "in_place", "promote": "trained"},
+    "in_place-elements-cap": {"block": 1, "complement": "offload", "path": "in_place", "churn_cap": 0.3},
 }
 KERNEL_DIMS = ((192, 128), (64, 192))
 
@@ -135,7 +144,7 @@ KERNEL_DIMS = ((192, 128), (64, 192))
 def _kernel_run(case: str, specs=(None, None)):
     c = KERNEL_CASES[case]
     return _two_layer_run(c["complement"], c["block"], steps=40, dims=KERNEL_DIMS, density=0.1, exploration=0.1,
-                          specs=specs, headroom=1.0, promote=c.get("promote", "any"))
+                          specs=specs, headroom=1.0, promote=c.get("promote", "any"), churn_cap=c.get("churn_cap"))
 
 
 def _check_paths(paths, case: str) -> None:
@@ -226,6 +235,36 @@ def test_churn_of_a_is_split_by_where_its_newcomers_were():
     change = reselect(layer, None)
     assert change.entered_b == layer.k_backward - layer.k_forward and change.entered_a == layer.k_forward
     assert change.entered_a_from_outside == 0
+
+
+def test_churn_cap_decays_like_rigl_and_bounds_each_reselection():
+    """`sparsity.churn_cap` c: the reselection after step t replaces at most ⌊c/2·(1 + cos(πt/T))·k_A⌋
+    blocks of each layer's A, T the freezing step; the record says the fraction, and A's change
+    (which uncapped is larger at every one of these reselections) stays within it."""
+    model, sparsity = _tiny_model("topkast", reselect_every=2, churn_cap=0.4, freeze_masks_after=0.8)
+    schedule = TopKAST(model, sparsity, total_steps=10)
+    assert [schedule.churn_fraction(t) for t in (0, 4, 8, 9)] == pytest.approx([0.4, 0.2, 0.0, 0.0])
+    uncapped = TopKAST(model, SparsityConfig(**{**vars(sparsity), "churn_cap": None}), total_steps=10)
+    assert uncapped.churn_fraction(4) is None
+    opt = torch.optim.AdamW(model.parameters(), lr=0.3)
+    ids = torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(0))
+    for step in range(1, 7):
+        opt.zero_grad()
+        model(ids[:, :-1], ids[:, 1:]).backward()
+        opt.step()
+        before = [layer.index[layer.forward_mask].sort().values for layer in sparse_layers(model)]
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        free = uncapped.reselect_all(None) if step % 2 == 0 else None  # the same reselection uncapped, undone
+        model.load_state_dict(state)
+        record = schedule.after_step(step, opt)
+        if step % 2:
+            assert record is None
+            continue
+        fraction = 0.2 * (1 + math.cos(math.pi * step / 8))
+        assert record["churn_cap"] == pytest.approx(fraction) and record["changed_a"] <= fraction
+        for layer, old in zip(sparse_layers(model), before):
+            assert int((~torch.isin(layer.index[layer.forward_mask], old)).sum()) <= fraction * layer.k_forward
+        assert free["changed_a"] > record["changed_a"], step
 
 
 def test_tiles_do_not_change_the_numbers(monkeypatch):

@@ -30,7 +30,7 @@ class SparsityMethod:
     allocations: tuple[str, ...] = ("uniform",)
     sparse = True  # builds sparse linears for `sparsity.targets` (dense: none)
     reselects = False  # its schedule re-picks A and B between steps
-    promotes = False  # it picks A within B at a reselection, so `sparsity.promote` applies
+    promotes = False  # it picks A within B at a reselection, so `sparsity.promote` and `churn_cap` apply
     linear_class: type[SparseLinear] = SparseLinear
     extra_layer_bytes = 0  # what each sparse layer stores beyond values, index and mask (`plan`)
 
@@ -42,6 +42,8 @@ class SparsityMethod:
                 f"{choices} with sparsity.method={self.name}", s.allocation)
         require(s.promote == "any" or self.promotes, "sparsity.promote",
                 f"any with sparsity.method={self.name} (it does not pick A within B)", s.promote)
+        require(s.churn_cap is None or self.promotes, "sparsity.churn_cap",
+                f"null with sparsity.method={self.name} (it does not pick A within B)", s.churn_cap)
 
     def forward_budgets(self, cfg: RunConfig) -> dict[str, int] | None:
         """Blocks of A of each sparse linear (canonical name) when the allocation gives layers

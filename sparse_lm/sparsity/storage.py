@@ -338,13 +338,15 @@ class SparseLinear(nn.Module):
             out[lo:hi] = to_blocks(rows_fn(r0, r1), self.block)[positions[lo:hi] - r0 * self.block_cols]
         return out
 
-    def select_forward(self, k: int | None = None, last: torch.Tensor | None = None) -> torch.Tensor:
+    def select_forward(self, k: int | None = None, last: torch.Tensor | None = None,
+                       among: torch.Tensor | None = None) -> torch.Tensor:
         """A = the layer's top-k blocks (default k_A) by Σ|θ| within B (the top-D overall, as B
-        holds the top D + M), selected over the tensor-parallel group among the used slots.
-        `last` (a bool per slot): slots ranked after every other, in their own order, so A takes
-        them only when the others are too few. One exact top-k serves both tiers: the others'
-        scores s become 1 + s (≥ 1) and the last ones' s / (1 + s) (< 1), both increasing in s."""
-        used = torch.nonzero(self.live).view(-1)
+        holds the top D + M), selected over the tensor-parallel group among the used slots (and
+        `among` them, a bool per slot, if given). `last` (a bool per slot): slots ranked after
+        every other, in their own order, so A takes them only when the others are too few. One
+        exact top-k serves both tiers: the others' scores s become 1 + s (≥ 1) and the last ones'
+        s / (1 + s) (< 1), both increasing in s."""
+        used = torch.nonzero(self.live if among is None else self.live & among).view(-1)
         scores = block_sums(self.values.detach()[used]).float()
         if last is not None:
             tail = last[used]

@@ -13,6 +13,7 @@ Reselection of one layer, all in bounded memory:
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -55,7 +56,7 @@ class LayerChange:
 @torch.no_grad()
 def reselect(layer: SparseLinear, optimizer: torch.optim.Optimizer | None, pick_forward: bool = True,
              scores: torch.Tensor | ChunkedScores | None = None, entering_values=None,
-             promote: str = "any") -> LayerChange:
+             promote: str = "any", max_entering_a: int | None = None) -> LayerChange:
     """Re-pick B and A from current magnitudes; see the module docstring for the steps. With
     `pick_forward=False` A is left to the caller (Spartan re-picks it against the new budget) and
     `entered_a` is 0: picking it here too would cost one more sharded top-k per layer for nothing.
@@ -63,13 +64,21 @@ def reselect(layer: SparseLinear, optimizer: torch.optim.Optimizer | None, pick_
     give entering blocks its own values (`entering_values(positions)`, default: the complement's).
     `promote="trained"` keeps blocks that have just entered B out of A unless the blocks that stayed
     in B are too few: a newcomer is first trained in B \\ A, instead of reaching the forward pass
-    at its complement value (`sparsity.promote`).
+    at its complement value (`sparsity.promote`). `max_entering_a` = m caps A's change
+    (`sparsity.churn_cap`): A's top k_A − m blocks by Σ|θ| stay in B and in A (scored +∞ for B's
+    pick, as RigL keeps its kept set), and A's other m blocks are the top of the new B without
+    them, so at most m blocks enter A — RigL's drop-and-grow, grown by magnitude within B.
 
     A shard's number of used slots may change (see `storage`): entering blocks fill the slots of
     leaving ones, then unused ones; slots left over become unused (value 0, moments 0)."""
     old_positions = layer.index.long().clone()
     old_forward = old_positions[layer.forward_mask]
-    new_positions = layer.select_backward(layer.current_scores() if scores is None else scores)
+    scores = layer.current_scores() if scores is None else scores
+    kept = None  # the slots of A's blocks that stay in A whatever B's scores say (a capped change)
+    if max_entering_a is not None and max_entering_a < layer.k_forward:
+        kept = layer.select_forward(layer.k_forward - max_entering_a, among=layer.forward_mask)
+        scores = _ranked_first(scores, old_positions[kept], layer.n_blocks)
+    new_positions = layer.select_backward(scores)
     staying = layer.live & _members(old_positions, new_positions, layer.n_blocks)
     entering = new_positions[~_members(new_positions, old_positions, layer.n_blocks)]  # ascending
     free = torch.nonzero(~staying).view(-1)  # slots of leaving blocks and unused slots, ascending
@@ -90,11 +99,32 @@ def reselect(layer: SparseLinear, optimizer: torch.optim.Optimizer | None, pick_
         zero_moments(optimizer, layer.values, free)
     if not pick_forward:
         return LayerChange(entered_b=len(entering), entered_a=0)
-    layer.forward_mask.copy_(layer.select_forward(last=newcomers))
+    if kept is None:
+        layer.forward_mask.copy_(layer.select_forward(last=newcomers))
+    else:  # kept blocks stayed in B, so in their slots
+        grown = layer.select_forward(max_entering_a, last=newcomers, among=~kept) if max_entering_a else kept
+        layer.forward_mask.copy_(kept | grown)
     new_forward = layer.index.long()[layer.forward_mask]
     entered_a = int((~_members(new_forward, old_forward, layer.n_blocks)).sum())
     from_outside = int(_members(new_forward, entering, layer.n_blocks).sum())
     return LayerChange(entered_b=len(entering), entered_a=entered_a, entered_a_from_outside=from_outside)
+
+
+def _ranked_first(scores: torch.Tensor | ChunkedScores, positions: torch.Tensor, n_blocks: int) -> ChunkedScores:
+    """`scores` with the blocks at `positions` scored +∞, chunk by chunk (a byte per block of the
+    grid, transient, marks them)."""
+    first = torch.zeros(n_blocks, dtype=torch.bool, device=positions.device)
+    first[positions] = True
+    scores = ChunkedScores.of(scores)
+
+    def chunks():
+        offset = 0
+        for chunk in scores.chunks():
+            marked = first[offset : offset + len(chunk)].to(chunk.device)
+            offset += len(chunk)
+            yield chunk.masked_fill(marked, math.inf)
+
+    return ChunkedScores(chunks, scores.numel, scores.device)
 
 
 def _members(values: torch.Tensor, of: torch.Tensor, n_blocks: int) -> torch.Tensor:
@@ -126,7 +156,7 @@ class TopKAST:
         self.every = cfg.reselect_every
         self.active = reselects and (bool(self.layers) or group is not None)
         self.freeze_at = cfg.freeze_masks_after * total_steps
-        self.promote = cfg.promote
+        self.promote, self.churn_cap = cfg.promote, cfg.churn_cap
 
     def due(self, step: int) -> bool:
         return self.active and step % self.every == 0 and step < self.freeze_at
@@ -151,9 +181,24 @@ class TopKAST:
             "forward_density": kept / sum(layer.global_blocks * layer.block**2 for layer in self.layers),
         }
 
+    def churn_fraction(self, step: int) -> float | None:
+        """The most of A the reselection after step t may replace, c/2·(1 + cos(πt / T_end)) with
+        c = `churn_cap` and T_end the freezing step — RigL's decay of its update fraction — or
+        None without a cap."""
+        if self.churn_cap is None:
+            return None
+        return self.churn_cap / 2 * (1 + math.cos(math.pi * min(1.0, step / self.freeze_at))) if self.freeze_at else 0.0
+
     def after_step(self, step: int, optimizer: torch.optim.Optimizer | None) -> dict[str, float] | None:
         """After optimizer step `step`: reselect when due; returns the reselection's record."""
-        return self.reselect_all(optimizer) if self.due(step) else None
+        if not self.due(step):
+            return None
+        fraction = self.churn_fraction(step)
+        if fraction is None:
+            return self.reselect_all(optimizer)
+        record = self.reselect_all(optimizer, update=lambda layer: reselect(
+            layer, optimizer, promote=self.promote, max_entering_a=math.floor(fraction * layer.k_forward)))
+        return {**record, "churn_cap": fraction}
 
     def reselect_all(self, optimizer: torch.optim.Optimizer | None, pick_forward: bool = True,
                      update=None) -> dict[str, float]:

@@ -41,10 +41,16 @@ class DenseTopKASTLinear:
         mask[torch.sort(scores, descending=True, stable=True).indices[:k]] = True
         return mask
 
-    def select(self) -> None:
+    def select(self, max_new: int | None = None) -> None:
+        """Re-pick B and A; with `max_new`, A's top k_A − max_new blocks stay in B and A, and A's
+        other blocks are the top of B without them (`sparsity.churn_cap`)."""
         b = self.block
         scores = self.theta.abs().view(self.grid[0], b, self.grid[1], b).sum(dim=(1, 3)).reshape(-1)
-        new_B = self.top(scores, self.k_backward)
+        kept = None
+        if max_new is not None and self.A is not None and max_new < self.k_forward:
+            kept = self.top(torch.where(self.A, scores, torch.tensor(-1.0)), self.k_forward - max_new)
+        new_B = self.top(scores if kept is None else torch.where(kept, torch.tensor(math.inf), scores),
+                         self.k_backward)
         fresh = torch.zeros_like(new_B)
         if self.B is not None:
             fresh = new_B & ~self.B
@@ -58,7 +64,10 @@ class DenseTopKASTLinear:
         in_b = torch.where(new_B, scores, torch.tensor(-1.0))
         if self.promote == "trained":  # blocks new to B rank after the ones that stayed, in their own order
             in_b = torch.where(new_B, torch.where(fresh, scores / (1.0 + scores), 1.0 + scores), in_b)
-        self.A = self.top(in_b, self.k_forward)
+        if kept is None:
+            self.A = self.top(in_b, self.k_forward)
+        else:
+            self.A = kept | self.top(torch.where(kept, torch.tensor(-1.0), in_b), max_new)
 
     def weight(self) -> torch.Tensor:
         """θ·1_A as a leaf that collects the dense gradient."""
