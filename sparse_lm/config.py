@@ -104,8 +104,8 @@ class SparsityConfig:
     """Side b of the b×b tiles with granularity: block."""
     reselect_every: int = 100
     """Steps between reselections of A and B."""
-    penalty: float = 1e-4
-    """Top-KAST's exploration penalty λ: an extra gradient λ·θ on A and λ·θ/D on the rest of B."""
+    penalty: float = 0.0
+    """Top-KAST's exploration penalty λ: an extra gradient λ·θ on A and λ·θ/D on the rest of B (0: off)."""
     freeze_masks_after: float = 1.0
     """Fraction of train.steps after which A and B stop changing (1.0: never)."""
     complement: Complement = "regenerate"
