@@ -124,13 +124,17 @@ def pipeline_losses(rank: int, world: int, offload: bool) -> dict[str, list[floa
 
 def test_offload_on_two_pipeline_stages_matches_without():
     """DeepSpeed's pipeline engine with ZeRO-1 takes the offload: each stage's masters and moments
-    on the host, the same losses as without it (bf16 within its rounding of the weights)."""
+    on the host, the same losses as without it — fp32 to 1e-5; bf16 within a fifth of what bf16
+    itself moves the losses from fp32's (the host's Adam and the engine's agree to fp32 rounding, and
+    one weight rounded to the other bf16 neighbour grows over steps: measured 0.011 against 0.17 at
+    the fifth step; a fixed relative tolerance held or failed with the config's learning rates)."""
     without = run_distributed(pipeline_losses, 2, False, timeout=400)
     with_offload = run_distributed(pipeline_losses, 2, True, timeout=400)
     for a, b in zip(with_offload, without):
         assert a["fp32"][-1] < a["fp32"][0] - 1.0  # it trains
         assert a["fp32"] == pytest.approx(b["fp32"], rel=1e-5)
-        assert a["bf16"] == pytest.approx(b["bf16"], rel=1e-3)
+        rounding = max(abs(x - y) for x, y in zip(b["bf16"], b["fp32"]))
+        assert max(abs(x - y) for x, y in zip(a["bf16"], b["bf16"])) <= 0.2 * rounding, (a["bf16"], b["bf16"])
 
 
 def test_offload_without_zero1_is_refused_by_name(data_dir, tmp_path):
