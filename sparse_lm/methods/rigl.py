@@ -30,8 +30,8 @@ from sparse_lm.methods.static import Static
 from sparse_lm.parallel.layers import enter_region, leave_region
 from sparse_lm.sparsity.kernels import SparseMatmul, to_blocks
 from sparse_lm.sparsity.storage import SparseLinear, block_sums, score_dtype
-from sparse_lm.sparsity.threshold import ChunkedScores, select_topk_positions
-from sparse_lm.sparsity.topkast import TopKAST, reselect
+from sparse_lm.sparsity.threshold import ChunkedScores
+from sparse_lm.sparsity.topkast import TopKAST, cosine_decayed, ranked_first, reselect
 
 
 class RigLLinear(SparseLinear):
@@ -51,12 +51,10 @@ class RigLLinear(SparseLinear):
             y.register_hook(lambda g: self.captured.append((inputs, g.detach().reshape(-1, self.out_features))))
         return leave_region(y, self.spec)
 
-    def growth_scores(self, kept: torch.Tensor, data_group=None) -> ChunkedScores:
+    def growth_scores(self, data_group=None) -> ChunkedScores:
         """Σ|∂L/∂W| per block of this shard from the captured (x, g) pairs, a chunk of block-rows
-        at a time (summed over `data_group`), with the blocks at `kept` scored +∞."""
-        b, cols, device = self.block, self.block_cols, self.values.device
-        keep = torch.zeros(self.n_blocks, dtype=torch.bool, device=device)
-        keep[kept] = True
+        at a time (summed over `data_group`)."""
+        b, device = self.block, self.values.device
         pairs = self.captured
 
         def chunks():
@@ -65,9 +63,7 @@ class RigLLinear(SparseLinear):
                 grad = sum(g[:, rows].T.to(score_dtype(g.dtype)) @ x.to(score_dtype(x.dtype)) for x, g in pairs)
                 if data_group is not None:
                     dist.all_reduce(grad, group=data_group)
-                scores = block_sums(to_blocks(grad, b)).float()  # the sharded select ranks float32
-                scores[keep[r0 * cols : r1 * cols]] = math.inf
-                yield scores
+                yield block_sums(to_blocks(grad, b)).float()  # the sharded select ranks float32
 
         return ChunkedScores(chunks, self.n_blocks, device)
 
@@ -77,14 +73,10 @@ def update(layer: RigLLinear, optimizer, k: int, data_group=None):
     """One RigL update of a layer: keep the top |A| − k blocks of A by Σ|θ|, fill the rest of the
     budget with the blocks of largest gradient outside them (new ones at zero); returns
     `topkast.reselect`'s change."""
-    used = torch.nonzero(layer.live).view(-1)
-    rank = layer.spec.rank if layer.spec else 0
-    picked = select_topk_positions(block_sums(layer.values.detach()[used]).float(), layer.k_forward - k,
-                                   layer.group, global_offset=rank * layer.capacity)
-    kept = layer.index.long()[used[picked]]
+    kept = layer.index.long()[layer.select_forward(layer.k_forward - k)]  # A is all of B here
     zeros = lambda positions: layer.values.new_zeros(len(positions), layer.block, layer.block)  # noqa: E731
-    change = reselect(layer, optimizer, pick_forward=False, scores=layer.growth_scores(kept, data_group),
-                      entering_values=zeros)
+    scores = ranked_first(layer.growth_scores(data_group), kept, layer.n_blocks)
+    change = reselect(layer, optimizer, pick_forward=False, scores=scores, entering_values=zeros)
     layer.forward_mask.copy_(layer.live)
     return change
 
@@ -95,12 +87,11 @@ class RigL(TopKAST):
     def __init__(self, model: nn.Module, cfg: RunConfig, group=None):
         super().__init__(model, cfg.sparsity, cfg.train.steps, group, reselects=True)
         self.alpha = cfg.sparsity.update_fraction
-        self.end = cfg.sparsity.freeze_masks_after * cfg.train.steps
         self.data_group = _data_parallel_group()
 
     def fraction(self, step: int) -> float:
         """f(t) = α/2·(1 + cos(πt / T_end)): the share of A replaced at the update after step t."""
-        return self.alpha / 2 * (1 + math.cos(math.pi * min(1.0, step / self.end))) if self.end else 0.0
+        return cosine_decayed(self.alpha, step, self.freeze_at)
 
     def start(self, step: int) -> None:
         self._arm(step)

@@ -77,7 +77,7 @@ def reselect(layer: SparseLinear, optimizer: torch.optim.Optimizer | None, pick_
     kept = None  # the slots of A's blocks that stay in A whatever B's scores say (a capped change)
     if max_entering_a is not None and max_entering_a < layer.k_forward:
         kept = layer.select_forward(layer.k_forward - max_entering_a, among=layer.forward_mask)
-        scores = _ranked_first(scores, old_positions[kept], layer.n_blocks)
+        scores = ranked_first(scores, old_positions[kept], layer.n_blocks)
     new_positions = layer.select_backward(scores)
     staying = layer.live & _members(old_positions, new_positions, layer.n_blocks)
     entering = new_positions[~_members(new_positions, old_positions, layer.n_blocks)]  # ascending
@@ -110,9 +110,10 @@ def reselect(layer: SparseLinear, optimizer: torch.optim.Optimizer | None, pick_
     return LayerChange(entered_b=len(entering), entered_a=entered_a, entered_a_from_outside=from_outside)
 
 
-def _ranked_first(scores: torch.Tensor | ChunkedScores, positions: torch.Tensor, n_blocks: int) -> ChunkedScores:
+def ranked_first(scores: torch.Tensor | ChunkedScores, positions: torch.Tensor, n_blocks: int) -> ChunkedScores:
     """`scores` with the blocks at `positions` scored +∞, chunk by chunk (a byte per block of the
-    grid, transient, marks them)."""
+    grid, transient, marks them), so an exact top-k of at least as many keeps them: the kept set
+    of a capped Top-KAST reselection and of a RigL update."""
     first = torch.zeros(n_blocks, dtype=torch.bool, device=positions.device)
     first[positions] = True
     scores = ChunkedScores.of(scores)
@@ -125,6 +126,12 @@ def _ranked_first(scores: torch.Tensor | ChunkedScores, positions: torch.Tensor,
             yield chunk.masked_fill(marked, math.inf)
 
     return ChunkedScores(chunks, scores.numel, scores.device)
+
+
+def cosine_decayed(start: float, step: int, end: float) -> float:
+    """start/2·(1 + cos(πt / end)), 0 from `end` on (and for end = 0): RigL's decay of its update
+    fraction, also Top-KAST's `churn_cap`."""
+    return start / 2 * (1 + math.cos(math.pi * min(1.0, step / end))) if end else 0.0
 
 
 def _members(values: torch.Tensor, of: torch.Tensor, n_blocks: int) -> torch.Tensor:
@@ -185,9 +192,7 @@ class TopKAST:
         """The most of A the reselection after step t may replace, c/2·(1 + cos(πt / T_end)) with
         c = `churn_cap` and T_end the freezing step — RigL's decay of its update fraction — or
         None without a cap."""
-        if self.churn_cap is None:
-            return None
-        return self.churn_cap / 2 * (1 + math.cos(math.pi * min(1.0, step / self.freeze_at))) if self.freeze_at else 0.0
+        return None if self.churn_cap is None else cosine_decayed(self.churn_cap, step, self.freeze_at)
 
     def after_step(self, step: int, optimizer: torch.optim.Optimizer | None) -> dict[str, float] | None:
         """After optimizer step `step`: reselect when due; returns the reselection's record."""
