@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from tests.cli_runs import REPO
@@ -103,5 +104,15 @@ def test_a_grid_is_tuned_by_training_loss_and_extended_off_its_edge(data_dir, tm
     statics = [r for r in report["runs"] if r["name"] == "static-75"]
     assert all(r["overrides"]["train"]["lr"] == chosen["setting"]["train.lr"] for r in statics)  # inherited
     assert sorted((r["phase"], r["seed"]) for r in statics) == [("grid", 7), ("grid", 7), ("seed", 8)]
+    # static-75 minus dense seed by seed, from the runs at the two selected settings
+    selected = {(r["name"], r["seed"]): r for r in report["runs"] if r["phase"] in ("grid", "seed")
+                and r["setting"] == report["results"][r["name"]]["setting"]}
+    differences = [selected["static-75", s]["eval"]["loss"] - selected["dense", s]["eval"]["loss"] for s in (7, 8)]
+    paired = static["paired"]
+    assert paired["against"] == "dense" and paired["seeds"] == [7, 8] and "paired" not in dense
+    assert paired["heldout_loss"]["mean"] == pytest.approx(sum(differences) / 2, abs=1e-12)
+    assert paired["heldout_loss"]["sd"] == pytest.approx(abs(differences[0] - differences[1]) / 2 ** 0.5, abs=1e-12)
+    assert paired["ahead"] == sum(d < 0 for d in differences)
     table = (out / "results.md").read_text()
     assert "| dense |" in table and "★" in table and "| static-75 | supar on |" in table
+    assert f"| static-75 | 2 | {paired['heldout_loss']['mean']:+.4f} ± {paired['heldout_loss']['sd']:.4f} |" in table

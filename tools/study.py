@@ -28,10 +28,10 @@ Each run is a `sparse-lm pretrain` subprocess under `<out>/runs/<variant>[/<sett
 (`.../horizon` for the long run); a finished run is skipped, an interrupted one resumes from its
 last checkpoint, a diverged one (non-finite loss) is recorded as such and never selected, so the
 study can be stopped and restarted at will. After every run it rewrites `<out>/results.json`
-(every run's record, each variant's selection and its mean ± sample standard deviation over
-seeds) and `<out>/results.md`; at the end `<out>/loss_vs_tokens.png`, `<out>/loss_vs_flops.png`
-and `<out>/ppl_vs_density.png`. One run at a time: start it with OMP_NUM_THREADS=1 to leave the
-machine's other cores free.
+(every run's record, each variant's selection, its mean ± sample standard deviation over seeds and
+its differences from the first variant paired by seed) and `<out>/results.md`; at the end
+`<out>/loss_vs_tokens.png`, `<out>/loss_vs_flops.png` and `<out>/ppl_vs_density.png`. One run at a
+time: start it with OMP_NUM_THREADS=1 to leave the machine's other cores free.
 """
 
 from __future__ import annotations
@@ -325,13 +325,18 @@ class Study:
     def results(self, phase_of_seeds: tuple[str, ...] = ("grid", "seed")) -> dict:
         """Per variant (in study order), at its selected setting: the runs' numbers as mean ±
         sample standard deviation over seeds, the held-out curve averaged over seeds, and the selection."""
-        out = {}
+        out, by_seed = {}, {}
         for name, chosen in self.selected.items():
             mine = [r for r in self.runs if r["name"] == name and r["phase"] in phase_of_seeds
                     and r["setting"] == chosen["setting"] and not r["diverged"]]
             if not mine:
                 continue
+            by_seed[name] = {r["seed"]: r for r in mine}
             out[name] = _aggregate(mine) | {k: v for k, v in chosen.items() if k != "tree"}
+        reference = next(iter(out), None)
+        for name, r in out.items():
+            if name != reference:
+                r["paired"] = _paired(by_seed[name], by_seed[reference], reference)
         return out
 
     def horizon_results(self) -> dict:
@@ -345,6 +350,19 @@ class Study:
                   "machine": _machine()}
         write_text(self.args.out / "results.json", to_json(report, indent=1) + "\n")
         write_text(self.args.out / "results.md", study_tables.report(results, horizon, self.runs, self.fraction))
+
+
+def _paired(mine: dict[int, dict], reference: dict[int, dict], against: str) -> dict | None:
+    """A variant's differences from the reference variant (the study's first) seed by seed: runs of
+    one seed share their data order, so what that order makes easy or hard cancels, and the spread
+    of the differences, not of either variant's own numbers, says whether the two are apart."""
+    seeds = sorted(set(mine) & set(reference))
+    if not seeds:
+        return None
+    heldout = [mine[s]["eval"]["loss"] - reference[s]["eval"]["loss"] for s in seeds]
+    return {"against": against, "seeds": seeds, "heldout_loss": _mean_sd(heldout),
+            "selection_loss": _mean_sd([mine[s]["selection_loss"] - reference[s]["selection_loss"] for s in seeds]),
+            "ahead": sum(d < 0 for d in heldout)}
 
 
 def _aggregate(mine: list[dict]) -> dict:

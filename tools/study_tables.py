@@ -1,5 +1,6 @@
-"""results.md of a study (tools/study.py): the selected setting of every variant, then each
-variant's slices and grid, then the long horizon. Runs that diverged show as such."""
+"""results.md of a study (tools/study.py): the selected setting of every variant, its difference from
+the first variant paired by seed, then each variant's slices and grid, then the long horizon. Runs
+that diverged show as such."""
 
 from __future__ import annotations
 
@@ -10,6 +11,10 @@ import study_grid
 
 def _pm(stat: dict, fmt: str) -> str:
     return f"{stat['mean']:{fmt}} ± {stat['sd']:{fmt}}" if stat["n"] > 1 else f"{stat['mean']:{fmt}}"
+
+
+def _signed(stat: dict) -> str:
+    return f"{stat['mean']:+.4f}" + (f" ± {stat['sd']:.4f}" if stat["n"] > 1 else "")
 
 
 def _rates(groups: dict | None) -> str:
@@ -36,13 +41,30 @@ def selected_table(results: dict, horizon: dict) -> str:
                      f"{r['train_flops_per_token'] / 1e9:.4f} | {_rates(r.get('lr_groups'))} | "
                      f"{_pm(r['selection_losses'], '.4f')} | {_pm(r['perplexity'], '.2f')} | "
                      f"{_pm(r['bits_per_byte'], '.4f')} | {edge} |")
-    text = "\n".join(lines) + "\n"
+    text = "\n".join(lines) + "\n" + paired_table(results)
     if horizon:
         text += ("\n| long horizon | steps | tokens | held-out ppl | bits/byte | selection loss |\n"
                  "|---|---:|---:|---:|---:|---:|\n")
         for name, r in horizon.items():
             text += (f"| {name} | {r['steps']} | {r['tokens'] / 1e6:.2f}M | {_pm(r['perplexity'], '.2f')} | "
                      f"{_pm(r['bits_per_byte'], '.4f')} | {_pm(r['selection_losses'], '.4f')} |\n")
+    return text
+
+
+def paired_table(results: dict) -> str:
+    """Each variant minus the reference at the same seed: the comparison that seed luck shared by
+    both (the data order) does not blur."""
+    paired = {name: r["paired"] for name, r in results.items() if r.get("paired")}
+    if not paired:
+        return ""
+    against = next(iter(paired.values()))["against"]
+    text = (f"\nPaired by seed against {against} (the same data order): this run's number minus {against}'s, "
+            "mean ± sample sd over the seeds both have; negative is better.\n\n"
+            "| run | seeds | Δ held-out loss (nats) | Δ selection loss (nats) | seeds with lower held-out loss |\n"
+            "|---|---:|---:|---:|---:|\n")
+    for name, p in paired.items():
+        text += (f"| {name} | {len(p['seeds'])} | {_signed(p['heldout_loss'])} | {_signed(p['selection_loss'])} | "
+                 f"{p['ahead']} of {len(p['seeds'])} |\n")
     return text
 
 
