@@ -71,24 +71,36 @@ def test_study_pipeline_produces_every_artefact(data_dir, tmp_path):
         assert (out / png).read_bytes()[:8] == PNG_SIGNATURE
     again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "training" not in again.stdout  # finished runs are skipped
+    # a finished run is never reported under a config it did not train with
+    study["variants"]["topkast-75"]["sparsity"]["exploration"] = 0.5
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(study, sort_keys=False))
+    changed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert changed.returncode != 0 and "training" not in changed.stdout
+    assert "topkast-75/seed7/config.yaml: this run was started with another config" in changed.stderr
+    assert yaml.safe_load((out / "runs" / "topkast-75" / "seed7" / "config.yaml").read_text())[
+        "sparsity"]["exploration"] == 0.25
 
 
 def test_a_grid_is_tuned_by_training_loss_and_extended_off_its_edge(data_dir, tmp_path):
-    """A 2-point learning-rate grid whose best is its larger rate gets a point beyond it; the
-    selection is the lowest mean training loss over the last steps; a variant inherits a field of
-    another's selection; the seeds phase repeats the selected setting only."""
+    """A 2-point learning-rate grid whose best is its larger rate gets a point beyond it, then half
+    steps around its best (`refine`); the selection is the lowest mean training loss over the last
+    steps; a variant inherits a field of another's selection; the seeds phase repeats the selected
+    setting only."""
     study = {
         "base": _base(data_dir, steps=6, eval_every=6),
         "seeds": [7, 8],
         "select_fraction": 0.5,
         "max_extensions": 1,
-        "variants": {"dense": {"grid": {"train.lr": [1.0e-4, 3.0e-4]}},
+        "variants": {"dense": {"grid": {"train.lr": [1.0e-4, 3.0e-4]}, "refine": True},
                      "static-75": {"sparsity": {"method": "static", "density": 0.25},
                                    "inherit": {"dense": ["train.lr"]}, "grid": {"sparsity.supar": [False, True]}}},
     }
     _, out, report = _run_study(study, tmp_path)
     grid = [r for r in report["runs"] if r["name"] == "dense" and r["phase"] == "grid"]
-    assert [r["setting"]["train.lr"] for r in grid] == [1.0e-4, 3.0e-4, 9.0e-4]  # one step beyond the edge
+    assert [r["setting"]["train.lr"] for r in grid[:3]] == [1.0e-4, 3.0e-4, 9.0e-4]  # one step beyond the edge
+    coarse = min(grid[:3], key=lambda r: r["selection_loss"])["setting"]["train.lr"]  # then half steps around it
+    halves = [(coarse * other) ** 0.5 for other in {1.0e-4: [3.0e-4], 3.0e-4: [1.0e-4, 9.0e-4]}.get(coarse, [3.0e-4])]
+    assert [r["setting"]["train.lr"] for r in grid[3:]] == pytest.approx(halves, rel=1e-9)
     for r in grid:  # the selection loss is the mean of the last half of the steps' training losses
         steps = [json.loads(line) for line in (out / "runs" / "dense" / f"lr={r['setting']['train.lr']:g}" / "seed7"
                                                 / "metrics.jsonl").read_text().splitlines()]

@@ -45,6 +45,21 @@ def test_each_slice_is_tuned_and_edges_are_extended_geometrically():
     assert len(new) == 3
 
 
+def test_refinement_is_half_steps_around_the_best_point_on_each_numeric_axis():
+    grid = study_grid.expand({"train.lr": [1e-3, 1e-2, 1e-1], "train.lr_mult_hidden": [0.1, 0.3],
+                              "sparsity.supar": [True], "sparsity.reselect_every": [10, 20]})
+    def loss(p):  # best: lr 1e-2 (interior), hidden 0.1 (lower edge), reselect_every 20 (upper edge)
+        return abs(math.log10(p["train.lr"]) + 2) + p["train.lr_mult_hidden"] - p["sparsity.reselect_every"] / 100
+    new = study_grid.refinements(grid, [loss(p) for p in grid])
+    best = {"train.lr": 1e-2, "train.lr_mult_hidden": 0.1, "sparsity.supar": True, "sparsity.reselect_every": 20}
+    assert new == [{**best, "train.lr": pytest.approx(10 ** -2.5)}, {**best, "train.lr": pytest.approx(10 ** -1.5)},
+                   {**best, "train.lr_mult_hidden": pytest.approx(math.sqrt(0.03))},
+                   {**best, "sparsity.reselect_every": 14}]  # √200 rounded: an integer axis stays integer
+    assert study_grid.refinements(grid + new, [loss(p) for p in grid + new]) != new  # a second round halves again
+    assert study_grid.refinements([{"train.lr": 1e-3}], [1.0]) == []  # a one-point line has no neighbour
+    assert study_grid.refinements(grid, [math.inf] * len(grid)) == []  # nothing finite to refine around
+
+
 def test_selection_loss_is_the_mean_of_the_last_steps_and_divergence_is_never_chosen():
     steps = {s: float(s) for s in range(1, 101)}
     assert study_grid.selection_loss(steps, 100, 0.1) == sum(range(91, 101)) / 10

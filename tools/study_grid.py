@@ -1,5 +1,6 @@
 """The study's tuning protocol as pure functions: grids of config fields, the selection of a
-variant's setting by its training loss, and the extension of a grid whose best point is on its edge.
+variant's setting by its training loss, the extension of a grid whose best point is on its edge,
+and half steps around the best point.
 
 A *point* is a dict of dotted config fields (`train.lr`, `sparsity.supar`, ...) → values. A
 variant's grid is the product of its axes. Numeric axes are tuned; the other axes (booleans,
@@ -79,25 +80,56 @@ def edges(chosen: Point, points: list[Point]) -> list[str]:
     for field, value in chosen.items():
         if not numeric(value):
             continue
-        line = sorted({p[field] for p in points
-                       if field in p and all(p.get(f) == v for f, v in chosen.items() if f != field)})
+        line = _line(chosen, field, points)
         if len(line) >= 2 and value in (line[0], line[-1]):
             out.append(field)
     return out
 
 
+def _line(chosen: Point, field: str, points: list[Point]) -> list:
+    """The values of `field` tried among the points that agree with `chosen` on every other axis."""
+    return sorted({p[field] for p in points
+                   if field in p and all(p.get(f) == v for f, v in chosen.items() if f != field)})
+
+
+def _toward(value: Any, neighbour: Any, weight: float) -> Any:
+    """value·(neighbour/value)^weight on a positive axis (learning rates are geometric), else
+    value + weight·(neighbour − value); rounded as the axis's type."""
+    if value > 0 and neighbour > 0:
+        out = value * (neighbour / value) ** weight
+    else:
+        out = value + weight * (neighbour - value)
+    return type(value)(round(out, 12)) if isinstance(value, float) else round(out)
+
+
 def beyond(chosen: Point, field: str, points: list[Point]) -> Any:
     """The next value of `field` past the edge `chosen` sits on: one more step of the same ratio
     (positive geometric axes, e.g. learning rates) or the same difference."""
-    line = sorted({p[field] for p in points
-                   if field in p and all(p.get(f) == v for f, v in chosen.items() if f != field)})
+    line = _line(chosen, field, points)
     value = chosen[field]
-    neighbour = line[1] if value == line[0] else line[-2]
-    if value > 0 and neighbour > 0:
-        nxt = value * value / neighbour
-    else:
-        nxt = 2 * value - neighbour
-    return type(value)(round(nxt, 12)) if isinstance(value, float) else round(nxt)
+    return _toward(value, line[1] if value == line[0] else line[-2], -1.0)
+
+
+def refinements(points: list[Point], losses: list[float]) -> list[Point]:
+    """Half steps around the best point: on each numeric axis, the midpoints (geometric on a
+    positive axis) between it and its neighbours on its line, the other axes kept. A grid's step
+    (×3.3 for learning rates) can leave an optimum between points, and that costs a variant with
+    two tuned axes more than one with a single axis; refining every compared variant's selection
+    the same way removes most of that difference."""
+    pick = best(points, losses)
+    if pick is None:
+        return []
+    chosen, new = points[pick], []
+    for field, value in chosen.items():
+        if not numeric(value):
+            continue
+        line = _line(chosen, field, points)
+        i = line.index(value)
+        for neighbour in line[max(i - 1, 0):i] + line[i + 1:i + 2]:
+            point = {**chosen, field: _toward(value, neighbour, 0.5)}
+            if point[field] not in line and point not in new:
+                new.append(point)
+    return new
 
 
 def selections(points: list[Point], losses: list[float]) -> dict[tuple, int]:
