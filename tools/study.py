@@ -270,12 +270,12 @@ class Study:
         if not train and not finished:
             return None
         config_path = run_dir / "config.yaml"
-        if config_path.is_file() and _placeless(yaml.safe_load(config_path.read_text())) != _placeless(tree):
-            raise SystemExit(f"{config_path}: this run was started with another config than the study now gives it "
-                             f"(a changed base, variant or inherited selection); move {run_dir} away to rerun it")
         if not config_path.is_file():
             run_dir.mkdir(parents=True, exist_ok=True)
             write_text(config_path, yaml.safe_dump(tree, sort_keys=False))
+        elif _placeless(yaml.safe_load(config_path.read_text())) != _placeless(tree):
+            raise SystemExit(f"{config_path}: this run was started with another config than the study now gives it "
+                             f"(a changed base, variant or inherited selection); move {run_dir} away to rerun it")
         what = f"{name} {study_grid.label(point)} seed {seed}" + (" (horizon)" if phase == "horizon" else "")
         started = time.time()
         if not finished and not summary_path.is_file():
