@@ -85,10 +85,12 @@ def test_a_grid_is_tuned_by_training_loss_and_extended_off_its_edge(data_dir, tm
     """A 2-point learning-rate grid whose best is its larger rate gets a point beyond it, then half
     steps around its best (`refine`); the selection is the lowest mean training loss over the last
     steps; a variant inherits a field of another's selection; the seeds phase repeats the selected
-    setting only."""
+    setting only; the long horizon runs each selection once more and compares it with dense at equal
+    tokens and at equal training FLOPs."""
     study = {
         "base": _base(data_dir, steps=6, eval_every=6),
         "seeds": [7, 8],
+        "horizon": {"train": {"steps": 8, "eval_every": 2}},
         "select_fraction": 0.5,
         "max_extensions": 1,
         "variants": {"dense": {"grid": {"train.lr": [1.0e-4, 3.0e-4]}, "refine": True},
@@ -113,7 +115,7 @@ def test_a_grid_is_tuned_by_training_loss_and_extended_off_its_edge(data_dir, tm
     assert ("train.lr" in dense["on_edge"]) == (chosen["setting"]["train.lr"] == 9.0e-4)
     static = report["results"]["static-75"]
     assert set(static["slices"]) == {"supar off", "supar on"}
-    statics = [r for r in report["runs"] if r["name"] == "static-75"]
+    statics = [r for r in report["runs"] if r["name"] == "static-75" and r["phase"] != "horizon"]
     assert all(r["overrides"]["train"]["lr"] == chosen["setting"]["train.lr"] for r in statics)  # inherited
     assert sorted((r["phase"], r["seed"]) for r in statics) == [("grid", 7), ("grid", 7), ("seed", 8)]
     # static-75 minus dense seed by seed, from the runs at the two selected settings
@@ -128,3 +130,21 @@ def test_a_grid_is_tuned_by_training_loss_and_extended_off_its_edge(data_dir, tm
     table = (out / "results.md").read_text()
     assert "| dense |" in table and "★" in table and "| static-75 | supar on |" in table
     assert f"| static-75 | 2 | {paired['heldout_loss']['mean']:+.4f} ± {paired['heldout_loss']['sd']:.4f} |" in table
+    # the horizon: each selection once more, longer, at the first seed
+    long = {r["name"]: r for r in report["runs"] if r["phase"] == "horizon"}
+    assert list(long) == ["dense", "static-75"]
+    for name, r in long.items():
+        assert (r["seed"], r["steps"], r["setting"]) == (7, 8, report["results"][name]["setting"])
+        assert [step for step, _ in r["heldout_curve"]] == [2, 4, 6, 8]
+    horizon = report["horizon"]["static-75"]
+    assert horizon["equal_tokens"]["heldout_loss"] == pytest.approx(
+        long["static-75"]["eval"]["loss"] - long["dense"]["eval"]["loss"], abs=1e-12)
+    step = 8 * long["static-75"]["train_flops_per_token"] / long["dense"]["train_flops_per_token"]
+    curve = dict(long["dense"]["heldout_curve"])
+    below = max(s for s in curve if s <= step)  # dense's loop held-out loss when it had spent static's FLOPs
+    above = min(s for s in curve if s >= step)
+    at = curve[below] + (curve[above] - curve[below]) * ((step - below) / (above - below) if above > below else 0)
+    flops = horizon["equal_flops"]
+    assert flops["reference_step"] == pytest.approx(step) and flops["reference_loop_loss"] == pytest.approx(at)
+    assert flops["loop_loss_delta"] == pytest.approx(long["static-75"]["heldout_curve"][-1][1] - at)
+    assert f"| static-75 | 8 | {horizon['tokens'] / 1e6:.2f}M |" in (out / "results.md").read_text()

@@ -24,7 +24,8 @@ overrides of the base (`sparsity`, `model`, `train`, ...) plus, optionally:
   closest to the forward non-zeros of variant NAME (width and FFN scaled together, heads kept).
 `seeds` (default: the base's train.seed): the selected setting of every variant also runs at the
 other seeds, all variants at one seed before the next. `horizon`: overrides (e.g. {train: {steps:
-2400}}) of one more run per variant at its selected setting and the first seed. Every run is one
+2400}}) of one more run per variant at its selected setting and the first seed, compared with the
+first variant's at equal tokens and at equal training FLOPs (on its held-out curve). Every run is one
 pass over the data at most, so no token is seen twice and the selection loss is unbiased; the
 held-out split is only for the reported numbers.
 
@@ -365,7 +366,17 @@ class Study:
         return out
 
     def horizon_results(self) -> dict:
-        return {r["name"]: _aggregate([r]) for r in self.runs if r["phase"] == "horizon" and not r["diverged"]}
+        """The long runs, each after the first also against it: at equal tokens (the final held-out
+        losses) and at equal training FLOPs (`_equal_flops`)."""
+        out = {r["name"]: _aggregate([r]) | {"train_flops": r["tokens"] * r["train_flops_per_token"]}
+               for r in self.runs if r["phase"] == "horizon" and not r["diverged"]}
+        reference = next(iter(out), None)
+        for name, r in out.items():
+            if name != reference:
+                ref = out[reference]
+                r["equal_tokens"] = {"against": reference, "heldout_loss": r["loss"]["mean"] - ref["loss"]["mean"]}
+                r["equal_flops"] = _equal_flops(r, ref, reference)
+        return out
 
     def write_report(self) -> None:
         results, horizon = self.results(), self.horizon_results()
@@ -388,6 +399,25 @@ def _paired(mine: dict[int, dict], reference: dict[int, dict], against: str) -> 
     return {"against": against, "seeds": seeds, "heldout_loss": _mean_sd(heldout),
             "selection_loss": _mean_sd([mine[s]["selection_loss"] - reference[s]["selection_loss"] for s in seeds]),
             "ahead": sum(d < 0 for d in heldout)}
+
+
+def _equal_flops(run: dict, reference: dict, against: str) -> dict | None:
+    """The reference's loop held-out loss when it had spent this run's training FLOPs, linearly
+    interpolated between its evaluations, against this run's last loop held-out loss; None where
+    that point is outside the reference's curve. The reference is then mid-schedule (its learning
+    rate not yet decayed), which flatters the run it is compared with: the small dense model, which
+    ends its own schedule, is the comparison at equal FLOPs without that bias."""
+    curve = reference["heldout_curve"]
+    if not curve or not run["heldout_curve"]:
+        return None
+    step = run["train_flops"] / (reference["tokens_per_step"] * reference["train_flops_per_token"])
+    for (s0, l0), (s1, l1) in zip(curve, curve[1:]):
+        if s0 <= step <= s1:
+            at = l0 + (l1 - l0) * (step - s0) / (s1 - s0)
+            loss = run["heldout_curve"][-1][1]
+            return {"against": against, "reference_step": step, "reference_loop_loss": at, "loop_loss": loss,
+                    "loop_loss_delta": loss - at}
+    return None
 
 
 def _aggregate(mine: list[dict]) -> dict:

@@ -43,11 +43,26 @@ def selected_table(results: dict, horizon: dict) -> str:
                      f"{_pm(r['bits_per_byte'], '.4f')} | {edge} |")
     text = "\n".join(lines) + "\n" + paired_table(results)
     if horizon:
-        text += ("\n| long horizon | steps | tokens | held-out ppl | bits/byte | selection loss |\n"
-                 "|---|---:|---:|---:|---:|---:|\n")
-        for name, r in horizon.items():
-            text += (f"| {name} | {r['steps']} | {r['tokens'] / 1e6:.2f}M | {_pm(r['perplexity'], '.2f')} | "
-                     f"{_pm(r['bits_per_byte'], '.4f')} | {_pm(r['selection_losses'], '.4f')} |\n")
+        text += horizon_table(horizon)
+    return text
+
+
+def horizon_table(horizon: dict) -> str:
+    """The long runs at equal tokens, and at equal training FLOPs against the first one's curve."""
+    against = next(iter(horizon))
+    text = (f"\nLong horizon, one seed. Δ at equal tokens: held-out loss minus {against}'s at its end. Δ at equal "
+            f"FLOPs: the last loop held-out loss minus {against}'s loop held-out loss when it had spent as many "
+            f"training FLOPs (at step ≈; {against} is then mid-schedule, which flatters the other run).\n\n"
+            "| long horizon | steps | tokens | train PFLOP | held-out ppl | bits/byte | selection loss | "
+            f"Δ equal tokens | Δ equal FLOPs ({against} at step ≈) |\n"
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+    for name, r in horizon.items():
+        tokens = f"{r['equal_tokens']['heldout_loss']:+.4f}" if r.get("equal_tokens") else "—"
+        flops = r.get("equal_flops")
+        at_flops = f"{flops['loop_loss_delta']:+.4f} ({flops['reference_step']:.0f})" if flops else "—"
+        text += (f"| {name} | {r['steps']} | {r['tokens'] / 1e6:.2f}M | {r['train_flops'] / 1e15:.3f} | "
+                 f"{_pm(r['perplexity'], '.2f')} | {_pm(r['bits_per_byte'], '.4f')} | "
+                 f"{_pm(r['selection_losses'], '.4f')} | {tokens} | {at_flops} |\n")
     return text
 
 
