@@ -9,7 +9,7 @@ from sparse_lm.errors import UserError
 from sparse_lm.train.batches import heldout_batches
 
 
-def test_heldout_batches_keep_order_and_drop_a_partial_batch_only_under_a_pipeline(data_dir):
+def test_heldout_batches_in_order_and_drop_a_partial_batch_only_under_a_pipeline(data_dir):
     split = PackedSplit(data_dir, "heldout")
     windows = (split.n_tokens - 1) // 32
     micro = next(m for m in range(3, 20) if windows % m)  # leaves a partial last batch
@@ -21,6 +21,19 @@ def test_heldout_batches_keep_order_and_drop_a_partial_batch_only_under_a_pipeli
     full = heldout_batches(split, 32, micro, max_batches=windows, full_only=True)
     assert [len(b) for b in full] == [micro] * (windows // micro)
     assert all(torch.equal(a, b) for a, b in zip(full, batches))
+
+
+def test_heldout_batches_spread_evenly_over_the_split(data_dir):
+    """Fewer windows than the split has: a systematic sample from its start to its end, not its
+    first documents (the split is its documents one after another)."""
+    split = PackedSplit(data_dir, "heldout")
+    windows = (split.n_tokens - 1) // 8
+    assert windows >= 12, "the test split is too short to tell a spread from the first windows"
+    rows = torch.cat(heldout_batches(split, 8, 2, max_batches=3))
+    tokens = torch.from_numpy(split.tokens[: windows * 8 + 1].astype("int64"))
+    starts = [k * windows // 6 for k in range(6)]
+    assert all(torch.equal(row, tokens[i * 8 : i * 8 + 9]) for i, row in zip(starts, rows))
+    assert starts[-1] >= windows * 5 // 6 > 5  # the last window sampled is in the split's last sixth
 
 
 def test_heldout_split_too_short_is_one_line(data_dir):

@@ -59,7 +59,13 @@ _HELDOUT_HINT = "prepare the data with a larger --heldout-fraction, or use a sma
 
 def heldout_batches(split: PackedSplit, seq_len: int, micro_batch: int, max_batches: int,
                     full_only: bool = False) -> list[torch.Tensor]:
-    """The first `max_batches` × `micro_batch` held-out windows, in order: the same every evaluation.
+    """`max_batches` × `micro_batch` held-out windows spread evenly over the split, in order: the
+    same every evaluation.
+
+    Spread, not the first ones: a prepared split is its documents one after another, so the first
+    windows are its first few documents, and one of them (a table, say, with near-copies in the
+    training split) can make the loop's held-out loss far from the split's. Evenly spaced windows are
+    a systematic sample of the whole split, every document in proportion to its length.
 
     `full_only` (a pipeline: DeepSpeed's PipelineEngine sends activations through buffers shaped
     by its first micro-batch) drops a last, partial batch. A split too short for one batch is an
@@ -76,5 +82,5 @@ def heldout_batches(split: PackedSplit, seq_len: int, micro_batch: int, max_batc
         raise UserError(f"{where} make {sampler.windows} windows of train.seq_len+1={seq_len + 1}, fewer than one "
                         f"micro-batch (train.micro_batch={micro_batch}), which a pipeline evaluates whole; "
                         f"{_HELDOUT_HINT} or train.micro_batch")
-    rows = [torch.from_numpy(sampler.window(i)) for i in range(n)]
+    rows = [torch.from_numpy(sampler.window(k * sampler.windows // n)) for k in range(n)]
     return [torch.stack(rows[i : i + micro_batch]) for i in range(0, n, micro_batch)]
