@@ -36,6 +36,14 @@ def _base(data_dir, steps: int, eval_every: int) -> dict:
             "checkpoint": {"every": steps, "keep": 1}}
 
 
+def _beyond_corpus(tmp_path):
+    """A few documents the runs never trained on, as `extra_eval` scores them."""
+    path = tmp_path / "beyond.jsonl"
+    sources = sorted((REPO / "sparse_lm" / "data").glob("*.py"))[:3]
+    path.write_text("".join(json.dumps({"text": p.read_text()[:3000]}) + "\n" for p in sources))
+    return path
+
+
 def test_study_pipeline_produces_every_artefact(data_dir, tmp_path):
     study = {
         "base": _base(data_dir, steps=4, eval_every=2),
@@ -91,6 +99,7 @@ def test_a_grid_is_tuned_by_training_loss_and_extended_off_its_edge(data_dir, tm
         "base": _base(data_dir, steps=6, eval_every=6),
         "seeds": [7, 8],
         "horizon": {"train": {"steps": 8, "eval_every": 2}},
+        "extra_eval": {"corpora": {"beyond": str(_beyond_corpus(tmp_path))}, "phases": ["horizon"], "stride": 16},
         "select_fraction": 0.5,
         "max_extensions": 1,
         "variants": {"dense": {"grid": {"train.lr": [1.0e-4, 3.0e-4]}, "refine": True},
@@ -148,3 +157,24 @@ def test_a_grid_is_tuned_by_training_loss_and_extended_off_its_edge(data_dir, tm
     assert flops["reference_step"] == pytest.approx(step) and flops["reference_loop_loss"] == pytest.approx(at)
     assert flops["loop_loss_delta"] == pytest.approx(long["static-75"]["heldout_curve"][-1][1] - at)
     assert f"| static-75 | 8 | {horizon['tokens'] / 1e6:.2f}M |" in (out / "results.md").read_text()
+    # extra_eval: only the horizon runs are scored on the extra corpus, with the stride asked for
+    assert all(r["extra_eval"] == {} for r in report["runs"] if r["phase"] != "horizon")
+    scored = {name: json.loads((out / "runs" / name / "horizon" / "eval-beyond.json").read_text()) for name in long}
+    for name, r in long.items():
+        assert r["extra_eval"]["beyond"] == scored[name] and scored[name]["stride"] == 16
+        assert scored[name]["loss"] != r["eval"]["loss"]  # another corpus than the held-out split
+    assert horizon["equal_tokens"]["beyond_loss"] == pytest.approx(
+        scored["static-75"]["loss"] - scored["dense"]["loss"], abs=1e-12)
+    assert f"| {scored['static-75']['perplexity']:.2f} | {horizon['equal_tokens']['beyond_loss']:+.4f} |" in (
+        out / "results.md").read_text()
+
+
+def test_extra_eval_is_checked_before_any_training(data_dir, tmp_path):
+    study = {"base": _base(data_dir, steps=2, eval_every=2), "variants": {"dense": {}},
+             "extra_eval": {"corpora": {"beyond": str(tmp_path / "missing.jsonl")}}}
+    config = tmp_path / "study.yaml"
+    config.write_text(yaml.safe_dump(study))
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "study.py"), "--config", str(config), "--out",
+                           str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "extra_eval.corpora.beyond" in proc.stderr and "not found" in proc.stderr
+    assert not (tmp_path / "out" / "runs").exists()

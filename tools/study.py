@@ -27,7 +27,12 @@ other seeds, all variants at one seed before the next. `horizon`: overrides (e.g
 2400}}) of one more run per variant at its selected setting and the first seed, compared with the
 first variant's at equal tokens and at equal training FLOPs (on its held-out curve). Every run is one
 pass over the data at most, so no token is seen twice and the selection loss is unbiased; the
-held-out split is only for the reported numbers.
+held-out split is only for the reported numbers. `extra_eval`: {corpora: {NAME: path}, phases:
+[grid, seed, horizon] (default all), stride: N (default `sparse-lm eval`'s)} — more held-out text
+each run of those phases is scored on (`sparse-lm eval --corpus path`, in `eval-NAME.json`), e.g.
+the documents a corpus's `--max-bytes` cut left out (tools/corpus_beyond.py): a prepared held-out
+split is a small sample, and a few long documents can decide a comparison on it. Like the held-out
+split it is never used for choosing; a finished run whose checkpoints are gone reports it as missing.
 
 Each run is a `sparse-lm pretrain` subprocess under `<out>/runs/<variant>[/<setting>][/seed<S>]`
 (`.../horizon` for the long run); a finished run is skipped, an interrupted one resumes from its
@@ -129,6 +134,11 @@ def _records(run_dir: Path, kind: str) -> list[dict]:
 
 
 PROTOCOL_KEYS = ("grid", "inherit", "refine")  # a variant's keys that are not config overrides
+PHASES = ("grid", "seed", "horizon")
+
+
+def _read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _placeless(tree: dict) -> dict:
@@ -289,12 +299,35 @@ class Study:
             print(f"[study] {what}: eval", flush=True)
             _run(["eval", "--checkpoint", str(run_dir / "checkpoints"), "--corpus", "heldout", "--json",
                   str(eval_path)], run_dir / "eval.log")
+        if not diverged_path.is_file():
+            self.extra_evals(run_dir, phase, what)
         record = self._record(name, phase, point, seed, cfg, tree, overrides, run_dir, started)
         print(f"[study] {what}: selection loss {record['selection_loss']:.4f}, ppl {record['perplexity']:.2f}",
               flush=True)
         self.runs.append(record)
         self.write_report()
         return record
+
+    def extra_evals(self, run_dir: Path, phase: str, what: str) -> None:
+        """Score a finished run on each `extra_eval` corpus it has no result for yet."""
+        extra = self.spec.get("extra_eval") or {}
+        stride = ["--stride", str(extra["stride"])] if extra.get("stride") else []
+        for name, corpus in self.extra_corpora(phase).items():
+            path = run_dir / f"eval-{name}.json"
+            if path.is_file():
+                continue
+            if not (run_dir / "checkpoints").is_dir():
+                print(f"[study] {what}: no checkpoints left to score on {name}; reported as missing", flush=True)
+                continue
+            print(f"[study] {what}: eval on {name}", flush=True)
+            corpus = corpus if str(corpus).startswith("hf:") else Path(corpus).resolve()
+            _run(["eval", "--checkpoint", str(run_dir / "checkpoints"), "--corpus", str(corpus), *stride,
+                  "--json", str(path)], run_dir / f"eval-{name}.log")
+
+    def extra_corpora(self, phase: str) -> dict:
+        """The `extra_eval` corpora that runs of `phase` are scored on, by name."""
+        extra = self.spec.get("extra_eval") or {}
+        return extra["corpora"] if extra and phase in extra.get("phases", PHASES) else {}
 
     def _pace(self) -> str:
         if not self.trained:
@@ -326,6 +359,7 @@ class Study:
             "heldout_curve": [(r["step"], r["loss"]) for r in _records(run_dir, "heldout")],
             "train_wall_s": summary.get("train_wall_s", summary.get("wall_s")),
             "model_state_bytes": summary.get("model_state_bytes"), "eval": evaluation,
+            "extra_eval": {name: _read_json(run_dir / f"eval-{name}.json") for name in self.extra_corpora(phase)},
             "this_invocation_s": time.time() - started,
         }
 
@@ -368,13 +402,16 @@ class Study:
     def horizon_results(self) -> dict:
         """The long runs, each after the first also against it: at equal tokens (the final held-out
         losses) and at equal training FLOPs (`_equal_flops`)."""
-        out = {r["name"]: _aggregate([r]) | {"train_flops": r["tokens"] * r["train_flops_per_token"]}
+        out = {r["name"]: _aggregate([r]) | {"train_flops": r["tokens"] * r["train_flops_per_token"],
+                                             "extra_eval": r.get("extra_eval", {})}
                for r in self.runs if r["phase"] == "horizon" and not r["diverged"]}
         reference = next(iter(out), None)
         for name, r in out.items():
             if name != reference:
                 ref = out[reference]
-                r["equal_tokens"] = {"against": reference, "heldout_loss": r["loss"]["mean"] - ref["loss"]["mean"]}
+                r["equal_tokens"] = {"against": reference, "heldout_loss": r["loss"]["mean"] - ref["loss"]["mean"],
+                                     **{f"{k}_loss": v["loss"] - ref["extra_eval"][k]["loss"]
+                                        for k, v in r["extra_eval"].items() if v and ref["extra_eval"].get(k)}}
                 r["equal_flops"] = _equal_flops(r, ref, reference)
         return out
 
@@ -452,9 +489,10 @@ def main() -> None:
 
     spec = yaml.safe_load(args.config.read_text())
     base = spec["base"]
-    unknown = set(spec) - {"base", "variants", "seeds", "horizon", "select_fraction", "max_extensions"}
+    unknown = set(spec) - {"base", "variants", "seeds", "horizon", "select_fraction", "max_extensions", "extra_eval"}
     if unknown:
         raise SystemExit(f"{args.config}: unknown keys {sorted(unknown)}")
+    _check_extra_eval(args.config, spec.get("extra_eval"))
     args.out.mkdir(parents=True, exist_ok=True)
     if args.corpus:
         data = args.out / "data"
@@ -479,6 +517,21 @@ def main() -> None:
     if results:
         _plots(results, args.out)
     print(study_tables.selected_table(results, study.horizon_results()))
+
+
+def _check_extra_eval(config: Path, extra: dict | None) -> None:
+    """`extra_eval` as the docstring gives it, its corpora on disk (before hours of training)."""
+    if extra is None:
+        return
+    if not isinstance(extra, dict) or set(extra) - {"corpora", "phases", "stride"} or not extra.get("corpora"):
+        raise SystemExit(f"{config}: extra_eval: expected {{corpora: {{NAME: path, ...}}, phases: [...], stride: N}}")
+    bad = set(extra.get("phases", PHASES)) - set(PHASES)
+    if bad:
+        raise SystemExit(f"{config}: extra_eval.phases: unknown {sorted(bad)}; expected some of {list(PHASES)}")
+    for name, corpus in extra["corpora"].items():
+        if not Path(corpus).exists() and not str(corpus).startswith("hf:"):
+            raise SystemExit(f"{config}: extra_eval.corpora.{name}: {corpus} not found "
+                             "(e.g. python tools/corpus_beyond.py --data DIR --out FILE.jsonl)")
 
 
 def _machine() -> dict:

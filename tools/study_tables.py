@@ -47,22 +47,38 @@ def selected_table(results: dict, horizon: dict) -> str:
     return text
 
 
+def _extra_names(records) -> list[str]:
+    """The `extra_eval` corpora that any of these runs was scored on, in config order."""
+    return list(dict.fromkeys(k for r in records for k, v in (r.get("extra_eval") or {}).items() if v))
+
+
+def _extra_ppl(record: dict, name: str) -> str:
+    result = (record.get("extra_eval") or {}).get(name)
+    return f"{result['perplexity']:.2f}" if result else "—"
+
+
 def horizon_table(horizon: dict) -> str:
     """The long runs at equal tokens, and at equal training FLOPs against the first one's curve."""
     against = next(iter(horizon))
+    extra = _extra_names(horizon.values())
     text = (f"\nLong horizon, one seed. Δ at equal tokens: held-out loss minus {against}'s at its end. Δ at equal "
             f"FLOPs: the last loop held-out loss minus {against}'s loop held-out loss when it had spent as many "
-            f"training FLOPs (at step ≈; {against} is then mid-schedule, which flatters the other run).\n\n"
-            "| long horizon | steps | tokens | train PFLOP | held-out ppl | bits/byte | selection loss | "
-            f"Δ equal tokens | Δ equal FLOPs ({against} at step ≈) |\n"
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+            f"training FLOPs (at step ≈; {against} is then mid-schedule, which flatters the other run)."
+            + "".join(f" {n}: the run scored on the `extra_eval` corpus {n}, and its Δ at equal tokens." for n in extra)
+            + "\n\n| long horizon | steps | tokens | train PFLOP | held-out ppl | bits/byte | selection loss | "
+            f"Δ equal tokens | Δ equal FLOPs ({against} at step ≈) |" + "".join(f" {n} ppl | Δ {n} |" for n in extra)
+            + "\n|---|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|---:|" * len(extra) + "\n")
     for name, r in horizon.items():
-        tokens = f"{r['equal_tokens']['heldout_loss']:+.4f}" if r.get("equal_tokens") else "—"
+        equal = r.get("equal_tokens") or {}
+        tokens = f"{equal['heldout_loss']:+.4f}" if equal else "—"
         flops = r.get("equal_flops")
         at_flops = f"{flops['loop_loss_delta']:+.4f} ({flops['reference_step']:.0f})" if flops else "—"
         text += (f"| {name} | {r['steps']} | {r['tokens'] / 1e6:.2f}M | {r['train_flops'] / 1e15:.3f} | "
                  f"{_pm(r['perplexity'], '.2f')} | {_pm(r['bits_per_byte'], '.4f')} | "
-                 f"{_pm(r['selection_losses'], '.4f')} | {tokens} | {at_flops} |\n")
+                 f"{_pm(r['selection_losses'], '.4f')} | {tokens} | {at_flops} |"
+                 + "".join(f" {_extra_ppl(r, n)} | "
+                           + (f"{equal[f'{n}_loss']:+.4f}" if f"{n}_loss" in equal else "—") + " |" for n in extra)
+                 + "\n")
     return text
 
 
@@ -101,11 +117,13 @@ def report(results: dict, horizon: dict, runs: list[dict], fraction: float) -> s
         if len(grid) < 2:
             continue
         chosen = results.get(name, {}).get("setting")
+        extra = _extra_names(grid)
         text.append(f"\n**{name}** grid ({len(grid)} runs; ★ selected)\n\n"
-                    "| setting | peak lr emb / head / hidden | selection loss | held-out ppl |\n"
-                    "|---|---|---:|---:|\n")
+                    "| setting | peak lr emb / head / hidden | selection loss | held-out ppl |"
+                    + "".join(f" {n} ppl |" for n in extra) + "\n|---|---|---:|---:|" + "---:|" * len(extra) + "\n")
         for r in grid:
             star = " ★" if r["setting"] == chosen else ""
             text.append(f"| {study_grid.label(r['setting'])}{star} | {_rates(r['lr_groups'])} | "
-                        f"{_num(r['selection_loss'], '.4f')} | {_num(r['perplexity'], '.2f')} |\n")
+                        f"{_num(r['selection_loss'], '.4f')} | {_num(r['perplexity'], '.2f')} |"
+                        + "".join(f" {_extra_ppl(r, n)} |" for n in extra) + "\n")
     return "".join(text)
