@@ -99,4 +99,4 @@ def test_pipeline_stages_recompute_their_blocks():
     from tests.distributed import run_distributed
 
     # 4 layers, 2 per stage
-    assert run_distributed(_pipeline_blocks_body, 2, timeout=120) == [[[False] * 2, [True] * 2]] * 2
+    assert run_distributed(_pipeline_blocks_body, 2, timeout=300) == [[[False] * 2, [True] * 2]] * 2
