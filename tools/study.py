@@ -26,8 +26,10 @@ overrides of the base (`sparsity`, `model`, `train`, ...) plus, optionally:
 other seeds, all variants at one seed before the next. `horizon`: overrides (e.g. {train: {steps:
 2400}}) of one more run per variant at its selected setting and the first seed, compared with the
 first variant's at equal tokens and at equal training FLOPs (on its held-out curve). Every run is one
-pass over the data at most, so no token is seen twice and the selection loss is unbiased; the
-held-out split is only for the reported numbers. `extra_eval`: {corpora: {NAME: path}, phases:
+pass over the data at most, so no token is seen twice and the selection loss is unbiased for fresh
+windows of the training split (not for unseen documents: late in a long run a fresh window's file is
+mostly trained on already, docs/results.md *Long horizon*); the held-out split is only for the
+reported numbers. `extra_eval`: {corpora: {NAME: path}, phases:
 [grid, seed, horizon] (default all), stride: N (default `sparse-lm eval`'s)} — more held-out text
 each run of those phases is scored on (`sparse-lm eval --corpus path`, in `eval-NAME.json`), e.g.
 the documents a corpus's `--max-bytes` cut left out (tools/corpus_beyond.py): a prepared held-out
