@@ -1,12 +1,14 @@
-"""Held-out batches from a real prepared split: full micro-batches under a pipeline, and one-line
-errors for a split too short to evaluate (instead of silently running without held-out eval)."""
+"""Batches from a real prepared split: held-out batches (full micro-batches under a pipeline, one-line
+errors for a split too short to evaluate instead of a run that silently never evaluates) and the
+set of training windows a run has consumed."""
 
+import numpy as np
 import pytest
 import torch
 
 from sparse_lm.data.packed import PackedSplit
 from sparse_lm.errors import UserError
-from sparse_lm.train.batches import heldout_batches
+from sparse_lm.train.batches import WindowSampler, heldout_batches
 
 
 def test_heldout_batches_in_order_and_drop_a_partial_batch_only_under_a_pipeline(data_dir):
@@ -45,3 +47,13 @@ def test_heldout_split_too_short_is_one_line(data_dir):
     with pytest.raises(UserError,
                        match=rf"{n} tokens make 1 windows .* fewer than one micro-batch \(train.micro_batch=4\)"):
         heldout_batches(split, n - 1, 4, 8, full_only=True)
+
+
+def test_trained_on_marks_exactly_the_windows_sampled(data_dir):
+    sampler = WindowSampler(PackedSplit(data_dir, "train"), 32, seed=7)
+    for samples in (0, 1, sampler.windows // 3, sampler.windows - 1):
+        mask = sampler.trained_on(samples)
+        assert int(mask.sum()) == samples  # within one pass no window comes twice
+        assert (sorted(sampler.window(i).tobytes() for i in np.flatnonzero(mask))
+                == sorted(sampler.sample(g).tobytes() for g in range(samples)))
+    assert sampler.trained_on(sampler.windows + 5).all()

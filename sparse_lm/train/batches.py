@@ -36,6 +36,20 @@ class WindowSampler:
         epoch, pos = divmod(g, self.windows)
         return self.window(int(self._permutation(epoch)[pos]))
 
+    def trained_on(self, samples: int) -> np.ndarray:
+        """Boolean mask over the windows: True for each window among samples 0 … samples-1.
+
+        Analyses of a checkpoint need it (`samples_seen` is in its manifest): training loss late
+        in a pass is measured on windows the run has not seen but whose documents it may largely
+        have seen, and telling those apart needs the set it trained on.
+        """
+        mask = np.zeros(self.windows, dtype=bool)
+        if samples >= self.windows:
+            mask[:] = True
+        elif samples > 0:
+            mask[self._permutation(0)[:samples].numpy()] = True
+        return mask
+
     def batch(self, first: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Samples first … first+count-1 as (inputs, next-token targets)."""
         rows = torch.from_numpy(np.stack([self.sample(g) for g in range(first, first + count)]))
