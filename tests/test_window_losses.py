@@ -54,9 +54,14 @@ def test_scores_match_eval_and_the_samplers_split(reference_runs, data_dir, tmp_
     offsets = list(split.doc_offsets)
     doc_of = [max(d for d in range(split.n_docs) if offsets[d] <= w * 32) for w in range(sampler.windows)]
     mask = sampler.trained_on(scores["samples_seen"])
-    for w, seen in zip(fresh["windows"], fresh["doc_seen"]):
+    expected_before = ["first" if w == 0 or doc_of[w - 1] != doc_of[w] else "trained" if mask[w - 1] else "fresh"
+                       for w in range(sampler.windows)]
+    assert window_losses.document_seen(split, 32, mask)[1].tolist() == expected_before
+    assert {"first", "trained", "fresh"} <= set(expected_before)
+    for w, seen, before in zip(fresh["windows"], fresh["doc_seen"], fresh["before"]):
         same_doc = [v for v in range(sampler.windows) if doc_of[v] == doc_of[w]]
         assert seen == pytest.approx(sum(mask[v] for v in same_doc) / len(same_doc))
+        assert before == expected_before[w]
 
 
 def test_compare_is_the_paired_difference_on_the_same_windows(reference_runs, tmp_path, capsys):
@@ -68,6 +73,7 @@ def test_compare_is_the_paired_difference_on_the_same_windows(reference_runs, tm
         diff = float(line.split("|")[5].split("±")[0])
         assert diff == pytest.approx(_mean(a, name) - _mean(b, name), abs=1e-4)
     assert sum("fresh, document" in row for row in table.splitlines()) >= 2
+    assert any(row.startswith("| fresh, the window before") for row in table.splitlines())
 
     b["seq_len"] = 16
     with pytest.raises(window_losses.UserError, match=r"^seq_len: 32 in the first file, 16 in the second"):

@@ -15,7 +15,8 @@ tools/corpus_beyond.py). The consumed set is the sampler's: one permutation of t
 
 Checkpoints trained on the same data with the same seq_len, seed and number of samples are scored on
 the same windows, so `compare` reports paired differences (mean ± standard error, and how often the
-first is ahead), with fresh windows also split by how much of their document was seen.
+first is ahead), with fresh windows also split by whether the window just before them was trained
+on and by how much of their document was.
 """
 
 from __future__ import annotations
@@ -46,13 +47,17 @@ def evenly(indices: np.ndarray, n: int) -> np.ndarray:
     return indices[np.arange(n) * len(indices) // n]
 
 
-def document_seen(split: PackedSplit, seq_len: int, trained: np.ndarray) -> np.ndarray:
+def document_seen(split: PackedSplit, seq_len: int, trained: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per window: the fraction of its document's windows (a window belongs to the document its
-    first token is in) that the run trained on."""
+    first token is in) that the run trained on, and what the window just before it was: "trained"
+    on, "fresh", or none of the document's ("first")."""
     doc = np.searchsorted(np.asarray(split.doc_offsets), np.arange(len(trained)) * seq_len, side="right") - 1
     total = np.bincount(doc, minlength=split.n_docs)
     seen = np.bincount(doc[trained], minlength=split.n_docs)
-    return (seen / np.maximum(total, 1))[doc]
+    first = np.ones(len(trained), dtype=bool)
+    first[1:] = doc[1:] != doc[:-1]
+    before = np.where(first, "first", np.where(np.roll(trained, 1), "trained", "fresh"))
+    return (seen / np.maximum(total, 1))[doc], before
 
 
 @torch.no_grad()
@@ -82,12 +87,13 @@ def score(checkpoint: str, corpora: dict[str, str], n_trained: int, n_fresh: int
         raise UserError(f"--checkpoint {manifest['path']}: its run trained on every training window "
                         f"({samples} samples, {sampler.windows} windows): no fresh windows to score")
     sets: dict[str, dict] = {}
-    doc_seen = document_seen(split, seq_len, trained)
+    doc_seen, before = document_seen(split, seq_len, trained)
     for name, pool, n in (("trained", trained, n_trained), ("fresh", ~trained, n_fresh)):
         picked = evenly(np.flatnonzero(pool), n)
         rows = [torch.from_numpy(sampler.window(int(w))) for w in picked]
         sets[name] = {"windows": picked.tolist(), "tokens": [seq_len] * len(rows),
-                      "loss": window_losses(model, rows), "doc_seen": doc_seen[picked].tolist()}
+                      "loss": window_losses(model, rows), "doc_seen": doc_seen[picked].tolist(),
+                      "before": before[picked].tolist()}
     tokenizer = Tokenizer(Path(manifest["path"]) / "tokenizer.model")
     for name, corpus in {"heldout": "heldout", **corpora}.items():
         ids = corpus_tokens([corpus], data, tokenizer)[0]
@@ -129,7 +135,14 @@ def compare(a: dict, b: dict) -> str:
             raise UserError(f"set {name}: scored on different windows in the two files")
         la, lb, w = np.array(sa["loss"]), np.array(sb["loss"]), np.array(sa["tokens"], float)
         row(name, la, lb, w)
-        if "doc_seen" in sa and len(w) >= 3:
+        if name != "fresh":
+            continue
+        before = np.array(sa["before"])
+        for kind, label in (("trained", "the window before trained on"), ("fresh", "the window before fresh"),
+                            ("first", "first of its document")):
+            if (before == kind).any():
+                row(f"{name}, {label}", la[before == kind], lb[before == kind], w[before == kind])
+        if len(w) >= 3:
             seen = np.array(sa["doc_seen"])
             edges = np.quantile(seen, [0, 1 / 3, 2 / 3, 1])
             for k, (lo, hi) in enumerate(zip(edges, edges[1:])):
