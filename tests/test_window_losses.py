@@ -80,10 +80,13 @@ def test_compare_is_the_paired_difference_on_the_same_windows(reference_runs, tm
         window_losses.compare(a, b)
 
 
-def test_bad_corpus_spec_is_one_line(reference_runs, tmp_path, capsys):
+def test_bad_arguments_and_files_are_one_line(reference_runs, tmp_path, capsys):
     argv = ["score", "--checkpoint", str(reference_runs("dense") / "checkpoints"), "--out", str(tmp_path / "x.json")]
     assert window_losses.main([*argv, "--corpus", "heldout=foo.jsonl"]) == 2
     assert "--corpus heldout=foo.jsonl: expected NAME=PATH with a new NAME" in capsys.readouterr().err
     assert window_losses.main([*argv, "--every", "0"]) == 2
     assert "--every 0: expected an integer >= 1" in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()
+    (tmp_path / "half.json").write_text('{"sets": ')
+    assert window_losses.main(["compare", str(tmp_path / "half.json"), str(tmp_path / "x.json")]) == 2
+    assert "half.json: cannot read a score file (JSONDecodeError)" in capsys.readouterr().err

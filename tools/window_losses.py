@@ -152,6 +152,16 @@ def compare(a: dict, b: dict) -> str:
     return "\n".join(lines)
 
 
+def _read_scores(path: Path) -> dict:
+    try:
+        scores = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path}: cannot read a score file ({type(err).__name__}); write one with `score`") from None
+    if not isinstance(scores, dict) or "sets" not in scores:
+        raise UserError(f"{path}: not a score file (no 'sets'); write one with `score`")
+    return scores
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -170,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "compare":
-            print(compare(*(json.loads(p.read_text()) for p in (args.a, args.b))))
+            print(compare(*(_read_scores(p) for p in (args.a, args.b))))
             return 0
         for name, value in (("--trained", args.trained), ("--fresh", args.fresh), ("--every", args.every)):
             if value < 1:
