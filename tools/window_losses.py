@@ -27,17 +27,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from sparse_lm.atomic import write_text
-from sparse_lm.checkpoint.model_io import load_trained_model
 from sparse_lm.data.packed import PackedSplit
-from sparse_lm.data.tokenizer import Tokenizer
 from sparse_lm.errors import UserError
-from sparse_lm.eval.cli import corpus_tokens
-from sparse_lm.eval.perplexity import windows
-from sparse_lm.train.batches import WindowSampler
 
 
 def evenly(indices: np.ndarray, n: int) -> np.ndarray:
@@ -60,23 +53,23 @@ def document_seen(split: PackedSplit, seq_len: int, trained: np.ndarray) -> tupl
     return (seen / np.maximum(total, 1))[doc], before
 
 
-@torch.no_grad()
-def window_losses(model, rows: list[torch.Tensor], batch_size: int = 8) -> list[float]:
-    """Mean next-token loss (nats) of each row; rows of equal length are batched together."""
-    out: list[float] = []
-    i = 0
-    while i < len(rows):
-        j = i + 1
-        while j < len(rows) and j - i < batch_size and len(rows[j]) == len(rows[i]):
-            j += 1
-        x = torch.stack(rows[i:j])
-        logp = F.log_softmax(model(x[:, :-1]).float(), dim=-1)
-        out += (-logp.gather(-1, x[:, 1:, None]).squeeze(-1)).double().mean(1).tolist()
-        i = j
-    return out
+def window_losses(model, rows: list) -> list[float]:
+    """Mean next-token loss (nats) of each row, through the sliding-window score's batching."""
+    from sparse_lm.eval.perplexity import batched_token_nll
+
+    return [loss for _, nll in batched_token_nll(model, rows) for loss in nll.double().mean(1).tolist()]
 
 
 def score(checkpoint: str, corpora: dict[str, str], n_trained: int, n_fresh: int, every: int) -> dict:
+    # Imported here: `compare` reads only JSON and should not wait for torch and the model code.
+    import torch
+
+    from sparse_lm.checkpoint.model_io import load_trained_model
+    from sparse_lm.data.tokenizer import Tokenizer
+    from sparse_lm.eval.cli import corpus_tokens
+    from sparse_lm.eval.perplexity import windows
+    from sparse_lm.train.batches import WindowSampler
+
     model, cfg, manifest = load_trained_model(checkpoint, "cpu")
     seq_len, data = cfg.train.seq_len, Path(cfg.data.path)
     samples = int(manifest["state"]["samples_seen"])
@@ -115,7 +108,7 @@ def weighted(d: np.ndarray, w: np.ndarray) -> tuple[float, float]:
 
 
 def compare(a: dict, b: dict) -> str:
-    """Markdown table of B's and A's losses and A − B per set both hold, on the same windows."""
+    """Markdown table of A's and B's losses and A − B per set both hold, on the same windows."""
     for key in ("data", "seq_len", "seed", "samples_seen", "every"):
         if a[key] != b[key]:
             raise UserError(f"{key}: {a[key]!r} in the first file, {b[key]!r} in the second; "

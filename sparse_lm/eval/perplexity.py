@@ -51,6 +51,29 @@ def windows(n_tokens: int, context: int, stride: int) -> Iterator[tuple[int, int
 
 
 @torch.no_grad()
+def batched_token_nll(
+    logits_fn: Callable[[torch.Tensor], torch.Tensor],
+    rows: list[torch.Tensor],
+    batch_size: int = 8,
+    device: torch.device | str = "cpu",
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """(start, nll) per batch of consecutive equal-length rows: nll[k, t] is the loss (nats) of
+    rows[start + k][t + 1] given the tokens before it in its row.
+
+    Both the sliding-window score and per-window scoring of arbitrary windows
+    (tools/window_losses.py) go through here, so they cannot drift apart.
+    """
+    i = 0
+    while i < len(rows):
+        j = i + 1
+        while j < len(rows) and j - i < batch_size and len(rows[j]) == len(rows[i]):
+            j += 1
+        batch = torch.stack(rows[i:j]).long().to(device)
+        logp = F.log_softmax(logits_fn(batch[:, :-1]).float(), dim=-1)
+        yield i, -logp.gather(-1, batch[:, 1:, None]).squeeze(-1)
+        i = j
+
+
 def sliding_window_nll(
     logits_fn: Callable[[torch.Tensor], torch.Tensor],
     ids: torch.Tensor,
@@ -68,29 +91,15 @@ def sliding_window_nll(
     """
     if not 0 < stride <= context:
         raise ValueError(f"stride must be in (0, context={context}], got {stride}")
-    ids = ids.long()
     rank, world = shard
     spans = list(windows(len(ids), context, stride))[rank::world]
     total, count = 0.0, 0
-    bar = tqdm(total=len(spans), desc="eval windows", unit="win", disable=not progress)
-    i = 0
-    while i < len(spans):
-        length = spans[i][1] - spans[i][0]
-        group = [spans[i]]
-        while len(group) < batch_size and i + len(group) < len(spans):
-            nxt = spans[i + len(group)]
-            if nxt[1] - nxt[0] != length:
-                break
-            group.append(nxt)
-        rows = torch.stack([ids[b:e] for b, e, _ in group]).to(device)
-        logp = F.log_softmax(logits_fn(rows[:, :-1]).float(), dim=-1)
-        nll = -logp.gather(-1, rows[:, 1:, None]).squeeze(-1)
-        for row, (_, _, n_scored) in zip(nll, group):
-            total += float(row[-n_scored:].sum(dtype=torch.float64))
-            count += n_scored
-        i += len(group)
-        bar.update(len(group))
-    bar.close()
+    with tqdm(total=len(spans), desc="eval windows", unit="win", disable=not progress) as bar:
+        for start, nll in batched_token_nll(logits_fn, [ids[b:e] for b, e, _ in spans], batch_size, device):
+            for row, (_, _, n_scored) in zip(nll, spans[start:]):
+                total += float(row[-n_scored:].sum(dtype=torch.float64))
+                count += n_scored
+            bar.update(len(nll))
     return total, count
 
 
