@@ -178,3 +178,38 @@ def test_extra_eval_is_checked_before_any_training(data_dir, tmp_path):
                            str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "extra_eval.corpora.beyond" in proc.stderr and "not found" in proc.stderr
     assert not (tmp_path / "out" / "runs").exists()
+
+
+def test_a_finished_run_with_the_same_config_is_taken_not_trained_again(data_dir, tmp_path):
+    """A study that re-tunes another's selection (`reuse`) takes that study's finished run where
+    the config is the same, and a point two of its own variants share is trained once; a run whose
+    config differs (here the rate) is trained."""
+    base = _base(data_dir, steps=4, eval_every=4)
+    base["train"]["lr"] = 0.003
+    first = tmp_path / "first"
+    first.mkdir()
+    _, first_out, first_report = _run_study({"base": base, "variants": {"dense": {}}}, first)
+    second = {"base": base, "reuse": [str(first_out)], "max_extensions": 0,
+              "variants": {"dense-lr": {"grid": {"train.lr": [0.003, 0.006]}},
+                           "dense-high": {"grid": {"train.lr": [0.006]}}}}
+    config = tmp_path / "second.yaml"
+    config.write_text(yaml.safe_dump(second, sort_keys=False))
+    out = tmp_path / "second"
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "study.py"), "--config", str(config), "--out",
+                           str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count(": training") == 1  # only the 0.006 point, once for both variants
+    runs = {(r["name"], r["setting"]["train.lr"]): r for r in json.loads((out / "results.json").read_text())["runs"]}
+    taken, trained, shared = runs["dense-lr", 0.003], runs["dense-lr", 0.006], runs["dense-high", 0.006]
+    reference = first_report["runs"][0]
+    assert taken["same_as"].endswith("first/results/runs/dense") and trained["same_as"] is None
+    assert taken["selection_loss"] == reference["selection_loss"] and taken["perplexity"] == reference["perplexity"]
+    assert shared["same_as"].endswith("second/runs/dense-lr/lr=0.006")
+    assert shared["selection_loss"] == trained["selection_loss"] != taken["selection_loss"]
+    assert not (out / "runs" / "dense-lr" / "lr=0.003").exists() and not (out / "runs" / "dense-high").exists()
+
+    second["reuse"] = [str(tmp_path / "nowhere")]
+    config.write_text(yaml.safe_dump(second, sort_keys=False))
+    bad = subprocess.run([sys.executable, str(REPO / "tools" / "study.py"), "--config", str(config), "--out",
+                          str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "reuse:" in bad.stderr and "nowhere has no runs/ folder" in bad.stderr

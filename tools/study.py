@@ -36,6 +36,13 @@ the documents a corpus's `--max-bytes` cut left out (tools/corpus_beyond.py): a 
 split is a small sample, and a few long documents can decide a comparison on it. Like the held-out
 split it is never used for choosing; a finished run whose checkpoints are gone reports it as missing.
 
+`reuse`: [DIR, ...] — other studies' `--out` folders whose finished runs count as this study's
+where the config is the same (seed included, where it writes excluded): a study that re-tunes
+another's selection at a new length starts from that study's runs instead of training them again
+or keeping a copy. Within a study the same holds between its own variants (e.g. two axes' grids
+that meet at one point). A taken run is read where it lies (its `eval-NAME.json` for this study's
+`extra_eval` is written there if missing) and its record names that folder in `same_as`.
+
 Each run is a `sparse-lm pretrain` subprocess under `<out>/runs/<variant>[/<setting>][/seed<S>]`
 (`.../horizon` for the long run); a finished run is skipped, an interrupted one resumes from its
 last checkpoint, a diverged one (non-finite loss) is recorded as such and never selected, so the
@@ -151,6 +158,35 @@ def _placeless(tree: dict) -> dict:
     return out
 
 
+def _config_key(tree: dict) -> str:
+    """What makes two runs the same run: their config without where they write."""
+    return json.dumps(_placeless(tree), sort_keys=True)
+
+
+def _finished(run_dir: Path) -> bool:
+    return (run_dir / "eval.json").is_file() or (run_dir / "diverged").is_file()
+
+
+class FinishedRuns:
+    """The finished runs under some studies' `--out` folders, by config: a run this study is about
+    to start is looked up here first. Read once per invocation (one small YAML per run), then kept
+    current with the runs this invocation finishes."""
+
+    def __init__(self, outs: list[Path]):
+        self.by_key: dict[str, Path] = {}
+        for out in outs:
+            for config in sorted(out.glob("runs/**/config.yaml")):
+                if _finished(config.parent):
+                    self.by_key.setdefault(_config_key(yaml.safe_load(config.read_text())), config.parent)
+
+    def find(self, tree: dict) -> Path | None:
+        return self.by_key.get(_config_key(tree))
+
+    def add(self, tree: dict, run_dir: Path) -> None:
+        if _finished(run_dir):
+            self.by_key.setdefault(_config_key(tree), run_dir)
+
+
 def _mean_sd(values: list[float]) -> dict:
     n = len(values)
     mean = sum(values) / n
@@ -170,6 +206,7 @@ class Study:
         self.runs: list[dict] = []
         self.selected: dict[str, dict] = {}  # variant → its selection (see `tune`)
         self.started, self.trained = time.time(), 0
+        self.finished = FinishedRuns([args.out, *map(Path, spec.get("reuse") or [])])
 
     # ------------------------------------------------------------------ settings
     def overrides(self, name: str) -> dict:
@@ -278,15 +315,18 @@ class Study:
             cfg = self._config(tree)
         except UserError as exc:
             raise SystemExit(f"{self.args.config}: variant {name} ({study_grid.label(point)}): {exc}") from None
+        config_path = run_dir / "config.yaml"
+        same_as = None if config_path.is_file() else self.finished.find(tree)
+        if same_as is not None:
+            run_dir, config_path = same_as, same_as / "config.yaml"
         summary_path, eval_path, diverged_path = run_dir / "summary.json", run_dir / "eval.json", run_dir / "diverged"
-        finished = eval_path.is_file() or diverged_path.is_file()
+        finished = _finished(run_dir)
         if not train and not finished:
             return None
-        config_path = run_dir / "config.yaml"
-        if not config_path.is_file():
+        if same_as is None and not config_path.is_file():
             run_dir.mkdir(parents=True, exist_ok=True)
             write_text(config_path, yaml.safe_dump(tree, sort_keys=False))
-        elif _placeless(yaml.safe_load(config_path.read_text())) != _placeless(tree):
+        elif same_as is None and _placeless(yaml.safe_load(config_path.read_text())) != _placeless(tree):
             raise SystemExit(f"{config_path}: this run was started with another config than the study now gives it "
                              f"(a changed base, variant or inherited selection); move {run_dir} away to rerun it")
         what = f"{name} {study_grid.label(point)} seed {seed}" + (" (horizon)" if phase == "horizon" else "")
@@ -303,9 +343,11 @@ class Study:
                   str(eval_path)], run_dir / "eval.log")
         if not diverged_path.is_file():
             self.extra_evals(run_dir, phase, what)
+        self.finished.add(tree, run_dir)
         record = self._record(name, phase, point, seed, cfg, tree, overrides, run_dir, started)
-        print(f"[study] {what}: selection loss {record['selection_loss']:.4f}, ppl {record['perplexity']:.2f}",
-              flush=True)
+        record["same_as"] = None if same_as is None else _shown(same_as)
+        print(f"[study] {what}: selection loss {record['selection_loss']:.4f}, ppl {record['perplexity']:.2f}"
+              + (f" (the run in {record['same_as']})" if same_as is not None else ""), flush=True)
         self.runs.append(record)
         self.write_report()
         return record
@@ -491,10 +533,12 @@ def main() -> None:
 
     spec = yaml.safe_load(args.config.read_text())
     base = spec["base"]
-    unknown = set(spec) - {"base", "variants", "seeds", "horizon", "select_fraction", "max_extensions", "extra_eval"}
+    unknown = set(spec) - {"base", "variants", "seeds", "horizon", "select_fraction", "max_extensions", "extra_eval",
+                           "reuse"}
     if unknown:
         raise SystemExit(f"{args.config}: unknown keys {sorted(unknown)}")
     _check_extra_eval(args.config, spec.get("extra_eval"))
+    _check_reuse(args.config, spec.get("reuse"))
     args.out.mkdir(parents=True, exist_ok=True)
     if args.corpus:
         data = args.out / "data"
@@ -534,6 +578,23 @@ def _check_extra_eval(config: Path, extra: dict | None) -> None:
         if not Path(corpus).exists() and not str(corpus).startswith("hf:"):
             raise SystemExit(f"{config}: extra_eval.corpora.{name}: {corpus} not found "
                              "(e.g. python tools/corpus_beyond.py --data DIR --out FILE.jsonl)")
+
+
+def _shown(path: Path) -> str:
+    """A run folder as the report names it: relative to the repository where it lies inside it."""
+    path = path.resolve()
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
+def _check_reuse(config: Path, reuse: list | None) -> None:
+    """`reuse` as a list of studies' output folders that exist."""
+    if reuse is None:
+        return
+    if not isinstance(reuse, list) or not all(isinstance(d, str) for d in reuse):
+        raise SystemExit(f"{config}: reuse: expected a list of study output folders (e.g. [docs/results/fair])")
+    for folder in reuse:
+        if not (Path(folder) / "runs").is_dir():
+            raise SystemExit(f"{config}: reuse: {folder} has no runs/ folder; expected another study's --out")
 
 
 def _machine() -> dict:
