@@ -4,6 +4,7 @@ skipped on re-run."""
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -182,13 +183,16 @@ def test_extra_eval_is_checked_before_any_training(data_dir, tmp_path):
 
 def test_a_finished_run_with_the_same_config_is_taken_not_trained_again(data_dir, tmp_path):
     """A study that re-tunes another's selection (`reuse`) takes that study's finished run where
-    the config is the same, and a point two of its own variants share is trained once; a run whose
-    config differs (here the rate) is trained."""
+    the config is the same (a number written as an integer in one and a float in the other
+    included, as the config check compares them), and a point two of its own variants share is
+    trained once; a run whose config differs (here the rate) is trained."""
     base = _base(data_dir, steps=4, eval_every=4)
-    base["train"]["lr"] = 0.003
+    base["train"].update(lr=0.003, lr_mult_hidden=1.0)
     first = tmp_path / "first"
     first.mkdir()
     _, first_out, first_report = _run_study({"base": base, "variants": {"dense": {}}}, first)
+    base = copy.deepcopy(base)
+    base["train"]["lr_mult_hidden"] = 1
     second = {"base": base, "reuse": [str(first_out)], "max_extensions": 0,
               "variants": {"dense-lr": {"grid": {"train.lr": [0.003, 0.006]}},
                            "dense-high": {"grid": {"train.lr": [0.006]}}}}

@@ -159,8 +159,16 @@ def _placeless(tree: dict) -> dict:
 
 
 def _config_key(tree: dict) -> str:
-    """What makes two runs the same run: their config without where they write."""
-    return json.dumps(_placeless(tree), sort_keys=True)
+    """What makes two runs the same run: their config without where they write, as `run`'s config
+    check compares it (`==`, under which an integer equals the float of its value: `lr: 1` is
+    `lr: 1.0`), in a form that can key a dict."""
+    def number(value):
+        return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+    def canonical(node):
+        if isinstance(node, dict):
+            return {k: canonical(v) for k, v in node.items()}
+        return [canonical(v) for v in node] if isinstance(node, list) else number(node)
+    return json.dumps(canonical(_placeless(tree)), sort_keys=True)
 
 
 def _finished(run_dir: Path) -> bool:
